@@ -1,0 +1,180 @@
+"""Train the bundled reference MoE models on the train split of the stdlib corpus.
+
+Two families, saved exactly as hub checkpoints of that family lie on disk (config.json,
+generation_config.json, tokenizer.json + tokenizer_config.json, model.safetensors with the
+per-expert tensor names real checkpoints use):
+  mixtral : MixtralForCausalLM, 8 experts top-2, softmax renormalised over the top-2
+  qwen2moe: Qwen2MoeForCausalLM, 16 fine-grained experts top-4 (not renormalised) plus the
+            sigmoid-gated shared expert, qkv biases
+Both use hidden 256 and 4 layers. Widths are multiples of 256 where llama.cpp's K-quants need
+them, except Qwen2-MoE's experts (128 wide), which like Qwen1.5-MoE-A2.7B's 1408 make llama-quantize
+fall back on ffn_down_exps; the pair stays under 40 MB in bf16.
+
+usage: python tools/train_fixture.py {mixtral,qwen2moe} -o DIR [--steps N] [--seed S]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moeq2gguf import corpus  # noqa: E402
+
+VOCAB_SIZE = 2048
+SEQ_LEN = 256
+
+
+def train_tokenizer(family: str):
+    """Byte-level BPE with the GPT-2 pre-tokenizer regex (llama.cpp pre-tokenizer 'gpt-2')."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>"] if family == "qwen2moe" else ["<s>", "</s>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False)
+    tok.train_from_iterator(corpus.iter_split("train"), trainer=trainer)
+    if family == "mixtral":
+        # Mixtral prepends <s> to every sequence; Qwen adds nothing.
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token=None)
+        fast.add_bos_token = True
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return fast
+
+
+def build_model(family: str, tokenizer):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(vocab_size=VOCAB_SIZE, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
+    if family == "mixtral":
+        cfg = MixtralConfig(**common, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
+                            rms_norm_eps=1e-5, router_aux_loss_coef=0.01, output_router_logits=True,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        return MixtralForCausalLM(cfg)
+    cfg = Qwen2MoeConfig(**common, intermediate_size=512, moe_intermediate_size=128, shared_expert_intermediate_size=512,
+                         num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, rms_norm_eps=1e-6,
+                         router_aux_loss_coef=0.01, output_router_logits=True, qkv_bias=True,
+                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    return Qwen2MoeForCausalLM(cfg)
+
+
+def token_stream(tokenizer, split: str) -> np.ndarray:
+    ids: list[int] = []
+    sep = tokenizer.eos_token_id
+    for text in corpus.iter_split(split):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(sep)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def windows(stream: np.ndarray, starts: np.ndarray, bos: int | None) -> torch.Tensor:
+    rows = np.stack([stream[s:s + SEQ_LEN] for s in starts])
+    if bos is not None:
+        rows[:, 0] = bos
+    return torch.from_numpy(rows)
+
+
+@torch.no_grad()
+def eval_loss(model, stream: np.ndarray, bos: int | None, n: int = 64) -> float:
+    model.eval()
+    starts = np.linspace(0, len(stream) - SEQ_LEN - 1, n).astype(np.int64)
+    losses = []
+    for chunk in np.array_split(starts, max(1, n // 16)):
+        x = windows(stream, chunk, bos)
+        losses.append(model(input_ids=x, labels=x).loss.item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("family", choices=["mixtral", "qwen2moe"])
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    t0 = time.time()
+    tokenizer = train_tokenizer(args.family)
+    train_ids = token_stream(tokenizer, "train")
+    eval_ids = token_stream(tokenizer, "eval")
+    bos = tokenizer.bos_token_id if args.family == "mixtral" else None
+    print(f"tokenizer + data: {time.time() - t0:.0f} s, train {len(train_ids)} tokens, eval {len(eval_ids)} tokens", flush=True)
+
+    model = build_model(args.family, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.family}: {n_params / 1e6:.2f}M parameters", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = min(200, args.steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))))
+
+    model.train()
+    t_train = time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        x = windows(train_ids, rng.integers(0, len(train_ids) - SEQ_LEN - 1, args.batch), bos)
+        out = model(input_ids=x, labels=x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            rate = (step + 1) * args.batch * SEQ_LEN / (time.time() - t_train)
+            print(f"step {step:5d} loss {out.loss.item():.3f} lr {lr_at(step):.2e} {rate:.0f} tok/s", flush=True)
+
+    train_minutes = (time.time() - t_train) / 60
+    loss = eval_loss(model, eval_ids, bos)
+    tokens_seen = args.steps * args.batch * SEQ_LEN
+    print(f"eval-split loss {loss:.4f} (ppl {math.exp(loss):.2f}) after {tokens_seen} tokens, {train_minutes:.1f} min", flush=True)
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.output_router_logits = False
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    command = "python tools/train_fixture.py " + " ".join(sys.argv[1:])
+    (out_dir / "README.md").write_text(
+        f"# {out_dir.name}\n\n"
+        f"A {model.config.architectures[0]} trained by moeq2gguf's `tools/train_fixture.py` on the train split of\n"
+        f"the Python {sys.version.split()[0]} standard library sources (../shared/BENCH.md), saved in bf16 in the\n"
+        f"on-disk layout of hub checkpoints of its family.\n\n"
+        f"- command: `{command}`\n"
+        f"- parameters: {n_params / 1e6:.2f}M\n"
+        f"- tokens seen: {tokens_seen} ({args.steps} steps x {args.batch} x {SEQ_LEN})\n"
+        f"- training time: {train_minutes:.1f} min on {torch.get_num_threads()} CPU threads\n"
+        f"- eval-split loss: {loss:.4f} nats/token (perplexity {math.exp(loss):.2f}), fp32, 64 windows of {SEQ_LEN}\n")
+    (out_dir / "train_log.json").write_text(json.dumps({
+        "command": command, "tokens_seen": tokens_seen, "eval_loss": loss, "params": n_params,
+        "minutes": train_minutes}, indent=1) + "\n")
+    print(f"saved {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
