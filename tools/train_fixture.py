@@ -26,33 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeq2gguf import corpus  # noqa: E402
+from moeq2gguf.testing import train_bpe_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 2048
 SEQ_LEN = 256
 
 
 def train_tokenizer(family: str):
-    """Byte-level BPE with the GPT-2 pre-tokenizer regex (llama.cpp pre-tokenizer 'gpt-2')."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>"] if family == "qwen2moe" else ["<s>", "</s>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False)
-    tok.train_from_iterator(corpus.iter_split("train"), trainer=trainer)
-    if family == "mixtral":
-        # Mixtral prepends <s> to every sequence; Qwen adds nothing.
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token=None)
-        fast.add_bos_token = True
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    return fast
+    return train_bpe_tokenizer(corpus.iter_split("train"), VOCAB_SIZE, family)
 
 
 def build_model(family: str, tokenizer):
@@ -106,7 +87,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("family", choices=["mixtral", "qwen2moe"])
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=3000, help="step budget (the schedule's length)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock budget instead of --steps: the schedule follows elapsed time")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -127,16 +110,22 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.family}: {n_params / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = min(200, args.steps // 10)
+    warmup = 100
+
+    def progress(step: int) -> float:
+        if args.minutes is not None:
+            return (time.time() - t_train) / (60 * args.minutes)
+        return step / args.steps
 
     def lr_at(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))))
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step)))))
 
     model.train()
     t_train = time.time()
-    for step in range(args.steps):
+    step = 0
+    while (progress(step) < 1.0) if args.minutes is not None else (step < args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         x = windows(train_ids, rng.integers(0, len(train_ids) - SEQ_LEN - 1, args.batch), bos)
@@ -145,13 +134,14 @@ def main() -> None:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0 or step == args.steps - 1:
+        if step % 50 == 0:
             rate = (step + 1) * args.batch * SEQ_LEN / (time.time() - t_train)
             print(f"step {step:5d} loss {out.loss.item():.3f} lr {lr_at(step):.2e} {rate:.0f} tok/s", flush=True)
+        step += 1
 
     train_minutes = (time.time() - t_train) / 60
     loss = eval_loss(model, eval_ids, bos)
-    tokens_seen = args.steps * args.batch * SEQ_LEN
+    tokens_seen = step * args.batch * SEQ_LEN
     print(f"eval-split loss {loss:.4f} (ppl {math.exp(loss):.2f}) after {tokens_seen} tokens, {train_minutes:.1f} min", flush=True)
 
     out_dir = Path(args.output)
@@ -167,7 +157,7 @@ def main() -> None:
         f"on-disk layout of hub checkpoints of its family.\n\n"
         f"- command: `{command}`\n"
         f"- parameters: {n_params / 1e6:.2f}M\n"
-        f"- tokens seen: {tokens_seen} ({args.steps} steps x {args.batch} x {SEQ_LEN})\n"
+        f"- tokens seen: {tokens_seen} ({step} steps x {args.batch} x {SEQ_LEN})\n"
         f"- training time: {train_minutes:.1f} min on {torch.get_num_threads()} CPU threads\n"
         f"- eval-split loss: {loss:.4f} nats/token (perplexity {math.exp(loss):.2f}), fp32, 64 windows of {SEQ_LEN}\n")
     (out_dir / "train_log.json").write_text(json.dumps({

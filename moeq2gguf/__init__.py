@@ -1,0 +1,13 @@
+"""moeq2gguf: MoE-aware quantization of Hugging Face Mixture-of-Experts checkpoints into GGUF."""
+from moeq2gguf.convert import ConvertResult, convert
+from moeq2gguf.errors import Moeq2ggufError
+
+__version__ = "0.1.0"
+
+
+def demo(**kwargs):
+    from moeq2gguf.demo import demo as _demo
+    return _demo(**kwargs)
+
+
+__all__ = ["convert", "ConvertResult", "demo", "Moeq2ggufError", "__version__"]

@@ -1,0 +1,60 @@
+"""Command line: one subcommand per public function, with the same parameters."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from moeq2gguf.errors import Moeq2ggufError
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from moeq2gguf.convert import convert
+    result = convert(args.model_dir, args.output, type=args.type, method=args.method, calib=args.calib,
+                     device=args.device, progress=not args.quiet)
+    print(f"wrote {result.output} ({result.n_bytes / 2**20:.1f} MiB, {result.n_tensors} tensors) in "
+          f"{result.seconds:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from moeq2gguf.demo import demo
+    demo(workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeq2gguf", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint directory to GGUF")
+    p.add_argument("model_dir")
+    p.add_argument("-o", "--output", required=True, help="output .gguf path")
+    p.add_argument("--type", default="F16", help="F32, F16, BF16 (quantized mixes: coming)")
+    p.add_argument("--method", default="rtn", help="quantization method (rtn)")
+    p.add_argument("--calib", default=None, help="calibration text: a .txt/.jsonl file, or 'ebss'")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
+    p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except Moeq2ggufError as exc:
+        print(f"moeq2gguf: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"moeq2gguf: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
