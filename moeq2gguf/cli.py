@@ -16,6 +16,13 @@ def _convert(args: argparse.Namespace) -> None:
           f"{result.seconds:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from moeq2gguf.eval import evaluate
+    result = evaluate(args.quant, args.base, text=args.text or args.split, ctx=args.ctx, chunks=args.chunks,
+                      progress=not args.json)
+    print(result.to_json() if args.json else result.table())
+
+
 def _demo(args: argparse.Namespace) -> None:
     from moeq2gguf.demo import demo
     demo(workdir=args.workdir)
@@ -35,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("eval", help="PPL, KLD and same-top-1 of a GGUF against its float GGUF, through llama.cpp")
+    p.add_argument("quant", help="the GGUF to judge")
+    p.add_argument("--base", required=True, help="the float (F32/BF16/F16) GGUF of the same model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", help="a .txt or .jsonl file, or a folder of them")
+    src.add_argument("--split", default="eval", choices=["eval", "calib", "train"], help="a stdlib corpus split (default eval)")
+    p.add_argument("--ctx", type=int, default=512, help="window length; the second half of each window is scored")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many windows")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
     p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")

@@ -1,0 +1,103 @@
+"""`moeq2gguf eval`: PPL, KLD and same-top-1 of a GGUF against its float GGUF, through llama.cpp.
+
+Windows follow llama-perplexity: the text is tokenized once (with BOS when the vocabulary adds one),
+cut into non-overlapping windows of ctx tokens, each window's first token replaced by BOS when the
+vocabulary adds one, and positions ctx/2 .. ctx-2 scored against the next token. Both models are
+loaded at once and each window is run through both, so memory does not grow with the number of windows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from moeq2gguf import corpus, runtime
+from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.eval.metrics import QualityAccumulator
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    quant: str
+    base: str
+    ctx: int
+    windows: int
+    tokens_scored: int
+    ppl_base: float
+    ppl_quant: float
+    ppl_ratio: float
+    kld_mean: float
+    kld_p99: float
+    kld_p99_9: float
+    same_top1_pct: float
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def table(self) -> str:
+        return (f"windows {self.windows} x ctx {self.ctx} ({self.tokens_scored} tokens scored)\n"
+                f"PPL base {self.ppl_base:.4f}  quant {self.ppl_quant:.4f}  ratio {self.ppl_ratio:.4f}\n"
+                f"KLD mean {self.kld_mean:.6f}  p99 {self.kld_p99:.6f}  p99.9 {self.kld_p99_9:.6f}\n"
+                f"same top-1 {self.same_top1_pct:.2f}%")
+
+
+def _gguf_identity(path: Path) -> tuple[str, list[str]]:
+    import gguf
+    if not path.is_file():
+        raise Moeq2ggufError(f"{path} does not exist; pass a .gguf file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise Moeq2ggufError(f"{path} is not a readable GGUF file ({exc})") from exc
+    arch_field = reader.get_field("general.architecture")
+    tokens_field = reader.get_field("tokenizer.ggml.tokens")
+    if arch_field is None or tokens_field is None:
+        raise Moeq2ggufError(f"{path} lacks general.architecture or tokenizer.ggml.tokens; it is not a model GGUF")
+    return arch_field.contents(), tokens_field.contents()
+
+
+def check_comparable(quant: Path, base: Path) -> None:
+    q_arch, q_tokens = _gguf_identity(quant)
+    b_arch, b_tokens = _gguf_identity(base)
+    if q_arch != b_arch:
+        raise Moeq2ggufError(f"{quant.name} is a {q_arch} model but {base.name} is {b_arch}; compare a quant with its own float model")
+    if q_tokens != b_tokens:
+        raise Moeq2ggufError(f"{quant.name} and {base.name} have different vocabularies ({len(q_tokens)} vs {len(b_tokens)} tokens); "
+                             "compare a quant with its own float model")
+
+
+def evaluate(quant: str | os.PathLike[str], base: str | os.PathLike[str], text: str = "eval", ctx: int = 512,
+             chunks: int | None = None, progress: bool = True) -> EvalResult:
+    """Compare QUANT.gguf with BASE.gguf on `text`: a split name (eval/calib/train) or a .txt/.jsonl path."""
+    t0 = time.time()
+    quant, base = Path(quant), Path(base)
+    if ctx < 4 or ctx % 2:
+        raise Moeq2ggufError(f"--ctx {ctx} must be an even number >= 4")
+    check_comparable(quant, base)
+    content = corpus.read_text(text)
+    with runtime.load(base, n_ctx=ctx) as base_llm, runtime.load(quant, n_ctx=ctx) as quant_llm:
+        tokens = np.asarray(runtime.tokenize(base_llm, content), dtype=np.int64)
+        n_windows = len(tokens) // ctx
+        if chunks is not None:
+            n_windows = min(n_windows, chunks)
+        if n_windows < 1:
+            raise Moeq2ggufError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {ctx}; "
+                                 "give more text or a smaller --ctx")
+        bos = base_llm.token_bos() if base_llm._model.add_bos_token() else None
+        first = ctx // 2
+        acc = QualityAccumulator()
+        for w in tqdm(range(n_windows), desc="eval", unit="window", disable=not progress):
+            window = tokens[w * ctx:(w + 1) * ctx].copy()
+            if bos is not None:
+                window[0] = bos
+            base_logits = runtime.logits(base_llm, window)[first:ctx - 1]
+            quant_logits = runtime.logits(quant_llm, window)[first:ctx - 1]
+            acc.add(base_logits, quant_logits, window[first + 1:])
+    s = acc.summary()
+    return EvalResult(quant=str(quant), base=str(base), ctx=ctx, windows=n_windows, seconds=time.time() - t0, **s)
