@@ -1,0 +1,87 @@
+"""GPTQ into a fixed GGML grid, batched over experts (ALGORITHMS.md section 2).
+
+Frantar et al., "GPTQ" (2022): walk the input columns in order, quantize column j, spread its error
+onto the columns not yet quantized through the upper Cholesky factor of H^-1, in lazy blocks.
+Adaptation to GGML block formats: when the walk reaches the first column of a format block, that
+block's scales (and mins) are fitted from the current, error-updated weights with the format's own
+search and frozen; columns are then rounded to the nearest value of that frozen grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class Grid(Protocol):
+    """A format's grid for GPTQ: `group` columns share one set of scales."""
+    group: int
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor) -> Any:
+        """Frozen scales for the block w [R, group], importance [R, group] (one row per weight row)."""
+
+    def round(self, column: torch.Tensor, params: Any, j: int) -> torch.Tensor:
+        """Nearest grid values [R] of column j (0 <= j < group) of the block fitted as params."""
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01            # fraction of mean(diag H) added to the diagonal
+    lazy_block: int = 256         # columns per lazy update; a multiple of every format block (32, 256)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise ValueError(f"damp {self.damp} must be in [0, 1)")
+        if self.lazy_block % 256:
+            raise ValueError(f"lazy_block {self.lazy_block} must be a multiple of 256 (the K-quant super-block)")
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, batched: H [G, K, K] -> [G, K, K].
+    Columns that never saw a non-zero input (diag 0) get a unit diagonal so they round to nearest."""
+    H = H.to(torch.float64).clone()
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += damp * diag.mean(-1, keepdim=True)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, list[Any]]:
+    """W [G, R, K] weights of G experts (G = 1 for a dense matrix), H [G, K, K] their Hessians.
+
+    Returns the quantized weights Q [G, R, K] (exactly the grid values the packer will write) and the
+    fitted params of each block, in column order (params[b] covers columns b*group .. (b+1)*group-1
+    for all G*R rows)."""
+    G, R, K = W.shape
+    if K % grid.group:
+        raise ValueError(f"row size {K} is not a multiple of the format block {grid.group}")
+    U = inverse_hessian_factor(H, cfg.damp)                     # [G, K, K]
+    importance = H.diagonal(dim1=-2, dim2=-1).to(torch.float32)  # [G, K]
+    W = W.to(torch.float32).clone()
+    Q = torch.empty_like(W)
+    params: list[Any] = []
+    B = min(cfg.lazy_block, K)
+    for b0 in range(0, K, B):
+        b1 = min(b0 + B, K)
+        W1 = W[:, :, b0:b1].clone()
+        Err = torch.zeros_like(W1)
+        for j in range(b1 - b0):
+            col = b0 + j
+            jj = col % grid.group
+            if jj == 0:
+                block = W1[:, :, j:j + grid.group].reshape(G * R, grid.group)
+                imp = importance[:, None, col:col + grid.group].expand(G, R, grid.group).reshape(G * R, grid.group)
+                params.append(grid.fit(block, imp))
+            w = W1[:, :, j]
+            q = grid.round(w.reshape(G * R), params[-1], jj).view(G, R)
+            Q[:, :, col] = q
+            d = U[:, j + b0, j + b0]                                # [G]
+            err = (w - q) / d[:, None]
+            W1[:, :, j + 1:] -= err[:, :, None] * U[:, None, col, col + 1:b1]
+            Err[:, :, j] = err
+        W[:, :, b1:] -= Err @ U[:, b0:b1, b1:]
+    return Q, params

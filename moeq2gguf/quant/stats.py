@@ -1,0 +1,100 @@
+"""Calibration statistics of one decoder layer: second moments of each linear's input.
+
+Routed experts get one Hessian per expert. With affinity weighting (MoEQuant's AGQ, ALGORITHMS.md
+section 3) every token's contribution is multiplied by the routing weight the runtime applies to that
+expert's output (and a gated shared expert's by its sigmoid gate); without it every routed token counts
+once, as GPTQ and llama-imatrix do. Coverage (section 4): an expert seen by fewer tokens than its input
+width is blended with the layer's pooled Hessian; one never seen uses the pooled Hessian alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class InputStats:
+    """Sums over the tokens that reached one input, per group (expert, or a single group)."""
+    weighted_xxt: torch.Tensor | None   # [G, K, K] sum of w_t x x^T (None when only diagonals are kept)
+    weighted_sq: torch.Tensor           # [G, K]    sum of w_t x^2
+    plain_sq: torch.Tensor              # [G, K]    sum of x^2 (llama-imatrix's statistic)
+    count: torch.Tensor                 # [G]       tokens
+    mass: torch.Tensor                  # [G]       sum of w_t
+
+    @classmethod
+    def empty(cls, groups: int, k: int, full: bool, device: torch.device) -> "InputStats":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64 if len(s) < 3 else torch.float32, device=device)  # noqa: E731
+        return cls(z(groups, k, k) if full else None, z(groups, k), z(groups, k), z(groups), z(groups))
+
+
+@dataclass
+class Coverage:
+    tokens: list[int]
+    mass: list[float]
+    fallback: list[str]          # own | blended | pooled
+
+
+class StatsCollector:
+    """An nn.Observer accumulating InputStats for every input of one layer."""
+
+    def __init__(self, n_experts: int, affinity: bool, full: bool, device: torch.device | str = "cpu"):
+        self.n_experts, self.affinity, self.full = n_experts, affinity, full
+        self.device = torch.device(device)
+        self.inputs: dict[str, InputStats] = {}
+
+    def observe(self, name: str, x: torch.Tensor, token_weight: torch.Tensor | None, expert: int | None) -> None:
+        routed = expert is not None
+        stats = self.inputs.get(name)
+        if stats is None:
+            stats = self.inputs[name] = InputStats.empty(self.n_experts if routed else 1, x.shape[-1], self.full, self.device)
+        g = expert if routed else 0
+        x = x.to(self.device, torch.float32)
+        w = token_weight.to(self.device, torch.float32) if (self.affinity and token_weight is not None) else None
+        sq = x * x
+        stats.plain_sq[g] += sq.sum(0, dtype=torch.float64)
+        stats.count[g] += x.shape[0]
+        if w is None:
+            stats.weighted_sq[g] += sq.sum(0, dtype=torch.float64)
+            stats.mass[g] += x.shape[0]
+            if self.full:
+                stats.weighted_xxt[g] += x.T @ x
+        else:
+            stats.weighted_sq[g] += (sq * w[:, None]).sum(0, dtype=torch.float64)
+            stats.mass[g] += w.sum(dtype=torch.float64)
+            if self.full:
+                stats.weighted_xxt[g] += (x * w[:, None]).T @ x
+
+    def hessians(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
+        """Normalised Hessians [G, K, K] for one input, with the coverage fallback applied.
+
+        blend_rare: blend experts with fewer tokens than K with the pooled Hessian (moequant);
+        otherwise only experts with no token at all take the pooled one (their own would be zero)."""
+        s = self.inputs[name]
+        assert s.weighted_xxt is not None, "collector kept diagonals only"
+        return _normalise(s.weighted_xxt, s, blend_rare)
+
+    def diagonals(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
+        s = self.inputs[name]
+        return _normalise(s.weighted_sq.to(torch.float32), s, blend_rare)
+
+
+def _normalise(sums: torch.Tensor, s: InputStats, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
+    mass = s.mass.to(torch.float32)
+    k = sums.shape[-1]
+    pooled = sums.sum(0) / mass.sum().clamp_min(1e-30)
+    # a pseudo-mass of K tokens' worth of the layer's average weight
+    lam = k * float(mass.sum() / s.count.sum().clamp_min(1))
+    out = torch.empty_like(sums)
+    fallback = []
+    for g in range(sums.shape[0]):
+        if s.count[g] == 0:
+            out[g] = pooled
+            fallback.append("pooled")
+        elif blend_rare and s.count[g] < k:
+            out[g] = (sums[g] + lam * pooled) / (mass[g] + lam)
+            fallback.append("blended")
+        else:
+            out[g] = sums[g] / mass[g]
+            fallback.append("own")
+    return out, Coverage([int(c) for c in s.count], [float(m) for m in s.mass], fallback)
