@@ -11,9 +11,23 @@ from moeq2gguf.errors import Moeq2ggufError
 def _convert(args: argparse.Namespace) -> None:
     from moeq2gguf.convert import convert
     result = convert(args.model_dir, args.output, type=args.type, method=args.method, calib=args.calib,
-                     device=args.device, progress=not args.quiet)
+                     device=args.device, tensor_types=tuple(args.tensor_type), imatrix=args.imatrix,
+                     calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, progress=not args.quiet)
+    if result.report and any("recon_error" in t for t in result.report.tensors.values()):
+        print(reconstruction_summary(result.report))
     print(f"wrote {result.output} ({result.n_bytes / 2**20:.1f} MiB, {result.n_tensors} tensors) in "
           f"{result.seconds:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
+
+
+def reconstruction_summary(report) -> str:
+    rows = [(name, t) for name, t in report.tensors.items() if "recon_error" in t]
+    better = sum(t["recon_error"] < t["recon_error_rtn"] for _, t in rows)
+    lines = [f"{'tensor':36} {'type':6} {'error':>12} {'RTN error':>12} {'ratio':>7}"]
+    for name, t in rows:
+        ratio = t["recon_error"] / t["recon_error_rtn"] if t["recon_error_rtn"] else float("nan")
+        lines.append(f"{name:36} {t['type']:6} {t['recon_error']:12.4e} {t['recon_error_rtn']:12.4e} {ratio:7.3f}")
+    lines.append(f"GPTQ below RTN on {better} of {len(rows)} tensors")
+    return "\n".join(lines)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -36,9 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint directory to GGUF")
     p.add_argument("model_dir")
     p.add_argument("-o", "--output", required=True, help="output .gguf path")
-    p.add_argument("--type", default="F16", help="F32, F16, BF16 (quantized mixes: coming)")
-    p.add_argument("--method", default="rtn", help="quantization method (rtn)")
-    p.add_argument("--calib", default=None, help="calibration text: a .txt/.jsonl file, or 'ebss'")
+    p.add_argument("--type", default="F16", help="F32, F16, BF16 or a llama.cpp mix: Q8_0, Q4_0, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, ...")
+    p.add_argument("--method", default="rtn", choices=["rtn", "imatrix", "gptq", "moequant"],
+                   help="rtn: llama.cpp's round-to-nearest; imatrix: llama.cpp's importance-weighted quantizer on "
+                        "our statistics; gptq: GPTQ into the GGML grids; moequant: GPTQ with affinity-weighted Hessians")
+    p.add_argument("--calib", default=None, help="calibration text: a .txt/.jsonl file or folder (default: the stdlib calib split)")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="override a tensor's type, as llama-quantize's --tensor-type (repeatable)")
+    p.add_argument("--imatrix", default=None, help="a llama-imatrix GGUF file to use as importance (with --method rtn)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)

@@ -7,6 +7,7 @@ nothing behind.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from moeq2gguf import plan
 from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.mixes import parse_override
 from moeq2gguf.models.registry import open_model
+from moeq2gguf.quant.engine import CALIBRATED, QuantConfig, QuantReport, quantized_stream
 from moeq2gguf.vocab import load_vocab
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,13 @@ class ConvertResult:
     n_bytes: int
     seconds: float
     peak_rss_mib: float
+    report: QuantReport | None = None
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _peak_rss_mib() -> float:
@@ -45,12 +54,23 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
 
 
 def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], type: str = "F16",
-            method: str = "rtn", calib: str | None = None, device: str = "cpu", progress: bool = True) -> ConvertResult:
-    """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs."""
+            method: str = "rtn", calib: str | None = None, device: str = "cpu", tensor_types: tuple[str, ...] = (),
+            imatrix: str | None = None, calib_windows: int = 32, calib_ctx: int = 512,
+            progress: bool = True) -> ConvertResult:
+    """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs.
+
+    type: F32 | F16 | BF16, or a llama.cpp mix (Q4_K_M, Q3_K_M, Q2_K, Q4_0, Q8_0, IQ4_XS, ...)
+    method: rtn | imatrix | gptq | moequant; calib: a split name (default calib) or a .txt/.jsonl path;
+    tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file."""
     t0 = time.time()
     type_name = plan.validate_type(type)
-    if method not in ("rtn",):
-        raise Moeq2ggufError(f"--method {method} is not available yet: float export takes no method")
+    cfg = QuantConfig(method=method, calib=calib or "calib", device=device, imatrix_file=imatrix,
+                      n_windows=calib_windows, ctx=calib_ctx)
+    if plan.is_float(type_name) and (method != "rtn" or imatrix):
+        raise Moeq2ggufError(f"--method {method} / --imatrix quantize weights; pick a quantized --type such as Q4_K_M")
+    if imatrix and method != "rtn":
+        raise Moeq2ggufError("--imatrix FILE replaces our statistics; use it with --method rtn (the default)")
+    overrides = [parse_override(t) for t in tensor_types]
     output = Path(output)
     if not output.parent.is_dir():
         raise Moeq2ggufError(f"output folder {output.parent} does not exist; create it or choose another -o path")
@@ -62,13 +82,19 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     sources = adapter.all_tensors()
     adapter.check_all_used(sources)
     vocab = load_vocab(adapter.reader.model_dir, spec.vocab_size, adapter.config, adapter.default_pre_tokenizer)
-    types = [plan.tensor_type(s, type_name) for s in sources]
+    has_imatrix = method in CALIBRATED or imatrix is not None
+    types = plan.assign(sources, type_name, spec, has_imatrix, overrides)
+    report = QuantReport()
 
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(None, adapter.arch_name)
     try:
         writer.add_name(Path(model_dir).resolve().name)
         writer.add_file_type(plan.file_type(type_name))
+        if not plan.is_float(type_name):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_string("moeq2gguf.method", "imatrix-file" if imatrix else method)
+            writer.add_string("moeq2gguf.type", type_name)
         adapter.add_arch_metadata(writer)
         vocab.add_to(writer)
         n_bytes = 0
@@ -85,13 +111,11 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        bar = tqdm(total=len(sources), desc=f"convert {type_name}", unit="tensor", disable=not progress)
-        for source, qtype in zip(sources, types):
-            tensor = source.load().reshape(source.shape)
-            writer.write_tensor_data(plan.encode_float(tensor, qtype))
-            del tensor
-            bar.update()
-        bar.close()
+        n_written = 0
+        for data in quantized_stream(adapter, sources, types, cfg, report, progress):
+            writer.write_tensor_data(data)
+            n_written += 1
+        assert n_written == len(sources)
         writer.close()
         os.replace(tmp, output)
     except BaseException:
@@ -100,7 +124,9 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         raise
     finally:
         adapter.reader.close()
-    result = ConvertResult(output, len(sources), n_bytes, time.time() - t0, _peak_rss_mib())
+    if report.coverage:
+        _write_json(Path(f"{output}.coverage.json"), report.coverage)
+    result = ConvertResult(output, len(sources), n_bytes, time.time() - t0, _peak_rss_mib(), report)
     log.info("wrote %s: %d tensors, %.1f MiB in %.1f s, peak RSS %.0f MiB", output, result.n_tensors,
              n_bytes / 2**20, result.seconds, result.peak_rss_mib)
     return result

@@ -20,18 +20,19 @@ FLOAT_TYPES: dict[str, tuple[Q, F]] = {
     "F16": (Q.F16, F.MOSTLY_F16),
     "BF16": (Q.BF16, F.MOSTLY_BF16),
 }
-# The quantized mixes the CLI will accept once the quantizers land (issues 4-6).
-QUANT_MIXES = ("Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")
 KEEP_F32_ROLES = ("norm", "bias", "router")
 
 
 def validate_type(type_name: str) -> str:
+    from moeq2gguf.mixes import MIXES
     name = type_name.upper()
-    if name in FLOAT_TYPES:
+    if name in FLOAT_TYPES or name in MIXES:
         return name
-    if name in QUANT_MIXES:
-        raise Moeq2ggufError(f"--type {name} is not available yet: this build writes F32, F16 and BF16 only")
-    raise Moeq2ggufError(f"--type {type_name} is unknown; choose one of {', '.join([*FLOAT_TYPES, *QUANT_MIXES])}")
+    raise Moeq2ggufError(f"--type {type_name} is unknown; choose one of {', '.join([*FLOAT_TYPES, *MIXES])}")
+
+
+def is_float(type_name: str) -> bool:
+    return type_name in FLOAT_TYPES
 
 
 def tensor_type(source: TensorSource, type_name: str) -> Q:
@@ -41,7 +42,19 @@ def tensor_type(source: TensorSource, type_name: str) -> Q:
 
 
 def file_type(type_name: str) -> F:
-    return FLOAT_TYPES[type_name][1]
+    from moeq2gguf.mixes import MIXES
+    return FLOAT_TYPES[type_name][1] if type_name in FLOAT_TYPES else MIXES[type_name].ftype
+
+
+def assign(sources: list[TensorSource], type_name: str, spec, has_imatrix: bool, overrides=()) -> list[Q]:
+    """The GGML type of every tensor: float export, or llama-quantize's rules for a mix."""
+    if type_name in FLOAT_TYPES:
+        if overrides:
+            raise Moeq2ggufError("--tensor-type overrides apply to quantized mixes; pick a --type such as Q4_K_M")
+        return [tensor_type(s, type_name) for s in sources]
+    from moeq2gguf.mixes import assign_types
+    return assign_types([(s.name, s.shape) for s in sources], type_name, n_layer=spec.n_layers, n_expert=spec.n_experts,
+                        n_head=spec.n_heads, n_head_kv=spec.n_kv_heads, has_imatrix=has_imatrix, overrides=overrides)
 
 
 def encode_float(tensor: torch.Tensor, qtype: Q) -> np.ndarray:

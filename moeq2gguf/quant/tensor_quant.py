@@ -1,0 +1,107 @@
+"""Quantize one tensor to one GGML type: RTN, importance-weighted RTN, or GPTQ on collected Hessians.
+
+Tensors arrive in GGUF orientation and torch shape: [R, K] for a matrix, [E, R, K] for stacked
+experts (each expert a group with its own statistics). Returns the bytes for the GGUF and the
+dequantized weights the runtime will compute with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from moeq2gguf import plan
+from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.quant.gptq import GPTQConfig, gptq_quantize
+from moeq2gguf.quant.stats import StatsCollector
+
+Q = gguf.GGMLQuantizationType
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+def _groups(w: torch.Tensor) -> torch.Tensor:
+    return w if w.dim() == 3 else w.unsqueeze(0)
+
+
+def encode(w: torch.Tensor, qtype: Q, importance: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
+    """RTN (importance None) or ggml's importance-weighted quantizer; importance [G, K] per group."""
+    if qtype in FLOAT_TYPES:
+        data = plan.encode_float(w, qtype)
+        if qtype == Q.F32:
+            return data, w.to(torch.float32)
+        return data, torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(w.shape)
+    from moeq2gguf.formats import get_format
+    fmt = get_format(qtype)
+    g3 = _groups(w).to(torch.float32).cpu()
+    parts = [fmt.quantize(np.ascontiguousarray(g3[g].numpy()),
+                          None if importance is None else np.ascontiguousarray(importance[g].to(torch.float32).cpu().numpy()))
+             for g in range(g3.shape[0])]
+    data = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    deq = torch.from_numpy(np.asarray(fmt.dequantize(data), dtype=np.float32)).reshape(w.shape)
+    return data.reshape(*w.shape[:-1], -1), deq.to(w.device)
+
+
+def imatrix_importance(collector: StatsCollector, input_name: str) -> torch.Tensor:
+    """llama-imatrix's statistic: per group mean of x^2 over the tokens that reached it (float32
+    division as llama-quantize does it); a group that never fired gets all ones, as in llama-quantize."""
+    s = collector.inputs[input_name]
+    sums, counts = s.plain_sq.to(torch.float32), s.count.to(torch.float32)
+    out = sums / counts.clamp_min(1)[:, None]
+    out[counts == 0] = 1.0
+    return out
+
+
+def reconstruction_error(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> float:
+    """sum_g tr((W_g - Q_g) H_g (W_g - Q_g)^T) = the (affinity-weighted) ||W X - Q X||^2 per token."""
+    d = _groups(w).to(torch.float64) - _groups(q).to(torch.float64)
+    return float(torch.einsum("grk,gkl,grl->", d, H.to(torch.float64), d))
+
+
+def quantize_with_stats(w: torch.Tensor, qtype: Q, method: str, collector: StatsCollector, input_name: str | None,
+                        cfg: GPTQConfig) -> tuple[np.ndarray, torch.Tensor, dict]:
+    info: dict = {"type": qtype.name, "method": "rtn"}
+    if qtype in FLOAT_TYPES or input_name is None or input_name not in collector.inputs:
+        data, deq = encode(w, qtype, None)
+        return data, deq, info
+    if method == "imatrix":
+        data, deq = encode(w, qtype, imatrix_importance(collector, input_name))
+        info["method"] = "imatrix"
+        return data, deq, info
+    from moeq2gguf.formats.grid import FormatGrid
+    H, coverage = collector.hessians(input_name, blend_rare=method == "moequant")
+    grid = FormatGrid(qtype)
+    Q3, params = gptq_quantize(_groups(w), H, grid, cfg)
+    data = grid.pack(params, Q3)
+    deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(w.shape).to(w.device)
+    if not torch.equal(deq, Q3.reshape(w.shape)):
+        raise AssertionError(f"packed {qtype.name} bytes do not dequantize to the weights GPTQ simulated")
+    _, deq_rtn = encode(w, qtype, None)
+    info.update(method=method, recon_error=reconstruction_error(w, deq, H), recon_error_rtn=reconstruction_error(w, deq_rtn, H),
+                coverage=None if coverage is None or _groups(w).shape[0] == 1 else coverage.__dict__)
+    return data.reshape(*w.shape[:-1], -1), deq, info
+
+
+def load_imatrix(path: str | Path, sources) -> dict[str, torch.Tensor]:
+    """Per-tensor importance [G, K] from a llama-imatrix GGUF file (<name>.in_sum2, <name>.counts)."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as exc:
+        raise Moeq2ggufError(f"{path} is not a llama-imatrix GGUF file ({exc})") from exc
+    tensors = {t.name: t for t in reader.tensors}
+    out = {}
+    for s in sources:
+        sums, counts = tensors.get(f"{s.name}.in_sum2"), tensors.get(f"{s.name}.counts")
+        if sums is None or counts is None:
+            continue
+        k = s.shape[-1]
+        groups = 1 if len(s.shape) == 2 else s.shape[0]
+        sums_t = torch.from_numpy(np.asarray(sums.data, dtype=np.float32).reshape(groups, k).copy())
+        counts_t = torch.from_numpy(np.asarray(counts.data, dtype=np.float32).reshape(groups).copy())
+        imp = sums_t / counts_t.clamp_min(1)[:, None]
+        imp[counts_t == 0] = 1.0
+        out[s.name] = imp
+    if not out:
+        raise Moeq2ggufError(f"{path} has no entry for any tensor of this model; was it made for another model?")
+    return out
