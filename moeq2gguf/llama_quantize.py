@@ -26,3 +26,18 @@ def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], mix
         raise Moeq2ggufError(f"llama.cpp failed to quantize {src} to {mix} (code {rc})")
     os.replace(tmp, dst)
     return dst
+
+
+def llama_tool(name: str) -> Path:
+    """A llama.cpp tool binary (llama-quantize, llama-imatrix, llama-perplexity) built by tools/build_llama.sh."""
+    import shutil
+    candidates = [os.environ.get("MOEQ2GGUF_LLAMA_BIN", "")]
+    repo = Path(__file__).resolve().parents[1]
+    candidates += [str(p) for p in sorted(repo.glob(".cache/llama-cpp-python-*/build/bin"))]
+    for folder in candidates:
+        if folder and (Path(folder) / name).is_file():
+            return Path(folder) / name
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise Moeq2ggufError(f"{name} not found; run `make setup` (tools/build_llama.sh builds it) or set MOEQ2GGUF_LLAMA_BIN")

@@ -1,3 +1,3 @@
-from moeq2gguf.eval.perplexity import EvalResult, evaluate
+from moeq2gguf.eval.perplexity import EvalResult, evaluate, evaluate_many
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "evaluate", "evaluate_many"]

@@ -7,6 +7,7 @@ loaded at once and each window is run through both, so memory does not grow with
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -75,13 +76,22 @@ def check_comparable(quant: Path, base: Path) -> None:
 def evaluate(quant: str | os.PathLike[str], base: str | os.PathLike[str], text: str = "eval", ctx: int = 512,
              chunks: int | None = None, progress: bool = True) -> EvalResult:
     """Compare QUANT.gguf with BASE.gguf on `text`: a split name (eval/calib/train) or a .txt/.jsonl path."""
+    return evaluate_many([quant], base, text, ctx, chunks, progress)[0]
+
+
+def evaluate_many(quants: list[str | os.PathLike[str]], base: str | os.PathLike[str], text: str = "eval", ctx: int = 512,
+                  chunks: int | None = None, progress: bool = True) -> list[EvalResult]:
+    """Several quants of one base in one pass: each window's base logits are computed once."""
     t0 = time.time()
-    quant, base = Path(quant), Path(base)
+    quants, base = [Path(q) for q in quants], Path(base)
     if ctx < 4 or ctx % 2:
         raise Moeq2ggufError(f"--ctx {ctx} must be an even number >= 4")
-    check_comparable(quant, base)
+    for q in quants:
+        check_comparable(q, base)
     content = corpus.read_text(text)
-    with runtime.load(base, n_ctx=ctx) as base_llm, runtime.load(quant, n_ctx=ctx) as quant_llm:
+    with contextlib.ExitStack() as stack:
+        base_llm = stack.enter_context(runtime.load(base, n_ctx=ctx))
+        quant_llms = [stack.enter_context(runtime.load(q, n_ctx=ctx)) for q in quants]
         tokens = np.asarray(runtime.tokenize(base_llm, content), dtype=np.int64)
         n_windows = len(tokens) // ctx
         if chunks is not None:
@@ -91,13 +101,14 @@ def evaluate(quant: str | os.PathLike[str], base: str | os.PathLike[str], text: 
                                  "give more text or a smaller --ctx")
         bos = base_llm.token_bos() if base_llm._model.add_bos_token() else None
         first = ctx // 2
-        acc = QualityAccumulator()
+        accs = [QualityAccumulator() for _ in quants]
         for w in tqdm(range(n_windows), desc="eval", unit="window", disable=not progress):
             window = tokens[w * ctx:(w + 1) * ctx].copy()
             if bos is not None:
                 window[0] = bos
             base_logits = runtime.logits(base_llm, window)[first:ctx - 1]
-            quant_logits = runtime.logits(quant_llm, window)[first:ctx - 1]
-            acc.add(base_logits, quant_logits, window[first + 1:])
-    s = acc.summary()
-    return EvalResult(quant=str(quant), base=str(base), ctx=ctx, windows=n_windows, seconds=time.time() - t0, **s)
+            for llm, acc in zip(quant_llms, accs):
+                acc.add(base_logits, runtime.logits(llm, window)[first:ctx - 1], window[first + 1:])
+    seconds = time.time() - t0
+    return [EvalResult(quant=str(q), base=str(base), ctx=ctx, windows=n_windows, seconds=seconds, **acc.summary())
+            for q, acc in zip(quants, accs)]

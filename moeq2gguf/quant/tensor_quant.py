@@ -69,9 +69,10 @@ def quantize_with_stats(w: torch.Tensor, qtype: Q, method: str, collector: Stats
         data, deq = encode(w, qtype, imatrix_importance(collector, input_name))
         info["method"] = "imatrix"
         return data, deq, info
-    from moeq2gguf.formats.grid import FormatGrid
+    from moeq2gguf.quant.grid import FormatGrid
     H, coverage = collector.hessians(input_name, blend_rare=method == "moequant")
     grid = FormatGrid(qtype)
+    grid.prepare(_groups(w))
     Q3, params = gptq_quantize(_groups(w), H, grid, cfg)
     data = grid.pack(params, Q3)
     deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(w.shape).to(w.device)

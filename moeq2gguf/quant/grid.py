@@ -1,0 +1,48 @@
+"""A GGML block format seen as GPTQ's grid (gptq.Grid): fit a block's scales with ggml's own search,
+round columns to that frozen grid, and pack the result into the format's bytes."""
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import torch
+
+from moeq2gguf.formats import get_format
+from moeq2gguf.formats.base import BlockParams
+
+
+def concat_blocks(params: list[BlockParams]) -> BlockParams:
+    """Join per-block params (R, 1, ...) along the block axis into (R, nb, ...)."""
+    first = params[0]
+    fields = {}
+    for f in dataclasses.fields(first):
+        value = getattr(first, f.name)
+        fields[f.name] = np.concatenate([getattr(p, f.name) for p in params], axis=1) if isinstance(value, np.ndarray) else value
+    return type(first)(**fields)
+
+
+class FormatGrid:
+    def __init__(self, qtype: gguf.GGMLQuantizationType):
+        self.fmt = get_format(qtype)
+        self.group = self.fmt.block_size
+        self.sigma2: np.ndarray | None = None
+
+    def prepare(self, rows: torch.Tensor) -> None:
+        """Row statistics some formats' searches read (Q4_0..Q5_1 weight blocks by the row's mean square)."""
+        self.sigma2 = self.fmt.row_sigma2(np.ascontiguousarray(rows.reshape(-1, rows.shape[-1]).cpu().numpy(), dtype=np.float32))
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+        return self.fmt.fit_scales(np.ascontiguousarray(w.cpu().numpy(), dtype=np.float32),
+                                   np.ascontiguousarray(importance.cpu().numpy(), dtype=np.float32), sigma2=self.sigma2)
+
+    def round(self, column: torch.Tensor, params: BlockParams, j: int) -> torch.Tensor:
+        values = np.ascontiguousarray(column.cpu().numpy(), dtype=np.float32)[:, None]
+        return torch.from_numpy(self.fmt.round_to_grid(values, params, j)[:, 0]).to(column.device)
+
+    def pack(self, params: list[BlockParams], Q: torch.Tensor) -> np.ndarray:
+        """Bytes [G*R, nb * type_size] of the GPTQ result Q [G, R, K] (values already on the grids)."""
+        joined = concat_blocks(params)
+        values = np.ascontiguousarray(Q.reshape(-1, Q.shape[-1]).cpu().numpy(), dtype=np.float32)
+        codes = self.fmt.quantize_to_grid(values, joined, 0)
+        return self.fmt.pack(codes, joined)

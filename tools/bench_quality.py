@@ -1,0 +1,182 @@
+"""Quality of every method against llama.cpp's own quants, on the bundled reference models.
+
+For each model and type mix: llama.cpp RTN (llama_model_quantize), llama.cpp imatrix (llama-imatrix on
+the calib split, then llama-quantize --imatrix), and ours (--method rtn | imatrix | gptq | moequant),
+all judged against the model's F32 GGUF on the eval split through llama-cpp-python (PPL, KLD,
+same-top-1), plus file size, bits per weight and conversion time. Also checks that our rtn file is
+byte-identical to llama.cpp's, that our quantizer fed llama-imatrix's own file is byte-identical to
+llama-quantize fed the same file, and cross-checks our eval against llama-perplexity --kl-divergence.
+
+usage: python tools/bench_quality.py [--models mixtral-tiny qwen2moe-tiny] [--mixes Q4_K_M Q3_K_M Q2_K]
+                                     [--methods rtn imatrix gptq moequant] [--chunks 32] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from moeq2gguf import convert, corpus  # noqa: E402
+from moeq2gguf.eval import evaluate_many  # noqa: E402
+from moeq2gguf.llama_quantize import llama_quantize, llama_tool  # noqa: E402
+
+MARK_BEGIN, MARK_END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
+
+
+def tensor_digests(path: Path) -> dict[str, str]:
+    return {t.name: hashlib.sha256(np.asarray(t.data).tobytes()).hexdigest() for t in gguf.GGUFReader(path).tensors}
+
+
+def bits_per_weight(path: Path) -> tuple[int, float]:
+    reader = gguf.GGUFReader(path)
+    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    n_weights = sum(int(t.n_elements) for t in reader.tensors)
+    return n_bytes, 8 * n_bytes / n_weights
+
+
+def run(cmd: list[str]) -> str:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def compare_digests(a: Path, b: Path) -> str:
+    da, db = tensor_digests(a), tensor_digests(b)
+    differing = [n for n in da if da[n] != db.get(n)]
+    return "byte-identical" if not differing else f"{len(differing)} of {len(da)} tensors differ (first: {differing[0]})"
+
+
+def llama_perplexity_kld(base: Path, quant: Path, text_file: Path, ctx: int, chunks: int, work: Path) -> tuple[float, float]:
+    """PPL(quant) and mean KLD from llama-perplexity; refuses a missing summary line (never reads it as 0)."""
+    tool = llama_tool("llama-perplexity")
+    common = ["-f", text_file, "-c", ctx, "--chunks", chunks, "-t", os.cpu_count(), "-ctk", "f32", "-ctv", "f32"]
+    kld_file = work / "base.kld"
+    run([tool, "-m", base, *common, "--kl-divergence-base", kld_file])
+    out = run([tool, "-m", quant, *common, "--kl-divergence-base", kld_file, "--kl-divergence"])
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out)
+    kld = re.search(r"Mean\s+KLD:\s*([0-9.]+)", out)
+    if not ppl or not kld:
+        raise RuntimeError("llama-perplexity printed no Mean PPL(Q) / Mean KLD line")
+    return float(ppl.group(1)), float(kld.group(1))
+
+
+def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, calib_windows: int, ctx: int,
+                work: Path) -> tuple[list[dict], list[str]]:
+    model_dir = REPO / "moeq2gguf" / "fixtures" / model
+    work.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    base = convert(model_dir, work / "f32.gguf", type="F32", progress=False).output
+    calib_file = work / "calib.txt"
+    calib_file.write_text(corpus.read_text("calib"))
+    t0 = time.time()
+    imatrix_file = work / "imatrix.gguf"
+    run([llama_tool("llama-imatrix"), "-m", base, "-f", calib_file, "-o", imatrix_file, "-c", ctx,
+         "--chunks", calib_windows, "-t", os.cpu_count()])
+    imatrix_seconds = time.time() - t0
+    files: list[tuple[str, str, Path, float]] = []
+    for mix in mixes:
+        t0 = time.time()
+        files.append((mix, "llama.cpp rtn", llama_quantize(base, work / f"{mix}-llama-rtn.gguf", mix), time.time() - t0))
+        t0 = time.time()
+        out = work / f"{mix}-llama-imatrix.gguf"
+        run([llama_tool("llama-quantize"), "--imatrix", imatrix_file, base, out, mix, str(os.cpu_count())])
+        files.append((mix, "llama.cpp imatrix", out, time.time() - t0 + imatrix_seconds))
+        for method in methods:
+            t0 = time.time()
+            out = convert(model_dir, work / f"{mix}-{method}.gguf", type=mix, method=method,
+                          calib_windows=calib_windows, calib_ctx=ctx, progress=False).output
+            files.append((mix, f"moeq2gguf {method}", out, time.time() - t0))
+        if "rtn" in methods:
+            notes.append(f"{model} {mix}: our rtn vs llama-quantize: "
+                         f"{compare_digests(work / f'{mix}-rtn.gguf', work / f'{mix}-llama-rtn.gguf')}")
+        ours_with_their_imatrix = convert(model_dir, work / f"{mix}-imatrix-file.gguf", type=mix, imatrix=str(imatrix_file),
+                                          progress=False).output
+        notes.append(f"{model} {mix}: our quantizer fed llama-imatrix's file vs llama-quantize fed it: "
+                     f"{compare_digests(ours_with_their_imatrix, work / f'{mix}-llama-imatrix.gguf')}")
+        if "imatrix" in methods:
+            notes.append(f"{model} {mix}: our --method imatrix (torch statistics) vs llama.cpp imatrix: "
+                         f"{compare_digests(work / f'{mix}-imatrix.gguf', work / f'{mix}-llama-imatrix.gguf')}")
+    results = evaluate_many([f for _, _, f, _ in files], base, "eval", ctx, chunks, progress=True)
+    rows = []
+    for (mix, method, path, seconds), res in zip(files, results):
+        n_bytes, bpw = bits_per_weight(path)
+        rows.append(dict(model=model, mix=mix, method=method, bytes=n_bytes, bpw=bpw, ppl=res.ppl_quant,
+                         ppl_ratio=res.ppl_ratio, kld=res.kld_mean, kld999=res.kld_p99_9, top1=res.same_top1_pct,
+                         seconds=seconds, ppl_base=res.ppl_base))
+    # cross-check our eval with llama-perplexity on the first llama.cpp imatrix file
+    check = next(r for r, (_, m, _, _) in zip(rows, files) if m == "llama.cpp imatrix")
+    check_path = next(f for _, m, f, _ in files if m == "llama.cpp imatrix")
+    eval_file = work / "eval.txt"
+    eval_file.write_text(corpus.read_text("eval"))
+    ppl_lp, kld_lp = llama_perplexity_kld(base, check_path, eval_file, ctx, chunks, work)
+    notes.append(f"{model} {check['mix']} llama.cpp imatrix: our eval PPL {check['ppl']:.4f} vs llama-perplexity {ppl_lp:.4f} "
+                 f"({100 * (check['ppl'] / ppl_lp - 1):+.3f}%), mean KLD {check['kld']:.6f} vs {kld_lp:.6f} "
+                 f"({100 * (check['kld'] / kld_lp - 1):+.2f}%)")
+    return rows, notes
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| model | mix | method | bytes | bpw | PPL | PPL ratio | mean KLD | KLD 99.9% | same top-1 | time (s) | KLD / llama.cpp imatrix |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        ref = next((x for x in rows if x["model"] == r["model"] and x["mix"] == r["mix"] and x["method"] == "llama.cpp imatrix"), None)
+        rel = r["kld"] / ref["kld"] if ref and ref["kld"] > 0 else float("nan")
+        lines.append(f"| {r['model']} | {r['mix']} | {r['method']} | {r['bytes']} | {r['bpw']:.3f} | {r['ppl']:.4f} | "
+                     f"{r['ppl_ratio']:.4f} | {r['kld']:.5f} | {r['kld999']:.4f} | {r['top1']:.2f}% | {r['seconds']:.1f} | {rel:.3f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), no GPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mixtral-tiny", "qwen2moe-tiny"])
+    ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq", "moequant"])
+    ap.add_argument("--chunks", type=int, default=32, help="eval windows of --ctx tokens")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench_quality"))
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = ap.parse_args()
+    rows, notes = [], []
+    for model in args.models:
+        r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, Path(args.workdir) / model)
+        rows += r
+        notes += n
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
+    text = (f"{MARK_BEGIN}\n## Quality against llama.cpp's own quants\n\n"
+            f"Command: `{command}`  \nDate: {datetime.date.today()}  \nMachine: {machine()}  \nCommit: {commit}  \n"
+            f"Eval: {args.chunks} windows of {args.ctx} tokens of the eval split, second half scored, against the F32 GGUF, "
+            f"F32 KV cache. Calibration: {args.calib_windows} windows of {args.ctx} tokens of the calib split for every "
+            f"calibrated method, llama-imatrix included. Time: conversion (llama.cpp imatrix includes llama-imatrix).\n\n"
+            f"{format_table(rows)}\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n{MARK_END}\n")
+    print(text)
+    if args.write:
+        path = REPO / "BENCHMARKS.md"
+        old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table is the printed output of the command above it.\n\n"
+        if MARK_BEGIN in old:
+            old = old[:old.index(MARK_BEGIN)] + old[old.index(MARK_END) + len(MARK_END) + 1:]
+        path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
