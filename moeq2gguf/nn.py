@@ -87,8 +87,12 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, obse
     return linear(out, w, "attn_output").view(b, L, -1)
 
 
+def router_logits(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    return x @ w["ffn_gate_inp.weight"].T
+
+
 def route(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> Routing:
-    logits = x @ w["ffn_gate_inp.weight"].T
+    logits = router_logits(x, w)
     r = spec.routing
     probs = torch.softmax(logits, dim=-1) if r.scoring == "softmax" else torch.sigmoid(logits)
     weights, experts = probs.topk(spec.n_experts_used, dim=-1)
