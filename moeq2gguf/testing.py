@@ -13,6 +13,38 @@ import torch
 FAMILY_CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
+}
+
+# Tiny shapes per family, respecting what llama.cpp assumes of each (ENVIRONMENT.md): OLMoE with
+# key/value heads = heads and eps 1e-5, Qwen3-MoE renormalised, DeepSeek-V2 lite layout (no q LoRA)
+# with q_lora_rank written as 0 in GGUF, DeepSeek-V3 with grouped sigmoid routing and a selection
+# bias, GPT-OSS with alternating sliding-window layers (default RoPE: llama.cpp's YaRN rounds the
+# correction range, transformers' GPT-OSS YaRN does not).
+_FAMILY_DEFAULTS = {
+    "mixtral": dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5),
+    "qwen2moe": dict(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=96,
+                     num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-6, qkv_bias=True),
+    "qwen3moe": dict(head_dim=32, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                     num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-6),
+    "olmoe": dict(num_key_value_heads=4, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                  rms_norm_eps=1e-5, pad_token_id=None, eos_token_id=None),
+    "deepseek_v2": dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                        num_experts_per_tok=2, n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=32,
+                        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                        routed_scaling_factor=1.0, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None),
+    "deepseek_v3": dict(num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32,
+                        q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=4,
+                        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-6,
+                        num_nextn_predict_layers=0, bos_token_id=None, eos_token_id=None),
+    "gpt_oss": dict(head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                    rms_norm_eps=1e-5, max_position_embeddings=1024),
 }
 
 
@@ -45,11 +77,7 @@ def make_config(family: str, **overrides):
     base = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=1024, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    if family == "mixtral":
-        base.update(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5)
-    else:
-        base.update(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=96,
-                    num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-6, qkv_bias=True)
+    base.update(_FAMILY_DEFAULTS[family])
     base.update(overrides)
     return config_cls(**base)
 
@@ -66,8 +94,11 @@ def random_model(family: str, seed: int = 0, init_std: float = 0.1, **overrides)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_bias", ".sinks")):
                 p.normal_(0, init_std)
+        for name, b in model.named_buffers():  # DeepSeek-V3's selection bias starts at zero
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, init_std)
     return model.eval()
 
 
@@ -76,3 +107,177 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = 
     model.to(dtype).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# --- DeepSeekMoE-16B (DeepseekForCausalLM) ----------------------------------------------------
+# transformers has no class for it (the hub checkpoint deepseek-ai/deepseek-moe-16b-base runs remote
+# code), so tests build the hub's on-disk layout and config keys here and compare llama.cpp with this
+# reference forward, written from the architecture: RMSNorm, llama attention with rotate-half RoPE,
+# SwiGLU MLPs, the first first_k_dense_replace layers dense, the others softmax top-k routing (no
+# renormalisation unless norm_topk_prob) over n_routed_experts plus n_shared_experts fused into one
+# MLP added unweighted. Its state_dict keys are the hub's tensor names.
+
+def deepseek_moe_config(**overrides) -> dict:
+    """config.json of a tiny DeepSeekMoE with the hub checkpoint's keys."""
+    config = {
+        "architectures": ["DeepseekForCausalLM"], "model_type": "deepseek",
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2, "first_k_dense_replace": 1,
+        "moe_layer_freq": 1, "norm_topk_prob": False, "scoring_func": "softmax", "aux_loss_alpha": 0.001,
+        "seq_aux": True, "hidden_act": "silu", "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": False, "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+        "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float32",
+    }
+    config.update(overrides)
+    return config
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, width, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, width, bias=False)
+        self.down_proj = torch.nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Router(torch.nn.Module):
+    def __init__(self, hidden: int, n_experts: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(n_experts, hidden))
+
+
+class _Moe(torch.nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        hidden, width = c["hidden_size"], c["moe_intermediate_size"]
+        self.k, self.renormalize = c["num_experts_per_tok"], c["norm_topk_prob"]
+        self.gate = _Router(hidden, c["n_routed_experts"])
+        self.experts = torch.nn.ModuleList(_Mlp(hidden, width) for _ in range(c["n_routed_experts"]))
+        if c["n_shared_experts"]:
+            self.shared_experts = _Mlp(hidden, width * c["n_shared_experts"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, hidden]
+        probs = torch.softmax(x @ self.gate.weight.T, dim=-1)            # [T, E]
+        weights, chosen = probs.topk(self.k, dim=-1)                      # [T, k]
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if len(token):
+                out.index_add_(0, token, weights[token, slot, None] * expert(x[token]))
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        hidden, self.n_heads, self.n_kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim, self.theta = hidden // self.n_heads, c["rope_theta"]
+        self.q_proj = torch.nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = torch.nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = torch.nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = torch.nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, hidden]
+        n, d = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(n, self.n_heads, d).transpose(0, 1)       # [H, T, d]
+        k = self.k_proj(x).view(n, self.n_kv, d).transpose(0, 1)
+        v = self.v_proj(x).view(n, self.n_kv, d).transpose(0, 1)
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        angles = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq[None]   # [T, d/2]
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k = k.repeat_interleave(self.n_heads // self.n_kv, dim=0)
+        v = v.repeat_interleave(self.n_heads // self.n_kv, dim=0)
+        scores = q @ k.transpose(1, 2) / d ** 0.5
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ v                          # [H, T, d]
+        return self.o_proj(out.transpose(0, 1).reshape(n, self.n_heads * d))
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, c: dict, index: int):
+        super().__init__()
+        self.self_attn = _Attention(c)
+        moe = index >= c["first_k_dense_replace"] and index % c["moe_layer_freq"] == 0
+        self.mlp = _Moe(c) if moe else _Mlp(c["hidden_size"], c["intermediate_size"])
+        self.input_layernorm = _RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attention_layernorm = _RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.layers = torch.nn.ModuleList(_Layer(c, i) for i in range(c["num_hidden_layers"]))
+        self.norm = _RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+
+
+class DeepseekMoeReference(torch.nn.Module):
+    """Float reference of DeepseekForCausalLM; called like a transformers model (.logits)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.model = _Decoder(config)
+        self.lm_head = torch.nn.Linear(config["hidden_size"], config["vocab_size"], bias=False)
+
+    def forward(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+        logits = []
+        for row in input_ids:
+            x = self.model.embed_tokens(row)
+            for layer in self.model.layers:
+                x = layer(x)
+            logits.append(self.lm_head(self.model.norm(x)))
+        return SimpleNamespace(logits=torch.stack(logits))
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        import json
+        from safetensors.torch import save_file
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, out_dir / "model.safetensors",
+                  metadata={"format": "pt"})
+        (out_dir / "config.json").write_text(json.dumps(self.config, indent=2))
+
+
+def random_deepseek_moe(seed: int = 0, init_std: float = 0.1, **overrides) -> DeepseekMoeReference:
+    torch.manual_seed(seed)
+    model = DeepseekMoeReference(deepseek_moe_config(**overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, init_std)
+    return model.eval()

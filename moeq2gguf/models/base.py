@@ -7,6 +7,7 @@ llama's q/k permutation). Everything downstream reads the ModelSpec, never confi
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -18,14 +19,50 @@ from moeq2gguf.errors import CheckpointError, Moeq2ggufError
 from moeq2gguf.io.checkpoint import IGNORED_SUFFIXES, CheckpointReader
 
 T = gguf.MODEL_TENSOR
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Routing:
-    """How the router's logits become expert weights, as llama.cpp will execute them."""
-    scoring: str = "softmax"          # softmax | sigmoid
+    """How the router's logits become expert weights, as llama.cpp will execute them.
+
+    scoring: softmax (over all experts, then top-k), sigmoid (per expert, then top-k), or
+    softmax_topk (top-k on the raw logits, then softmax over the k chosen: GPT-OSS).
+    selection_bias: a per-expert bias (GGUF exp_probs_b) added to the scores for choosing the
+    experts only; the weights use the unbiased scores (DeepSeek-V3's e_score_correction_bias).
+    n_groups / n_groups_used: experts split into n_groups equal groups, each scored by the sum of
+    its two best (biased) scores, and only the best n_groups_used groups compete (DeepSeek-V3).
+    router_bias: the router linear has a bias (GPT-OSS)."""
+    scoring: str = "softmax"          # softmax | sigmoid | softmax_topk
     renormalize: bool = False         # renormalise the top-k weights to sum to 1
     scale: float = 1.0                # routed_scaling_factor
+    selection_bias: bool = False
+    n_groups: int = 1
+    n_groups_used: int = 1
+    router_bias: bool = False
+
+
+@dataclass(frozen=True)
+class MLA:
+    """DeepSeek-V2/V3 multi-head latent attention sizes (llama.cpp deepseek2). q_lora_rank 0 means
+    the "lite" layout: one q projection instead of q_a -> norm -> q_b."""
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension as llama.cpp reads it (rope.scaling.*). log_mul is DeepSeek-V2's
+    mscale_all_dim (written times 0.1, llama.cpp's own convention for deepseek2)."""
+    kind: str                          # yarn
+    factor: float
+    original_context_length: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    log_mul: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +89,25 @@ class ModelSpec:
     attention_bias: bool = False
     tie_embeddings: bool = False
     moe_layers: tuple[int, ...] = ()
+    # Added for the families beyond Mixtral/Qwen2-MoE; the defaults describe those two.
+    n_shared_experts: int = 0          # shared experts fused into one FFN of shared_expert_width
+    qk_norm: str = ""                  # "" | head (RMSNorm per head: Qwen3-MoE) | full (over the whole projection: OLMoE)
+    mla: MLA | None = None             # DeepSeek-V2/V3 latent attention; n_kv_heads/head_dim then describe the expanded heads
+    rope_dim: int = 0                  # rotated dimensions per head when not head_dim (MLA: qk_rope_head_dim)
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int = 0            # GPT-OSS: window of the layers in swa_layers
+    swa_layers: tuple[int, ...] = ()
+    attention_sinks: bool = False      # GPT-OSS: a learned per-head logit in every softmax
+    attention_out_bias: bool = False
+    expert_activation: str = "silu"    # silu (SwiGLU) | swiglu_oai (GPT-OSS: clamped, (up + 1) * gate * sigmoid(alpha * gate))
+    expert_bias: bool = False          # routed experts' gate/up/down carry biases (GPT-OSS)
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        """Layers with a plain (dense) FFN instead of experts (DeepSeek's first_k_dense_replace)."""
+        return tuple(i for i in range(self.n_layers) if i not in self.moe_layers)
 
     def __post_init__(self) -> None:
         if self.n_experts <= 0 or not 0 < self.n_experts_used <= self.n_experts:
@@ -65,10 +121,15 @@ class TensorSource:
     """One GGUF tensor and how to produce it from the checkpoint (float32, torch order)."""
     name: str
     shape: tuple[int, ...]
-    role: str                        # embedding | output | attention | router | expert | shared | norm | bias
+    role: str                        # embedding | output | attention | router | expert | shared | dense | norm | bias
     load: Callable[[], torch.Tensor]
     layer: int | None = None
     inputs: tuple[str, ...] = ()     # the checkpoint tensors it is made from
+    # A tensor the checkpoint already holds in a GGML block format (GPT-OSS MXFP4 experts): load()
+    # still gives its exact float values, load_raw() the GGML blocks as uint8 [..., row bytes], so
+    # a writer can keep the original format instead of re-encoding.
+    raw_qtype: gguf.GGMLQuantizationType | None = None
+    load_raw: Callable[[], torch.Tensor] | None = None
 
 
 def config_value(config: dict, *keys: str, default=None, required: bool = True):
@@ -85,6 +146,40 @@ def rope_theta_of(config: dict, default: float = 10000.0) -> float:
     if params.get("rope_type", "default") not in ("default", None):
         raise Moeq2ggufError(f"rope type {params['rope_type']!r} is not supported yet; only default RoPE is")
     return float(params.get("rope_theta", config.get("rope_theta", default)))
+
+
+def rope_parameters_of(config: dict, default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
+    """rope_theta and YaRN scaling, for families whose llama.cpp graph applies YaRN (DeepSeek-V2/V3,
+    GPT-OSS). Other scaling types are refused, as rope_theta_of does."""
+    params = dict(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    theta = float(params.get("rope_theta", config.get("rope_theta", default_theta)))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise Moeq2ggufError(f"rope type {kind!r} is not supported yet; only default RoPE and YaRN are")
+    if params.get("truncate") is False:
+        # GPT-OSS: llama.cpp always rounds the YaRN correction range to whole dimensions
+        log.warning("rope truncate=false: llama.cpp rounds the YaRN correction range, so rotary angles of a few "
+                    "dimensions differ slightly from the reference")
+    return theta, RopeScaling(
+        kind="yarn", factor=float(params["factor"]),
+        original_context_length=int(params.get("original_max_position_embeddings") or config.get("max_position_embeddings")),
+        beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
+        log_mul=float(params.get("mscale_all_dim") or 0.0))
+
+
+def add_rope_scaling(writer: gguf.GGUFWriter, scaling: RopeScaling | None) -> None:
+    if scaling is None:
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling.factor)
+    writer.add_rope_scaling_orig_ctx_len(scaling.original_context_length)
+    writer.add_rope_scaling_yarn_beta_fast(scaling.beta_fast)
+    writer.add_rope_scaling_yarn_beta_slow(scaling.beta_slow)
+    if scaling.log_mul:
+        writer.add_rope_scaling_yarn_log_mul(0.1 * scaling.log_mul)
 
 
 class FamilyAdapter:
@@ -191,8 +286,38 @@ class FamilyAdapter:
             f"layer {bid} has no routed expert tensors (looked for {first[T.FFN_GATE_EXP]} and {fused_gate_up}); "
             "the checkpoint is incomplete or not of this family")
 
+    def raw(self, name: str) -> torch.Tensor:
+        """A checkpoint tensor in its stored dtype (packed formats such as MXFP4 blocks), not float32."""
+        if not self.reader.has(name):
+            raise CheckpointError(f"tensor {name} is missing from {self.reader.model_dir}; the checkpoint is incomplete")
+        self.reader.mark_used(name)
+        return self.reader._handle(self.reader._file_of[name]).get_tensor(name)
+
+    def dense_ffn(self, bid: int, prefix: str) -> list[TensorSource]:
+        """A plain SwiGLU FFN (`{prefix}.gate_proj/up_proj/down_proj`) as ffn_gate/up/down."""
+        return [
+            self.tensor(f"{prefix}.gate_proj.weight", T.FFN_GATE, "dense", bid),
+            self.tensor(f"{prefix}.up_proj.weight", T.FFN_UP, "dense", bid),
+            self.tensor(f"{prefix}.down_proj.weight", T.FFN_DOWN, "dense", bid),
+        ]
+
+    def shared_ffn(self, bid: int, prefix: str) -> list[TensorSource]:
+        """Shared experts (`{prefix}.gate_proj/up_proj/down_proj`) as ffn_*_shexp."""
+        return [
+            self.tensor(f"{prefix}.gate_proj.weight", T.FFN_GATE_SHEXP, "shared", bid),
+            self.tensor(f"{prefix}.up_proj.weight", T.FFN_UP_SHEXP, "shared", bid),
+            self.tensor(f"{prefix}.down_proj.weight", T.FFN_DOWN_SHEXP, "shared", bid),
+        ]
+
     def head_tensors(self) -> list[TensorSource]:
         return [self.tensor("model.embed_tokens.weight", T.TOKEN_EMBD, "embedding")]
+
+    def tied_output(self) -> TensorSource:
+        """`output` made from the embeddings, for graphs that require an output tensor even when the
+        checkpoint ties it (llama.cpp's olmoe and gpt-oss)."""
+        src = self.tensor("model.embed_tokens.weight", T.OUTPUT, "output")
+        src.inputs = ()  # the embedding is accounted for by token_embd
+        return src
 
     def tail_tensors(self) -> list[TensorSource]:
         out = [self.tensor("model.norm.weight", T.OUTPUT_NORM, "norm")]
@@ -210,12 +335,18 @@ class FamilyAdapter:
         sources.extend(self.tail_tensors())
         return sources
 
+    def ignored(self, name: str) -> bool:
+        """Checkpoint tensors the GGUF deliberately leaves out (e.g. DeepSeek-V3's multi-token
+        prediction layer, which llama.cpp's main graph never runs)."""
+        return False
+
     def check_all_used(self, sources: list[TensorSource]) -> None:
         """Leftover checkpoint tensors mean the adapter misread the family: refuse rather than drop weights."""
         used = {name for s in sources for name in s.inputs}
         if self.spec.tie_embeddings:
             used.add("lm_head.weight")
-        leftover = [n for n in self.reader.names() if n not in used and not n.endswith(IGNORED_SUFFIXES)]
+        leftover = [n for n in self.reader.names()
+                    if n not in used and not n.endswith(IGNORED_SUFFIXES) and not self.ignored(n)]
         if leftover:
             raise CheckpointError(
                 f"{len(leftover)} checkpoint tensors have no place in the {self.arch_name} GGUF (first: {leftover[0]}); "

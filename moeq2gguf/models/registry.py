@@ -9,6 +9,12 @@ from moeq2gguf.errors import UnsupportedArchitectureError
 ARCH_TO_MODULE: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2moe",
+    "Qwen3MoeForCausalLM": "qwen3moe",
+    "OlmoeForCausalLM": "olmoe",
+    "DeepseekForCausalLM": "deepseek",
+    "DeepseekV2ForCausalLM": "deepseek2",
+    "DeepseekV3ForCausalLM": "deepseek2",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 _ADAPTERS: dict[str, type] = {}
