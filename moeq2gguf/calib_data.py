@@ -3,6 +3,11 @@
 The text (a split name or the user's file) is tokenized once with the checkpoint's Hugging Face
 tokenizer (equal to llama.cpp's, which the tests check), cut into consecutive windows of `ctx`
 tokens, and each window's first token is replaced by BOS when the vocabulary adds one.
+
+EBSS data (moeq2gguf.calib.ebss) comes as token ids, one sequence per window: source "ebss" makes
+(or reuses from the cache) n_windows sequences of ctx tokens on the model itself; a .jsonl whose
+records carry "ids" (what `moeq2gguf calibrate --ebss` writes) gives its own ids, each record cut
+to ctx. The same BOS rule applies (EBSS sequences already start with BOS where one is added).
 """
 from __future__ import annotations
 
@@ -19,6 +24,14 @@ def calibration_windows(model_dir: str | Path, source: str = "calib", n_windows:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if source == "ebss" or (source not in corpus.SPLITS and str(source).endswith(".jsonl")):
+        from moeq2gguf.calib.balance import read_token_file
+        from moeq2gguf.calib.ebss import EBSSConfig, cached_ebss
+
+        path = cached_ebss(model_dir, EBSSConfig(n=n_windows, length=ctx), progress=None) if source == "ebss" else source
+        rows = read_token_file(path)
+        if rows is not None:
+            return _id_windows(rows, tokenizer, str(path), n_windows, ctx)
     ids = tokenizer(corpus.read_text(source))["input_ids"]
     n = min(n_windows, len(ids) // ctx)
     if n < 1:
@@ -28,5 +41,21 @@ def calibration_windows(model_dir: str | Path, source: str = "calib", n_windows:
     bos = tokenizer.bos_token_id
     adds_bos = bool(tokenizer("a")["input_ids"][:1] == [bos]) if bos is not None else False
     if adds_bos:
+        windows[:, 0] = bos
+    return windows
+
+
+def _id_windows(rows: list[list[int]], tokenizer, source: str, n_windows: int, ctx: int) -> torch.Tensor:
+    """[n, ctx] windows from token-id records (EBSS), each record's first ctx ids."""
+    long_enough = [r[:ctx] for r in rows if len(r) >= ctx][:n_windows]
+    if not long_enough:
+        raise Moeq2ggufError(f"calibration file {source} holds token sequences of at most {max(map(len, rows))} tokens, "
+                             f"fewer than one window of {ctx}; pass --calib-ctx {max(map(len, rows))} or generate longer sequences")
+    windows = torch.tensor(long_enough, dtype=torch.int64)
+    if windows.max() >= len(tokenizer) or windows.min() < 0:
+        raise Moeq2ggufError(f"calibration file {source} holds token ids outside this model's vocabulary of {len(tokenizer)}; "
+                             "was it generated for another model?")
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
         windows[:, 0] = bos
     return windows

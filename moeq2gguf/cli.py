@@ -42,6 +42,22 @@ def _demo(args: argparse.Namespace) -> None:
     demo(workdir=args.workdir)
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from moeq2gguf.calib import calibrate, format_report
+    result = calibrate(args.model_dir, output=args.output, ebss=args.ebss, n=args.n, length=args.len, beams=args.beams,
+                       tau=args.tau, topk=args.topk, seed=args.seed, eos_guard=not args.no_eos_guard,
+                       ngram_guard=args.ngram_guard, repetition_penalty=args.repetition_penalty,
+                       report=tuple(args.report), device=args.device, progress=not args.quiet)
+    if result.ebss:
+        e = result.ebss
+        guards = ", ".join(f"{g} {v['changed']}/{v['of']}" if v["enabled"] else f"{g} off" for g, v in e.guards.items())
+        print(f"wrote {e.output}: {e.ids.shape[0]} x {e.ids.shape[1]} tokens in {e.seconds:.1f} s "
+              f"({e.tokens_per_s:.0f} tok/s), sigma {e.set_sigma:.4f}, mean log-prob {sum(e.mean_logprob) / len(e.mean_logprob):.3f}; "
+              f"steps where a guard changed the kept beams: {guards}")
+    if result.report:
+        print(format_report(result.report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeq2gguf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -74,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=None, help="at most this many windows")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("calibrate", help="write EBSS calibration data (the model samples itself, balancing its experts) "
+                                         "and/or report the expert balance of calibration sets")
+    p.add_argument("model_dir")
+    p.add_argument("--ebss", action="store_true", help="generate expert-balanced self-sampled sequences into -o")
+    p.add_argument("-o", "--output", default=None, help="output .jsonl ({\"text\", \"ids\"} per line; usable as convert --calib)")
+    p.add_argument("--n", type=int, default=128, help="sequences (default 128)")
+    p.add_argument("--len", type=int, default=512, help="tokens per sequence, BOS included (default 512)")
+    p.add_argument("--beams", type=int, default=4, help="beams per sequence (default 4)")
+    p.add_argument("--tau", type=float, default=None, help="balance temperature: cost = -R/l + sigma/tau; smaller balances harder "
+                        "(default: DEFAULT_TAU of moeq2gguf/calib/ebss.py, measured on the bundled models)")
+    p.add_argument("--topk", type=int, default=64, help="candidates per beam and step (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eos-guard", action="store_true", help="allow EOS and other special tokens inside sequences")
+    p.add_argument("--ngram-guard", type=int, default=4, metavar="N", help="ban repeated N-grams (default 4; 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="penalty on tokens already in the beam (default 1.1; 1: off)")
+    p.add_argument("--report", action="append", default=[], metavar="SPLIT|FILE",
+                   help="print the expert balance (sigma, min/max expert tokens per layer) of a split or file, next to "
+                        "the EBSS data, at equal token count (repeatable)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: the GPU when present")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
     p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")

@@ -1,0 +1,228 @@
+"""Expert balance of a calibration set (ALGORITHMS.md section 5): which experts its tokens reach.
+
+For every MoE layer, count how often each routed expert is selected (top-k of the router) over all
+tokens of the set. The balance metric is
+
+    sigma = mean over MoE layers of std_e( count[l, e] / sum_e count[l, e] )
+
+(population std over the E experts of the normalised selection frequencies, which sum to 1 per
+layer). A perfectly balanced layer has sigma 0; a layer that sends every token to the same k
+experts has sigma sqrt(k/E * (1/k - 1/E)^2 + (E-k)/E * (1/E)^2), e.g. 0.217 for k=2 of E=8.
+The same function scores one EBSS beam (its own tokens' counts) and a whole set.
+
+Selection only needs the arg-top-k of the router, which is the same for softmax or raw logits in
+the softmax-top-k families supported here; sigmoid/grouped routers (DeepSeek-V3) are not.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moeq2gguf.errors import Moeq2ggufError
+
+log = logging.getLogger(__name__)
+
+# model_type -> router scoring whose arg-top-k is the arg-top-k of the raw router logits
+SOFTMAX_TOPK_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def expert_top_k(config) -> int:
+    """k of the family's top-k routing, checked to be a softmax (or logit) top-k."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SOFTMAX_TOPK_TYPES:
+        raise Moeq2ggufError(f"expert counts need a softmax top-k router; model_type {model_type!r} is not supported "
+                             f"(supported: {', '.join(SOFTMAX_TOPK_TYPES)})")
+    return int(config.num_experts_per_tok)
+
+
+def n_routed_experts(config) -> int:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise Moeq2ggufError(f"config of model_type {config.model_type!r} names no expert count")
+
+
+def router_layer_ids(model) -> list[int]:
+    """Decoder layer index of each router, in the order transformers returns router_logits."""
+    recorder = model.model._can_record_outputs["router_logits"]
+    names = [name for name, module in model.named_modules() if isinstance(module, recorder.target_class)]
+    ids = []
+    for name in names:
+        match = re.search(r"layers\.(\d+)\.", name)
+        assert match, f"router module {name} has no layer index"
+        ids.append(int(match.group(1)))
+    return ids
+
+
+def selection_counts(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], top_k: int, n_experts: int,
+                     n_rows: int | None = None) -> torch.Tensor:
+    """Expert selection counts from transformers' router logits.
+
+    router_logits: one (n_rows * seq, E) tensor per MoE layer (rows major, as transformers flattens
+    [batch, seq]). Returns (n_layers, E) int64 counts over all tokens, or (n_rows, n_layers, E)
+    per row when n_rows is given.
+    """
+    per_layer = []
+    for logits in router_logits:
+        chosen = logits.float().topk(top_k, dim=-1).indices          # (T, k)
+        onehot = torch.zeros(chosen.shape[0], n_experts, dtype=torch.int64, device=chosen.device)
+        onehot.scatter_(1, chosen, 1)                                  # (T, E), k ones per token
+        if n_rows is None:
+            per_layer.append(onehot.sum(0))
+        else:
+            per_layer.append(onehot.view(n_rows, -1, n_experts).sum(1))
+    return torch.stack(per_layer, dim=-2)
+
+
+def balance_sigma(counts: torch.Tensor) -> torch.Tensor:
+    """sigma of (..., n_layers, E) counts -> (...): mean over layers of the std of the frequencies."""
+    counts = counts.to(torch.float64)
+    freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return freq.std(-1, unbiased=False).mean(-1)
+
+
+def layer_sigma(counts: torch.Tensor) -> torch.Tensor:
+    """(n_layers, E) counts -> (n_layers,) std of the normalised frequencies per layer."""
+    counts = counts.to(torch.float64)
+    freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return freq.std(-1, unbiased=False)
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """The checkpoint as transformers' own model, float32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.to(device).eval()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """None or "auto": the GPU when torch sees one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise Moeq2ggufError(f"--device {device}: no CUDA device is visible to torch; use --device cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def expert_counts(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """(n_layers, E) selection counts of every token of `windows` ([n, ctx] ids), full causal passes."""
+    top_k, n_experts = expert_top_k(model.config), n_routed_experts(model.config)
+    device = next(model.parameters()).device
+    total = None
+    for chunk in windows.split(batch):
+        out = model(input_ids=chunk.to(device), output_router_logits=True, use_cache=False, logits_to_keep=1)
+        counts = selection_counts(out.router_logits, top_k, n_experts).cpu()
+        total = counts if total is None else total + counts
+    return total
+
+
+@dataclass
+class BalanceStats:
+    """Expert balance of one calibration set."""
+    source: str
+    n_windows: int
+    ctx: int
+    counts: np.ndarray                       # (n_layers, E) selections
+    layer_ids: list[int] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_windows * self.ctx
+
+    @property
+    def sigma(self) -> float:
+        return float(balance_sigma(torch.from_numpy(self.counts)))
+
+    @property
+    def layer_sigma(self) -> np.ndarray:
+        return layer_sigma(torch.from_numpy(self.counts)).numpy()
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "tokens": self.n_tokens, "windows": self.n_windows, "ctx": self.ctx,
+                "sigma": self.sigma, "layers": {str(b): {"sigma": float(s), "min": int(c.min()), "max": int(c.max())}
+                                                for b, s, c in zip(self.layer_ids, self.layer_sigma, self.counts)}}
+
+
+def read_token_file(path: str | Path) -> list[list[int]] | None:
+    """The "ids" of every record of a .jsonl written by EBSS, or None when the file is not one
+    (a .txt, or a .jsonl whose records carry text only)."""
+    import json
+
+    p = Path(path)
+    if p.suffix != ".jsonl" or not p.is_file():
+        return None
+    rows = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise Moeq2ggufError(f"{p}:{lineno}: not valid JSON ({exc.msg}); each line must be an object") from exc
+            ids = record.get("ids") if isinstance(record, dict) else None
+            if ids is None:
+                return None
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise Moeq2ggufError(f"{p}:{lineno}: \"ids\" must be a list of token ids")
+            rows.append(ids)
+    return rows or None
+
+
+def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], ctx: int | None = None,
+                   n_windows: int | None = None, equal_tokens: bool = True, device: str | None = "cpu",
+                   model=None) -> list[BalanceStats]:
+    """Balance of each source (a stdlib split, a .txt/.jsonl file, an EBSS .jsonl) on the model.
+
+    ctx defaults to the shortest EBSS sequence among the sources (else 512); n_windows to the
+    windows of the smallest EBSS source (else 32). With equal_tokens every set is truncated to the
+    smallest set's window count, so sets are compared at equal token count.
+    """
+    from moeq2gguf.calib_data import calibration_windows
+
+    if not sources:
+        raise Moeq2ggufError("balance report: no source given; pass a split name (calib) or a file")
+    token_files = {s: read_token_file(s) for s in sources}
+    ebss_rows = [rows for rows in token_files.values() if rows]
+    if ctx is None:
+        ctx = min(len(r) for rows in ebss_rows for r in rows) if ebss_rows else 512
+    if n_windows is None:
+        n_windows = min(len(rows) for rows in ebss_rows) if ebss_rows else 32
+    # EBSS files give their own token ids (one window each); text is cut as the engine cuts it
+    windows = {s: calibration_windows(model_dir, s, n_windows, ctx) for s in sources}
+    if equal_tokens:
+        n_min = min(w.shape[0] for w in windows.values())
+        windows = {s: w[:n_min] for s, w in windows.items()}
+    if model is None:
+        model = load_model(model_dir, resolve_device(device))
+    layer_ids = router_layer_ids(model)
+    stats = []
+    for s, w in windows.items():
+        counts = expert_counts(model, w)
+        stats.append(BalanceStats(s, w.shape[0], w.shape[1], counts.numpy(), layer_ids))
+        log.info("balance of %s: %d tokens, sigma %.4f", s, stats[-1].n_tokens, stats[-1].sigma)
+    return stats
+
+
+def format_report(stats: list[BalanceStats]) -> str:
+    """Per layer and source: sigma and the least / most selected expert's token count."""
+    head = f"{'layer':>5}" + "".join(f" | {Path(s.source).name[:24]:>24} {'min':>6} {'max':>6}" for s in stats)
+    sub = f"{'':>5}" + "".join(f" | {'sigma':>24} {'':>6} {'':>6}" for _ in stats)
+    lines = [head, sub]
+    for i, layer in enumerate(stats[0].layer_ids):
+        row = f"{layer:>5}"
+        for s in stats:
+            c = s.counts[i]
+            row += f" | {s.layer_sigma[i]:>24.4f} {int(c.min()):>6} {int(c.max()):>6}"
+        lines.append(row)
+    lines.append(f"{'all':>5}" + "".join(f" | {s.sigma:>24.4f} {int(s.counts.min()):>6} {int(s.counts.max()):>6}"
+                                          for s in stats))
+    lines.append(f"{'tok':>5}" + "".join(f" | {s.n_tokens:>24d} {'':>6} {'':>6}" for s in stats))
+    return "\n".join(lines)

@@ -1,0 +1,427 @@
+"""EBSS: expert-balanced self-sampling (MoEQuant; ALGORITHMS.md section 5).
+
+The model writes its own calibration text, steered toward balanced expert use:
+
+- each of N sequences starts from one uniformly random non-special token (after BOS when the
+  tokenizer adds one, so that the sequence is a calibration window exactly as the engine cuts them);
+- w beams per sequence, each with its tokens, cumulative log-probability R, generated length l and
+  per-MoE-layer counts of the experts its tokens selected (top-k of the router, every token of the
+  beam including the prefix);
+- each step expands every beam by its top-`topk` next tokens and scores each candidate
+
+      cost = -R_new / l_new + sigma(parent) / tau
+
+  (sigma: balance.balance_sigma of the parent's counts), keeps the w lowest-cost candidates (ties
+  broken by beam then candidate order), runs them through the model with the KV cache and adds the
+  new token's selections to their counts;
+- at L tokens the beam with the lowest final cost -R/l + sigma/tau (its own, complete counts) is kept.
+
+Decisions the page left open, measured on the bundled models (tools/bench_ebss.py):
+- sigma(parent) is the same for all candidates of a parent, so the balance term ranks beams, not
+  tokens: a beam whose tokens used the experts more evenly gets more of the w slots.
+- R sums log-probabilities of the guarded distribution: repetition penalty applied to the logits,
+  banned tokens removed, log-softmax renormalised over the rest. l counts generated tokens (the
+  random start token and BOS are not scored).
+- tau: sigma is a std of frequencies that sum to 1 (order 0.01-0.1), while the NLL term -R/l of
+  competing beams differs by about 0.01-0.1 nats once a few dozen tokens are written; the paper's
+  tau = 1.2 makes the balance term negligible. DEFAULT_TAU (see its comment) is the measured choice.
+
+Guards against degenerate text, each switchable and counted (EBSSResult.guards: in how many of
+the sequence-steps the guard changed which beams were kept, against the same step without it):
+- eos: the tokenizer's special tokens (EOS, BOS, pad) are never generated (every sequence is L long);
+- ngram: a token that would complete an n-gram (n = 4) already in the beam is banned;
+- repetition: a mild repetition penalty (CTRL / transformers style: positive logits of tokens already
+  in the beam divided by p, negative ones multiplied by p).
+Ids beyond the tokenizer's vocabulary are always banned.
+
+Generation runs all w beams of S sequences as one batch of S*w rows through transformers' own model
+(AutoModelForCausalLM, output_router_logits=True) with its DynamicCache, reordered after each step.
+A sequence depends on the seed and its index only (its start token), not on the other sequences;
+numerics (hence rare ties) can depend on the batch size and the device.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moeq2gguf.calib.balance import (balance_sigma, expert_top_k, layer_sigma, load_model, n_routed_experts,
+                                     resolve_device, router_layer_ids, selection_counts)
+from moeq2gguf.errors import Moeq2ggufError
+
+log = logging.getLogger(__name__)
+
+# sigma of one beam is a std of frequencies summing to 1: about 0.02-0.1 for 8-16 experts. The NLL
+# term of the w competing beams differs by a few hundredths of a nat after the first dozens of
+# tokens (tools/bench_ebss.py --scale prints both spreads on the bundled models). tau = 0.1 puts a
+# beam-level sigma difference of 0.01 at 0.1 nat per token, i.e. on par with or above the typical
+# log-prob spread, so balance steers while the text stays likely. The paper's 1.2 is 12x weaker.
+DEFAULT_TAU = 0.1
+GUARDS = ("eos", "ngram", "repetition")
+
+
+@dataclass(frozen=True)
+class EBSSConfig:
+    """Settings of one EBSS run (recorded in the cache key and the sidecar .json)."""
+    n: int = 128                        # sequences
+    length: int = 512                   # tokens per sequence, BOS included
+    beams: int = 4                      # w
+    tau: float = DEFAULT_TAU            # balance temperature; math.inf: plain beam search
+    topk: int = 64                      # candidates per beam and step
+    seed: int = 0
+    eos_guard: bool = True              # never generate special tokens
+    ngram_guard: int = 4                # ban tokens completing a repeated n-gram; 0: off
+    repetition_penalty: float = 1.1     # 1.0: off
+    batch_sequences: int = 8            # sequences per batch (of batch_sequences * beams rows)
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.length < 3:
+            raise Moeq2ggufError(f"EBSS needs at least one sequence of 3+ tokens (got --n {self.n} --len {self.length})")
+        if self.beams < 1 or self.topk < 1:
+            raise Moeq2ggufError(f"EBSS needs --beams >= 1 and --topk >= 1 (got {self.beams}, {self.topk})")
+        if not self.tau > 0:
+            raise Moeq2ggufError(f"--tau {self.tau} must be positive (small: strong balance; inf: plain beam search)")
+        if self.ngram_guard == 1 or self.ngram_guard < 0:
+            raise Moeq2ggufError(f"n-gram guard {self.ngram_guard}: use n >= 2 (4 by default) or 0 to switch it off")
+        if not self.repetition_penalty >= 1.0:
+            raise Moeq2ggufError(f"--repetition-penalty {self.repetition_penalty} must be >= 1.0 (1.0 switches it off)")
+        if self.batch_sequences < 1:
+            raise Moeq2ggufError(f"batch_sequences {self.batch_sequences} must be >= 1")
+
+
+@dataclass
+class EBSSResult:
+    """Generated sequences and how they were made."""
+    config: EBSSConfig
+    ids: torch.Tensor                       # (n, length) int64, BOS first when the tokenizer adds one
+    texts: list[str]
+    mean_logprob: list[float]               # R / l of each kept beam
+    sigma: list[float]                      # balance of each kept beam
+    counts: np.ndarray                      # (n_moe_layers, E) selections over the whole set
+    layer_ids: list[int]
+    guards: dict[str, dict]                 # guard -> {"changed": steps, "of": steps, "fraction": ...}
+    scale: dict[str, float]                 # magnitudes for choosing tau
+    seconds: float
+    output: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def set_sigma(self) -> float:
+        return float(balance_sigma(torch.from_numpy(self.counts)))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.ids.numel() / max(self.seconds, 1e-9)
+
+    def summary(self) -> dict:
+        return {"config": asdict(self.config), "sequences": int(self.ids.shape[0]), "length": int(self.ids.shape[1]),
+                "set_sigma": self.set_sigma, "mean_beam_sigma": float(np.mean(self.sigma)),
+                "mean_logprob": float(np.mean(self.mean_logprob)),
+                "layer_sigma": dict(zip(map(str, self.layer_ids), layer_sigma(torch.from_numpy(self.counts)).tolist())),
+                "guards": self.guards, "scale": self.scale, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s}
+
+
+def select_candidates(R: torch.Tensor, sigma: torch.Tensor, cand_logp: torch.Tensor, n_generated: int, tau: float,
+                      beams: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One EBSS step for S sequences: keep the `beams` lowest-cost candidates of each sequence.
+
+    R: (S, w) cumulative log-probability of each parent beam (-inf: no such beam);
+    sigma: (S, w) balance of each parent; cand_logp: (S, w, K) log-probability of each parent's K
+    candidate tokens (-inf: banned); n_generated: l of the parents, so l_new = n_generated + 1.
+    cost = -R_new / l_new + sigma(parent) / tau, R_new = R + cand_logp.
+    Returns (parent (S, beams) in [0, w), candidate (S, beams) in [0, K), cost (S, beams),
+    R_new (S, beams)), lowest cost first; ties keep the earlier parent, then the earlier candidate.
+    """
+    S, w, K = cand_logp.shape
+    R_new = (R.to(torch.float64)[..., None] + cand_logp.to(torch.float64)).reshape(S, w * K)
+    balance = sigma.to(torch.float64) / tau if math.isfinite(tau) else torch.zeros_like(sigma, dtype=torch.float64)
+    cost = -R_new / (n_generated + 1) + balance.repeat_interleave(K, dim=1)
+    cost = torch.where(torch.isnan(cost), torch.inf, cost)           # -inf log-prob: never chosen
+    order = torch.sort(cost, dim=1, stable=True).indices[:, :beams]
+    return order // K, order % K, cost.gather(1, order), R_new.gather(1, order)
+
+
+def repeated_ngram_bans(tokens: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """(B, V) bool: tokens that would complete an n-gram already present in each row of tokens (B, t)."""
+    B, t = tokens.shape
+    ban = torch.zeros(B, vocab, dtype=torch.bool, device=tokens.device)
+    if t < n:
+        return ban
+    prefix = tokens[:, t - (n - 1):]                                   # (B, n-1): the open n-gram
+    match = torch.ones(B, t - n + 1, dtype=torch.bool, device=tokens.device)
+    for j in range(n - 1):                                             # match[b, s]: tokens[s:s+n-1] == prefix
+        match &= tokens[:, j:j + t - n + 1] == prefix[:, j:j + 1]
+    rows, starts = match.nonzero(as_tuple=True)
+    ban[rows, tokens[rows, starts + n - 1]] = True
+    return ban
+
+
+def guarded_logprobs(logits: torch.Tensor, always_banned: torch.Tensor, special: torch.Tensor | None,
+                     ngram_ban: torch.Tensor | None, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """(B, V) log-probabilities after the repetition penalty (when seen is given) and bans."""
+    x = logits.float()
+    if seen is not None and penalty != 1.0:
+        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    ban = always_banned.expand_as(x)
+    if special is not None:
+        ban = ban | special
+    if ngram_ban is not None:
+        ban = ban | ngram_ban
+    return torch.log_softmax(x.masked_fill(ban, -torch.inf), dim=-1)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def start_tokens(n: int, seed: int, allowed: np.ndarray) -> list[int]:
+    """Sequence i starts from allowed[rng(seed, i)]: independent of batching and of n."""
+    return [int(allowed[np.random.default_rng([seed, i]).integers(len(allowed))]) for i in range(n)]
+
+
+class _Stats:
+    """Guard firing counts and the magnitudes tau is judged against, accumulated over steps."""
+
+    def __init__(self) -> None:
+        self.changed = {g: 0 for g in GUARDS}
+        self.decisions = 0
+        self.nll_spread: list[float] = []    # max - min of -R/l over a sequence's live beams
+        self.sigma_spread: list[float] = []  # max - min of sigma over the same beams
+        self.nll: list[float] = []
+        self.sigma: list[float] = []
+        self.token_gap: list[float] = []     # -R_new/l_new of the w-th kept minus the best candidate
+
+
+@torch.no_grad()
+def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banned: torch.Tensor,
+                    special_mask: torch.Tensor, top_k: int, n_experts: int, stats: _Stats,
+                    bar: tqdm | None, finished: list[torch.Tensor]) -> list[dict]:
+    """EBSS for S sequences given their (S, p) prefixes; returns one dict per sequence."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    S, p = prefixes.shape
+    w, L = cfg.beams, cfg.length
+    B = S * w
+    seq_of_row = torch.arange(S, device=device).repeat_interleave(w)
+    tokens = torch.zeros(B, L, dtype=torch.int64, device=device)
+    tokens[:, :p] = prefixes.to(device).repeat_interleave(w, dim=0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=tokens[:, :p], past_key_values=cache, use_cache=True, output_router_logits=True,
+                logits_to_keep=1)
+    counts = selection_counts(out.router_logits, top_k, n_experts, n_rows=B)      # (B, n_layers, E)
+    logits = out.logits[:, -1, :]
+    V = logits.shape[-1]
+    K = min(cfg.topk, V)
+    seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+    seen.scatter_(1, tokens[:, :p], True)
+    R = torch.zeros(S, w, dtype=torch.float64, device=device)
+    R[:, 1:] = -torch.inf                      # at the start all w beams are the same: expand one
+    sigma = balance_sigma(counts).view(S, w)
+    use_seen = cfg.repetition_penalty != 1.0
+
+    for t in range(p, L):
+        ngram = repeated_ngram_bans(tokens[:, :t], cfg.ngram_guard, V) if cfg.ngram_guard else None
+        special = special_mask if cfg.eos_guard else None
+        on = {"eos": special, "ngram": ngram, "repetition": seen if use_seen else None}
+        logp = guarded_logprobs(logits, always_banned, on["eos"], on["ngram"], on["repetition"], cfg.repetition_penalty)
+        vals, idx = logp.topk(K, dim=-1)                                  # (B, K)
+        parent, cand, cost, R_new = select_candidates(R, sigma, vals.view(S, w, K), t - p, cfg.tau, w)
+        if not torch.isfinite(cost).all():
+            raise Moeq2ggufError(f"EBSS: fewer than {w} allowed candidates at token {t}; raise --topk or relax the guards")
+        chosen = idx.view(S, w, K)[torch.arange(S, device=device)[:, None], parent, cand]   # (S, w)
+
+        # guard accounting: would this step have kept other beams without the guard?
+        key = torch.sort(parent * V + chosen, dim=1).values
+        for g in GUARDS:
+            if on[g] is None:
+                continue
+            off = dict(on, **{g: None})
+            lp = guarded_logprobs(logits, always_banned, off["eos"], off["ngram"], off["repetition"], cfg.repetition_penalty)
+            v2, i2 = lp.topk(K, dim=-1)
+            p2, c2, _, _ = select_candidates(R, sigma, v2.view(S, w, K), t - p, cfg.tau, w)
+            ch2 = i2.view(S, w, K)[torch.arange(S, device=device)[:, None], p2, c2]
+            stats.changed[g] += int((torch.sort(p2 * V + ch2, dim=1).values != key).any(1).sum())
+        stats.decisions += S
+        live = torch.isfinite(R)
+        if live.all():
+            nll = -R / max(t - p, 1)
+            stats.nll_spread.extend((nll.max(1).values - nll.min(1).values).tolist())
+            stats.sigma_spread.extend((sigma.max(1).values - sigma.min(1).values).tolist())
+            stats.nll.extend(nll.mean(1).tolist())
+            stats.sigma.extend(sigma.mean(1).tolist())
+            stats.token_gap.extend((-R_new[:, -1] / (t - p + 1) + R_new[:, 0] / (t - p + 1)).tolist())
+
+        rows = (parent + torch.arange(S, device=device)[:, None] * w).flatten()
+        tokens = tokens[rows]
+        tokens[:, t] = chosen.flatten()
+        seen = seen[rows]
+        seen[torch.arange(B, device=device), tokens[:, t]] = True
+        counts = counts[rows]
+        R = R_new
+        cache.reorder_cache(rows)
+        # the new token's own router decisions (also for the last token: its counts decide the winner)
+        out = model(input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True, output_router_logits=True)
+        counts += selection_counts(out.router_logits, top_k, n_experts, n_rows=B)
+        logits = out.logits[:, -1, :]
+        sigma = balance_sigma(counts).view(S, w)
+        if bar is not None:
+            bar.update(S)
+            if t % 16 == 0 or t == L - 1:
+                best = sigma.min(1).values.mean().item()
+                done = torch.stack(finished).sum(0) if finished else None
+                bar.set_postfix_str(f"beam sigma {best:.4f}" + (f", set sigma {balance_sigma(done).item():.4f}" if done is not None else ""),
+                                    refresh=False)
+
+    n_gen = L - p
+    final = -R / n_gen + (sigma / cfg.tau if math.isfinite(cfg.tau) else 0.0)
+    best = torch.argmin(final, dim=1)                                    # first of equal costs
+    results = []
+    for s in range(S):
+        row = s * w + int(best[s])
+        finished.append(counts[row].cpu())
+        results.append({"ids": tokens[row].cpu(), "mean_logprob": float(R[s, best[s]]) / n_gen,
+                        "sigma": float(sigma[s, best[s]]), "counts": counts[row].cpu()})
+    del cache, seq_of_row
+    return results
+
+
+def generate_ebss(model_dir: str | Path, output: str | Path | None = None, config: EBSSConfig | None = None,
+                  device: str | None = None, progress: bool | None = True, model=None, tokenizer=None) -> EBSSResult:
+    """Generate EBSS calibration data; write it as .jsonl ({"text", "ids", "mean_logprob", "sigma"} per
+    line) plus a sidecar .json of the settings and statistics when `output` is given.
+
+    device: "cpu", "cuda[:i]", or None for the GPU when present. model/tokenizer: already loaded
+    ones (tests, benchmarks); by default transformers' own model from model_dir, in float32.
+    """
+    from transformers import AutoTokenizer
+
+    cfg = config or EBSSConfig()
+    dev = resolve_device(device) if model is None else next(model.parameters()).device
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
+    model = model if model is not None else load_model(model_dir, dev)
+    top_k, n_experts = expert_top_k(model.config), n_routed_experts(model.config)
+    layer_ids = router_layer_ids(model)
+    V = model.get_output_embeddings().weight.shape[0]
+    special = sorted(i for i in _special_ids(tokenizer) if i < V)
+    n_tok = min(len(tokenizer), V)
+    allowed = np.array([i for i in range(n_tok) if i not in set(special)], dtype=np.int64)
+    if len(allowed) < cfg.beams:
+        raise Moeq2ggufError(f"vocabulary of {model_dir} has {len(allowed)} non-special tokens; EBSS needs more than --beams")
+    always_banned = torch.zeros(1, V, dtype=torch.bool, device=dev)
+    always_banned[0, n_tok:] = True
+    special_mask = torch.zeros(1, V, dtype=torch.bool, device=dev)
+    special_mask[0, special] = True
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    starts = start_tokens(cfg.n, cfg.seed, allowed)
+    if len(bos) + 1 >= cfg.length:
+        raise Moeq2ggufError(f"--len {cfg.length} leaves no token to generate after the prefix; use --len 3 or more")
+
+    stats = _Stats()
+    finished: list[torch.Tensor] = []
+    results: list[dict] = []
+    t0 = time.perf_counter()
+    # progress None: a bar only on a terminal (tqdm's own rule)
+    bar = tqdm(total=cfg.n * cfg.length, desc="ebss", unit="tok", disable=None if progress is None else not progress,
+               dynamic_ncols=True)
+    for lo in range(0, cfg.n, cfg.batch_sequences):
+        chunk = starts[lo:lo + cfg.batch_sequences]
+        prefixes = torch.tensor([bos + [s] for s in chunk], dtype=torch.int64)
+        bar.update(prefixes.numel())
+        results += _generate_batch(model, prefixes, cfg, always_banned, special_mask, top_k, n_experts, stats, bar, finished)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    ids = torch.stack([r["ids"] for r in results])
+    texts = [tokenizer.decode(r["ids"].tolist(), skip_special_tokens=True) for r in results]
+    counts = torch.stack([r["counts"] for r in results]).sum(0).numpy()
+    guards = {g: {"enabled": enabled, "changed": stats.changed[g], "of": stats.decisions,
+                  "fraction": stats.changed[g] / max(stats.decisions, 1)}
+              for g, enabled in (("eos", cfg.eos_guard), ("ngram", cfg.ngram_guard > 0),
+                                 ("repetition", cfg.repetition_penalty != 1.0))}
+    med = (lambda xs: float(np.median(xs)) if xs else float("nan"))
+    scale = {"median_beam_nll_spread": med(stats.nll_spread), "median_beam_sigma_spread": med(stats.sigma_spread),
+             "mean_nll": float(np.mean(stats.nll)) if stats.nll else float("nan"),
+             "mean_beam_sigma": float(np.mean(stats.sigma)) if stats.sigma else float("nan"),
+             "median_kept_candidate_gap": med(stats.token_gap)}
+    scale["tau_equal_weight"] = scale["median_beam_sigma_spread"] / scale["median_beam_nll_spread"] \
+        if scale["median_beam_nll_spread"] else float("nan")
+    result = EBSSResult(cfg, ids, texts, [r["mean_logprob"] for r in results], [r["sigma"] for r in results],
+                        counts, layer_ids, guards, scale, seconds)
+    log.info("EBSS: %d x %d tokens in %.1f s (%.0f tok/s), set sigma %.4f", ids.shape[0], ids.shape[1], seconds,
+             result.tokens_per_s, result.set_sigma)
+    if output is not None:
+        result.output = write_ebss(result, output)
+    return result
+
+
+def write_ebss(result: EBSSResult, output: str | Path) -> Path:
+    """Write the .jsonl (atomically: temporary file, then rename) and its sidecar .json."""
+    out = Path(output)
+    if out.suffix != ".jsonl":
+        raise Moeq2ggufError(f"EBSS output {out} must end in .jsonl (one {{\"text\", \"ids\"}} record per line)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for ids, text, lp, sg in zip(result.ids.tolist(), result.texts, result.mean_logprob, result.sigma):
+            fh.write(json.dumps({"text": text, "ids": ids, "mean_logprob": round(lp, 6), "sigma": round(sg, 6)}) + "\n")
+    os.replace(tmp, out)
+    out.with_suffix(".json").write_text(json.dumps(result.summary(), indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def cache_dir() -> Path:
+    """$MOEQ2GGUF_CACHE/ebss, else ~/.cache/moeq2gguf/ebss."""
+    root = os.environ.get("MOEQ2GGUF_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "moeq2gguf") / "ebss"
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the weights, config and tokenizer files of a checkpoint directory."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    names = sorted(p.name for p in d.iterdir() if p.suffix == ".safetensors" or p.name in ("config.json", "tokenizer.json"))
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with (d / name).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def cache_path(model_dir: str | Path, config: EBSSConfig, device: torch.device) -> Path:
+    key = json.dumps({"model": model_fingerprint(model_dir), "config": asdict(config), "device": device.type},
+                     sort_keys=True)
+    return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl"
+
+
+def cached_ebss(model_dir: str | Path, config: EBSSConfig, device: str | None = None, progress: bool | None = None) -> Path:
+    """The .jsonl of an EBSS run with these settings on this model, generated once and then reused.
+
+    The key hashes the checkpoint's safetensors, config and tokenizer, every EBSS setting and the
+    device type (numerics differ between CPU and GPU).
+    """
+    dev = resolve_device(device)
+    path = cache_path(model_dir, config, dev)
+    if path.is_file():
+        log.info("EBSS: reusing %s", path)
+        return path
+    log.info("EBSS: generating %d x %d tokens into %s", config.n, config.length, path)
+    generate_ebss(model_dir, path, config, device=str(dev), progress=progress)
+    return path
