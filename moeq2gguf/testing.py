@@ -281,3 +281,58 @@ def random_deepseek_moe(seed: int = 0, init_std: float = 0.1, **overrides) -> De
             else:
                 p.normal_(0, init_std)
     return model.eval()
+
+
+# --- SentencePiece tokenizers (Mixtral / Llama / Mistral style) -----------------------------------
+
+def train_sentencepiece(lines: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+    """A SentencePiece BPE model trained like Llama's and Mistral's: byte fallback (<0x00>..<0xFF>
+    at ids 3..258), identity normalisation, repeated spaces kept, digits split, dummy prefix,
+    <unk>/<s>/</s> at 0/1/2. Returns the tokenizer.model path."""
+    import sentencepiece as spm
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(lines)), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, character_coverage=0.9999, num_threads=1, minloglevel=2)
+    return out_dir / "tokenizer.model"
+
+
+def llama_tokenizer_from_sentencepiece(model_path: str | Path):
+    """The fast tokenizer transformers' LlamaTokenizerFast converter made for hub checkpoints such as
+    Mixtral (its tokenizer.json): byte-fallback BPE with merges from the piece order, a normaliser
+    that prepends "▁" and replaces spaces by "▁", <s> prepended."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    from moeq2gguf.vocab import read_sentencepiece_model
+    sp = read_sentencepiece_model(Path(model_path))
+    vocab = {piece: i for i, (piece, _, _) in enumerate(sp.pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab, None), unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_sentencepiece_tokenizer(tokenizer, model_path: str | Path, out_dir: str | Path) -> Path:
+    """Tokenizer files as Mixtral's hub checkpoint ships them: tokenizer.model, tokenizer.json and a
+    tokenizer_config.json naming LlamaTokenizer (legacy, <s> added, no </s>)."""
+    import json
+    import shutil
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    shutil.copy(model_path, out_dir / "tokenizer.model")
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(tokenizer_class="LlamaTokenizer", legacy=True, add_bos_token=True, add_eos_token=False,
+               bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=None, clean_up_tokenization_spaces=False)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out_dir
