@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import gguf
+import numba
 import numpy as np
 import torch
 
@@ -38,7 +39,14 @@ class FormatGrid:
 
     def round(self, column: torch.Tensor, params: BlockParams, j: int) -> torch.Tensor:
         values = np.ascontiguousarray(column.cpu().numpy(), dtype=np.float32)[:, None]
-        return torch.from_numpy(self.fmt.round_to_grid(values, params, j)[:, 0]).to(column.device)
+        # one column is too little work for numba's thread pool: launching it costs more than the rounding
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            rounded = self.fmt.round_to_grid(values, params, j)[:, 0]
+        finally:
+            numba.set_num_threads(threads)
+        return torch.from_numpy(rounded).to(column.device)
 
     def pack(self, params: list[BlockParams], Q: torch.Tensor) -> np.ndarray:
         """Bytes [G*R, nb * type_size] of the GPTQ result Q [G, R, K] (values already on the grids)."""

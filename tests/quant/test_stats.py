@@ -1,0 +1,35 @@
+"""Hessian statistics: affinity weighting and the coverage fallback (ALGORITHMS.md sections 3-4)."""
+from __future__ import annotations
+
+import torch
+
+from moeq2gguf.quant.stats import StatsCollector
+
+
+def test_affinity_weighting_and_coverage_rules():
+    K = 8
+    gen = torch.Generator().manual_seed(0)
+    collector = StatsCollector(n_experts=3, affinity=True, full=True)
+    x0 = torch.randn(20, K, generator=gen)        # expert 0: 20 tokens >= K -> its own Hessian
+    a0 = torch.rand(20, generator=gen)
+    x1 = torch.randn(3, K, generator=gen)         # expert 1: 3 tokens < K -> blended with the pool
+    a1 = torch.rand(3, generator=gen)
+    collector.observe("exps_in", x0, a0, 0)
+    collector.observe("exps_in", x1, a1, 1)       # expert 2: never routed -> pooled
+    H, cov = collector.hessians("exps_in", blend_rare=True)
+    own0 = (x0 * a0[:, None]).T @ x0 / a0.sum()
+    assert torch.allclose(H[0], own0, atol=1e-6)
+    pooled = ((x0 * a0[:, None]).T @ x0 + (x1 * a1[:, None]).T @ x1) / (a0.sum() + a1.sum())
+    assert torch.allclose(H[2], pooled, atol=1e-6)
+    lam = K * (a0.sum() + a1.sum()) / 23
+    blended = ((x1 * a1[:, None]).T @ x1 + lam * pooled) / (a1.sum() + lam)
+    assert torch.allclose(H[1], blended, atol=1e-5)
+    assert cov.fallback == ["own", "blended", "pooled"] and cov.tokens == [20, 3, 0]
+    # plain GPTQ: only the unseen expert falls back; the rare one keeps its own (unweighted) statistics
+    plain = StatsCollector(n_experts=3, affinity=False, full=True)
+    plain.observe("exps_in", x0, a0, 0)
+    plain.observe("exps_in", x1, a1, 1)
+    H, cov = plain.hessians("exps_in", blend_rare=False)
+    assert torch.allclose(H[1], x1.T @ x1 / 3, atol=1e-6)
+    assert cov.fallback == ["own", "own", "pooled"]
+    assert torch.allclose(plain.inputs["exps_in"].plain_sq[0], (x0 * x0).sum(0).double())
