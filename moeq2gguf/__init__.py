@@ -1,6 +1,7 @@
 """moeq2gguf: MoE-aware quantization of Hugging Face Mixture-of-Experts checkpoints into GGUF."""
 from moeq2gguf.convert import ConvertResult, convert
 from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.inspect import inspect
 
 __version__ = "0.1.0"
 
@@ -10,4 +11,4 @@ def demo(**kwargs):
     return _demo(**kwargs)
 
 
-__all__ = ["convert", "ConvertResult", "demo", "Moeq2ggufError", "__version__"]
+__all__ = ["convert", "ConvertResult", "demo", "inspect", "Moeq2ggufError", "__version__"]

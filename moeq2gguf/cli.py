@@ -37,6 +37,12 @@ def _eval(args: argparse.Namespace) -> None:
     print(result.to_json() if args.json else result.table())
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from moeq2gguf.inspect import inspect
+    result = inspect(args.path, type=args.type)
+    print(result.to_json() if args.json else result.table())
+
+
 def _demo(args: argparse.Namespace) -> None:
     from moeq2gguf.demo import demo
     demo(workdir=args.workdir)
@@ -112,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: the GPU when present")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("inspect", help="architecture, experts, tensor types and sizes of a GGUF file, or what "
+                                       "convert will write for a checkpoint directory")
+    p.add_argument("path", help="a .gguf file or a Hugging Face checkpoint directory")
+    p.add_argument("--type", default="F16", help="for a checkpoint: the --type convert would be given (default F16)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_inspect)
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
     p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")
