@@ -213,16 +213,14 @@ def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], 
 
 def format_report(stats: list[BalanceStats]) -> str:
     """Per layer and source: sigma and the least / most selected expert's token count."""
-    head = f"{'layer':>5}" + "".join(f" | {Path(s.source).name[:24]:>24} {'min':>6} {'max':>6}" for s in stats)
-    sub = f"{'':>5}" + "".join(f" | {'sigma':>24} {'':>6} {'':>6}" for _ in stats)
-    lines = [head, sub]
+    names = [Path(s.source).name if Path(s.source).suffix else s.source for s in stats]
+    width = max(8, *(len(n) for n in names))
+    lines = [f"{'layer':>5}" + "".join(f" | {n:>{width}} {'min':>7} {'max':>7}" for n in names),
+             f"{'':>5}" + "".join(f" | {'sigma':>{width}} {'tokens':>7} {'tokens':>7}" for _ in names)]
     for i, layer in enumerate(stats[0].layer_ids):
-        row = f"{layer:>5}"
-        for s in stats:
-            c = s.counts[i]
-            row += f" | {s.layer_sigma[i]:>24.4f} {int(c.min()):>6} {int(c.max()):>6}"
-        lines.append(row)
-    lines.append(f"{'all':>5}" + "".join(f" | {s.sigma:>24.4f} {int(s.counts.min()):>6} {int(s.counts.max()):>6}"
-                                          for s in stats))
-    lines.append(f"{'tok':>5}" + "".join(f" | {s.n_tokens:>24d} {'':>6} {'':>6}" for s in stats))
+        lines.append(f"{layer:>5}" + "".join(f" | {s.layer_sigma[i]:>{width}.4f} {int(s.counts[i].min()):>7} "
+                                             f"{int(s.counts[i].max()):>7}" for s in stats))
+    lines.append(f"{'all':>5}" + "".join(f" | {s.sigma:>{width}.4f} {int(s.counts.min()):>7} {int(s.counts.max()):>7}"
+                                         for s in stats))
+    lines.append(f"{'tok':>5}" + "".join(f" | {s.n_tokens:>{width}d} {'':>7} {'':>7}" for s in stats))
     return "\n".join(lines)
