@@ -336,3 +336,63 @@ def save_sentencepiece_tokenizer(tokenizer, model_path: str | Path, out_dir: str
                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=None, clean_up_tokenization_spaces=False)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return out_dir
+
+
+# --- Deep checkpoints written layer by layer (memory benchmarks) ---------------------------------
+
+def write_random_mixtral(out_dir: str | Path, n_layers: int, hidden_size: int = 256, n_experts: int = 8,
+                         expert_width: int = 512, n_heads: int = 8, n_kv_heads: int = 2, vocab_size: int = 512,
+                         dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """A Mixtral checkpoint in the hub's sharded on-disk layout (one safetensors shard per layer,
+    per-expert w1/w2/w3 names, model.safetensors.index.json), written one layer at a time so that
+    generating a model larger than memory needs memory for one layer only. Weights are random
+    (N(0, 0.02)), norms ones. No tokenizer is written. Returns sizes in bytes:
+    {"layer_f32": one decoder layer as float32, "model_f32": everything as float32, "on_disk": ...}."""
+    import json
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head_dim = hidden_size // n_heads
+    config = make_config("mixtral", vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=n_layers,
+                         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, intermediate_size=expert_width,
+                         num_local_experts=n_experts, num_experts_per_tok=2)
+    config.architectures = ["MixtralForCausalLM"]
+    config.save_pretrained(out_dir)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        p = f"model.layers.{i}."
+        out = {p + "input_layernorm.weight": torch.ones(hidden_size, dtype=dtype),
+               p + "post_attention_layernorm.weight": torch.ones(hidden_size, dtype=dtype),
+               p + "self_attn.q_proj.weight": rand(n_heads * head_dim, hidden_size),
+               p + "self_attn.k_proj.weight": rand(n_kv_heads * head_dim, hidden_size),
+               p + "self_attn.v_proj.weight": rand(n_kv_heads * head_dim, hidden_size),
+               p + "self_attn.o_proj.weight": rand(hidden_size, n_heads * head_dim),
+               p + "block_sparse_moe.gate.weight": rand(n_experts, hidden_size)}
+        for e in range(n_experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            out.update({q + "w1.weight": rand(expert_width, hidden_size), q + "w2.weight": rand(hidden_size, expert_width),
+                        q + "w3.weight": rand(expert_width, hidden_size)})
+        return out
+
+    shards = {"model-head.safetensors": {"model.embed_tokens.weight": rand(vocab_size, hidden_size),
+                                         "model.norm.weight": torch.ones(hidden_size, dtype=dtype),
+                                         "lm_head.weight": rand(vocab_size, hidden_size)}}
+    weight_map, sizes = {}, {"layer_f32": 0, "model_f32": 0, "on_disk": 0}
+    names = ["model-head.safetensors"] + [f"model-layer{i:03d}.safetensors" for i in range(n_layers)]
+    for index, fname in enumerate(names):
+        tensors = shards.pop(fname) if fname in shards else layer(index - 1)
+        save_file(tensors, out_dir / fname, metadata={"format": "pt"})
+        f32 = sum(t.numel() * 4 for t in tensors.values())
+        sizes["model_f32"] += f32
+        sizes["on_disk"] += sum(t.numel() * t.element_size() for t in tensors.values())
+        if index == 1:
+            sizes["layer_f32"] = f32
+        weight_map.update({name: fname for name in tensors})
+        del tensors
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sizes["on_disk"]}, "weight_map": weight_map}, indent=1))
+    return sizes
