@@ -12,7 +12,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from moeq2gguf.errors import Moeq2ggufError
+
 SPLITS = ("eval", "calib", "train")
+
+
+class TextSourceError(Moeq2ggufError, ValueError):
+    """A user's text file or folder that cannot be read as calibration or evaluation text."""
 
 
 def stdlib_root() -> Path:
@@ -26,7 +32,7 @@ def split_of(relative_path: str) -> str:
 
 def stdlib_files(split: str) -> list[Path]:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        raise TextSourceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     root = stdlib_root()
     chosen = []
     for path in root.rglob("*.py"):
@@ -53,7 +59,7 @@ def iter_user_texts(path: str | os.PathLike[str]) -> Iterator[str]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl"))
         if not files:
-            raise ValueError(f"directory {p} holds no .txt or .jsonl files")
+            raise TextSourceError(f"directory {p} holds no .txt or .jsonl files")
         for f in files:
             yield from iter_user_texts(f)
         return
@@ -65,15 +71,15 @@ def iter_user_texts(path: str | os.PathLike[str]) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{p}:{lineno}: not valid JSON ({exc.msg}); each line must be an object with a \"text\" field") from exc
+                    raise TextSourceError(f"{p}:{lineno}: not valid JSON ({exc.msg}); each line must be an object with a \"text\" field") from exc
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{p}:{lineno}: expected an object with a string \"text\" field")
+                    raise TextSourceError(f"{p}:{lineno}: expected an object with a string \"text\" field")
                 yield record["text"]
         return
     try:
         yield p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{p} is not UTF-8 text ({exc.reason}); pass a UTF-8 .txt or .jsonl file") from exc
+        raise TextSourceError(f"{p} is not UTF-8 text ({exc.reason}); pass a UTF-8 .txt or .jsonl file") from exc
 
 
 def iter_texts(source: str) -> Iterator[str]:

@@ -57,7 +57,7 @@ def demo(workdir: str | None = None, model_dir: str | Path = DEMO_MODEL, mix: st
 def compare_quants(model_dir: Path, out_dir: Path, mix: str, eval_windows: int) -> list[dict]:
     """Our moequant file next to llama.cpp's own quant of the same mix (same size), against F32."""
     from moeq2gguf.eval import evaluate_many
-    from moeq2gguf.llama_quantize import llama_quantize
+    from moeq2gguf.llama_tools import llama_quantize
 
     base = out_dir / f"{model_dir.name}-F32.gguf"
     t0 = time.time()

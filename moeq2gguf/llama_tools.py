@@ -41,3 +41,34 @@ def llama_tool(name: str) -> Path:
     if found:
         return Path(found)
     raise Moeq2ggufError(f"{name} not found; run `make setup` (tools/build_llama.sh builds it) or set MOEQ2GGUF_LLAMA_BIN")
+
+
+def run_tool(args: list) -> str:
+    import subprocess
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise Moeq2ggufError(f"{Path(str(args[0])).name} failed with code {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout + proc.stderr
+
+
+def llama_perplexity_kld(base: str | os.PathLike[str], quant: str | os.PathLike[str], text_file: str | os.PathLike[str],
+                         ctx: int, chunks: int, workdir: str | os.PathLike[str]) -> tuple[float, float]:
+    """(PPL of quant, mean KLD(base || quant)) from llama-perplexity --kl-divergence, F32 KV cache.
+
+    llama-perplexity sometimes exits 0 without its summary; then the last per-chunk line (running
+    values) is used. A value found in neither place is an error, never a zero."""
+    import re
+    tool = llama_tool("llama-perplexity")
+    kld_file = Path(workdir) / "base.kld"
+    common = ["-f", text_file, "-c", ctx, "--chunks", chunks, "-t", os.cpu_count() or 1, "-ctk", "f32", "-ctv", "f32",
+              "--kl-divergence-base", kld_file]
+    run_tool([tool, "-m", base, *common])
+    log = run_tool([tool, "-m", quant, *common, "--kl-divergence"])
+    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", log)
+    kld = re.search(r"Mean\s+KLD:\s*([0-9.]+)", log)
+    if ppl and kld:
+        return float(ppl.group(1)), float(kld.group(1))
+    rows = re.findall(r"^\s*\d+\s+([0-9.]+)\s+±\s+[0-9.]+\s+-?[0-9.]+\s+±\s+[0-9.]+\s+([0-9.]+)\s+±", log, re.M)
+    if not rows:
+        raise Moeq2ggufError("llama-perplexity printed neither its summary nor per-chunk KLD lines")
+    return float(rows[-1][0]), float(rows[-1][1])

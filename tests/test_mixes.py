@@ -5,7 +5,7 @@ import gguf
 import pytest
 
 from moeq2gguf import convert
-from moeq2gguf.llama_quantize import llama_quantize
+from moeq2gguf.llama_tools import llama_quantize
 from moeq2gguf.mixes import MIXES, assign_types, parse_override
 from moeq2gguf.testing import random_model, save_checkpoint
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from moeq2gguf import convert, corpus  # noqa: E402
 from moeq2gguf.eval import evaluate_many  # noqa: E402
-from moeq2gguf.llama_quantize import llama_quantize, llama_tool  # noqa: E402
+from moeq2gguf.llama_tools import llama_perplexity_kld, llama_quantize, llama_tool  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 
@@ -57,20 +57,6 @@ def compare_digests(a: Path, b: Path) -> str:
     da, db = tensor_digests(a), tensor_digests(b)
     differing = [n for n in da if da[n] != db.get(n)]
     return "byte-identical" if not differing else f"{len(differing)} of {len(da)} tensors differ (first: {differing[0]})"
-
-
-def llama_perplexity_kld(base: Path, quant: Path, text_file: Path, ctx: int, chunks: int, work: Path) -> tuple[float, float]:
-    """PPL(quant) and mean KLD from llama-perplexity; refuses a missing summary line (never reads it as 0)."""
-    tool = llama_tool("llama-perplexity")
-    common = ["-f", text_file, "-c", ctx, "--chunks", chunks, "-t", os.cpu_count(), "-ctk", "f32", "-ctv", "f32"]
-    kld_file = work / "base.kld"
-    run([tool, "-m", base, *common, "--kl-divergence-base", kld_file])
-    out = run([tool, "-m", quant, *common, "--kl-divergence-base", kld_file, "--kl-divergence"])
-    ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out)
-    kld = re.search(r"Mean\s+KLD:\s*([0-9.]+)", out)
-    if not ppl or not kld:
-        raise RuntimeError("llama-perplexity printed no Mean PPL(Q) / Mean KLD line")
-    return float(ppl.group(1)), float(kld.group(1))
 
 
 def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, calib_windows: int, ctx: int,
