@@ -73,14 +73,16 @@ def test_trained_model_f32_f16_bf16(family, eval_text, tmp_path):
     model_dir = FIXTURES / f"{family}-tiny"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens, ref = _check_f32(model_dir, model_dir, tokenizer, eval_text, tmp_path)
-    # Half-precision weights: logits within the format's precision, argmax mostly unchanged. The
-    # bundled weights are bf16 already, so BF16 storage is lossless; llama.cpp still rounds
-    # activations to the weight type inside its matmuls.
-    for type_name, tolerance in (("F16", 2e-2), ("BF16", 5e-2)):
+    # Half precision: the bundled weights are bf16, so BF16 storage is lossless, but llama.cpp's CPU
+    # matmul rounds the activations to the weight type too (BF16: 8 mantissa bits, ~4e-3). Judged per
+    # position: 90% of positions within the format's precision; a rare position may move more when
+    # the rounding flips a near-tied expert choice (seen: one of 64 at 9e-2 in BF16), argmax kept.
+    for type_name, p90_tolerance in (("F16", 1e-3), ("BF16", 5e-3)):
         out = convert(model_dir, tmp_path / f"model-{type_name}.gguf", type=type_name, progress=False).output
         got = llama_logits(out, tokens)
-        assert relative_error(got, ref) <= tolerance, type_name
-        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, type_name
+        per_position = np.abs(got - ref).max(-1) / np.abs(ref).max()
+        assert np.percentile(per_position, 90) <= p90_tolerance, type_name
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95, type_name
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2moe"])
