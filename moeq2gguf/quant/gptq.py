@@ -21,8 +21,9 @@ class Grid(Protocol):
     def fit(self, w: torch.Tensor, importance: torch.Tensor) -> Any:
         """Frozen scales for the block w [R, group], importance [R, group] (one row per weight row)."""
 
-    def round(self, column: torch.Tensor, params: Any, j: int) -> torch.Tensor:
-        """Nearest grid values [R] of column j (0 <= j < group) of the block fitted as params."""
+    def round(self, column: torch.Tensor, params: Any, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid values [R], their codes [R]) for column j (0 <= j < group) of the block fitted as params.
+        The codes are what gets packed: a grid value need not map back to the same code."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,13 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, list[Any]]:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
+                  cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
     """W [G, R, K] weights of G experts (G = 1 for a dense matrix), H [G, K, K] their Hessians.
 
-    Returns the quantized weights Q [G, R, K] (exactly the grid values the packer will write) and the
-    fitted params of each block, in column order (params[b] covers columns b*group .. (b+1)*group-1
-    for all G*R rows)."""
+    Returns the quantized weights Q [G, R, K] (the values the runtime will compute), their codes
+    [G, R, K] and the fitted params of each block, in column order (params[b] covers columns
+    b*group .. (b+1)*group-1 for all G*R rows)."""
     G, R, K = W.shape
     if K % grid.group:
         raise ValueError(f"row size {K} is not a multiple of the format block {grid.group}")
@@ -63,6 +65,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, cfg: GPTQConfig 
     importance = H.diagonal(dim1=-2, dim2=-1).to(torch.float32)  # [G, K]
     W = W.to(torch.float32).clone()
     Q = torch.empty_like(W)
+    codes = torch.empty(W.shape, dtype=torch.int32)
     params: list[Any] = []
     B = min(cfg.lazy_block, K)
     for b0 in range(0, K, B):
@@ -77,11 +80,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, cfg: GPTQConfig 
                 imp = importance[:, None, col:col + grid.group].expand(G, R, grid.group).reshape(G * R, grid.group)
                 params.append(grid.fit(block, imp))
             w = W1[:, :, j]
-            q = grid.round(w.reshape(G * R), params[-1], jj).view(G, R)
+            q, c = grid.round(w.reshape(G * R), params[-1], jj)
+            q = q.view(G, R)
             Q[:, :, col] = q
+            codes[:, :, col] = c.view(G, R)
             d = U[:, j + b0, j + b0]                                # [G]
             err = (w - q) / d[:, None]
             W1[:, :, j + 1:] -= err[:, :, None] * U[:, None, col, col + 1:b1]
             Err[:, :, j] = err
         W[:, :, b1:] -= Err @ U[:, b0:b1, b1:]
-    return Q, params
+    return Q, codes, params

@@ -37,20 +37,20 @@ class FormatGrid:
         return self.fmt.fit_scales(np.ascontiguousarray(w.cpu().numpy(), dtype=np.float32),
                                    np.ascontiguousarray(importance.cpu().numpy(), dtype=np.float32), sigma2=self.sigma2)
 
-    def round(self, column: torch.Tensor, params: BlockParams, j: int) -> torch.Tensor:
+    def round(self, column: torch.Tensor, params: BlockParams, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         values = np.ascontiguousarray(column.cpu().numpy(), dtype=np.float32)[:, None]
         # one column is too little work for numba's thread pool: launching it costs more than the rounding
         threads = numba.get_num_threads()
         numba.set_num_threads(1)
         try:
-            rounded = self.fmt.round_to_grid(values, params, j)[:, 0]
+            codes = self.fmt.quantize_to_grid(values, params, j)
+            rounded = self.fmt.dequantize_codes(codes, params, j)[:, 0]
         finally:
             numba.set_num_threads(threads)
-        return torch.from_numpy(rounded).to(column.device)
+        return torch.from_numpy(rounded).to(column.device), torch.from_numpy(codes[:, 0].astype(np.int32))
 
-    def pack(self, params: list[BlockParams], Q: torch.Tensor) -> np.ndarray:
-        """Bytes [G*R, nb * type_size] of the GPTQ result Q [G, R, K] (values already on the grids)."""
+    def pack(self, params: list[BlockParams], codes: torch.Tensor) -> np.ndarray:
+        """Bytes [G*R, nb * type_size] of GPTQ's codes [G, R, K] on its per-block params."""
         joined = concat_blocks(params)
-        values = np.ascontiguousarray(Q.reshape(-1, Q.shape[-1]).cpu().numpy(), dtype=np.float32)
-        codes = self.fmt.quantize_to_grid(values, joined, 0)
-        return self.fmt.pack(codes, joined)
+        flat = codes.reshape(-1, codes.shape[-1]).numpy().astype(self.fmt.code_dtype)
+        return self.fmt.pack(np.ascontiguousarray(flat), joined)

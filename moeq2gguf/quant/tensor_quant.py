@@ -73,8 +73,8 @@ def quantize_with_stats(w: torch.Tensor, qtype: Q, method: str, collector: Stats
     H, coverage = collector.hessians(input_name, blend_rare=method == "moequant")
     grid = FormatGrid(qtype)
     grid.prepare(_groups(w))
-    Q3, params = gptq_quantize(_groups(w), H, grid, cfg)
-    data = grid.pack(params, Q3)
+    Q3, codes, params = gptq_quantize(_groups(w), H, grid, cfg)
+    data = grid.pack(params, codes)
     deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(w.shape).to(w.device)
     if not torch.equal(deq, Q3.reshape(w.shape)):
         raise AssertionError(f"packed {qtype.name} bytes do not dequantize to the weights GPTQ simulated")

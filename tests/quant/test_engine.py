@@ -28,8 +28,8 @@ def test_gptq_bytes_dequantize_to_simulated_weights(qtype):
     H = X.transpose(1, 2) @ X / 1024
     grid = FormatGrid(qtype)
     grid.prepare(W)
-    Qw, params = gptq_quantize(W, H, grid)
-    data = grid.pack(params, Qw)
+    Qw, codes, params = gptq_quantize(W, H, grid)
+    data = grid.pack(params, codes)
     deq = gguf.quants.dequantize(data, qtype).reshape(G, R, K)
     assert np.array_equal(deq, Qw.numpy())
 
