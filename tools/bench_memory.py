@@ -9,7 +9,7 @@ is missing), and prints the peak against one layer's float32 size and the bound
 layer's experts of one kind), so the peak should grow with a layer's size, not with depth.
 
   .venv/bin/python tools/bench_memory.py                       # 24 layers, ~3.4 GB float32
-  .venv/bin/python tools/bench_memory.py --layers 8 --hidden 256 --expert-width 512 --json
+  .venv/bin/python tools/bench_memory.py --layers 12 --also-layers 3 --hidden 256 --expert-width 1024 --json
 """
 from __future__ import annotations
 
@@ -51,32 +51,49 @@ def peak_rss(cmd: list[str], env: dict | None = None) -> tuple[int, str]:
     return after * 1024, "resource.getrusage(RUSAGE_CHILDREN).ru_maxrss"
 
 
-def run(workdir: Path, layers: int, hidden: int, experts: int, expert_width: int, out_type: str, dtype: str) -> dict:
+def _measure(workdir: Path, layers: int, hidden: int, experts: int, expert_width: int, out_type: str, dtype: str,
+             tokenizer, env: dict) -> dict:
     import torch
 
-    from moeq2gguf import corpus
-    from moeq2gguf.testing import train_bpe_tokenizer, write_random_mixtral
+    from moeq2gguf.testing import write_random_mixtral
 
-    ckpt = workdir / "ckpt"
+    ckpt = workdir / f"ckpt-{layers}"
     t0 = time.time()
     sizes = write_random_mixtral(ckpt, layers, hidden_size=hidden, n_experts=experts, expert_width=expert_width,
                                  n_heads=max(1, hidden // 64), n_kv_heads=max(1, hidden // 256),
                                  dtype=getattr(torch, dtype))
-    train_bpe_tokenizer([corpus.read_text("eval")[:100_000]], 512, "mixtral").save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
     generated = time.time() - t0
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    baseline, _ = peak_rss([sys.executable, "-c", "import moeq2gguf.convert, moeq2gguf.models.mixtral"], env)
+    out = workdir / f"out-{layers}.gguf"
     t0 = time.time()
-    peak, method = peak_rss([sys.executable, "-m", "moeq2gguf.cli", "convert", str(ckpt), "-o", str(workdir / "out.gguf"),
+    peak, method = peak_rss([sys.executable, "-m", "moeq2gguf.cli", "convert", str(ckpt), "-o", str(out),
                              "--type", out_type, "-q"], env)
     seconds = time.time() - t0
     bound = 2 * sizes["layer_f32"] + BOUND_SLACK
-    return {"layers": layers, "hidden": hidden, "experts": experts, "expert_width": expert_width, "type": out_type,
-            "checkpoint_dtype": dtype, "layer_f32_bytes": sizes["layer_f32"], "model_f32_bytes": sizes["model_f32"],
-            "on_disk_bytes": sizes["on_disk"], "gguf_bytes": (workdir / "out.gguf").stat().st_size,
-            "peak_rss_bytes": peak, "import_baseline_rss_bytes": baseline, "bound_bytes": bound,
-            "within_bound": peak <= bound, "model_larger_than_bound": sizes["model_f32"] > bound,
-            "measured_with": method, "generate_seconds": round(generated, 1), "convert_seconds": round(seconds, 1)}
+    result = {"layers": layers, "layer_f32_bytes": sizes["layer_f32"], "model_f32_bytes": sizes["model_f32"],
+              "on_disk_bytes": sizes["on_disk"], "gguf_bytes": out.stat().st_size, "peak_rss_bytes": peak,
+              "bound_bytes": bound, "within_bound": peak <= bound, "model_larger_than_bound": sizes["model_f32"] > bound,
+              "measured_with": method, "generate_seconds": round(generated, 1), "convert_seconds": round(seconds, 1)}
+    shutil.rmtree(ckpt)
+    out.unlink()
+    return result
+
+
+def run(workdir: Path, layers: int, hidden: int, experts: int, expert_width: int, out_type: str, dtype: str,
+        also_layers: int | None = None) -> dict:
+    from moeq2gguf.testing import train_bpe_tokenizer
+
+    # the tokenizer does not matter here: a small one trained on this file
+    tokenizer = train_bpe_tokenizer([Path(__file__).read_text()], 512, "mixtral")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    baseline, _ = peak_rss([sys.executable, "-c", "import moeq2gguf.convert, moeq2gguf.models.mixtral"], env)
+    result = {"hidden": hidden, "experts": experts, "expert_width": expert_width, "type": out_type,
+              "checkpoint_dtype": dtype, "import_baseline_rss_bytes": baseline}
+    result.update(_measure(workdir, layers, hidden, experts, expert_width, out_type, dtype, tokenizer, env))
+    if also_layers:
+        result["other_depth"] = _measure(workdir, also_layers, hidden, experts, expert_width, out_type, dtype,
+                                         tokenizer, env)
+    return result
 
 
 def report(r: dict) -> str:
@@ -93,7 +110,9 @@ def report(r: dict) -> str:
         f"python + imports alone: {mib(r['import_baseline_rss_bytes'])})",
         f"peak RSS - imports = {r['peak_rss_bytes'] / r['layer_f32_bytes'] - r['import_baseline_rss_bytes'] / r['layer_f32_bytes']:.2f} layers",
         f"within bound: {'yes' if r['within_bound'] else 'NO'}",
-    ])
+    ] + ([f"at {r['other_depth']['layers']} layers: peak RSS {mib(r['other_depth']['peak_rss_bytes'])} "
+          f"({(r['peak_rss_bytes'] - r['other_depth']['peak_rss_bytes']) / r['layer_f32_bytes']:+.2f} layers "
+          f"going to {r['layers']} layers)"] if "other_depth" in r else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="checkpoint dtype on disk")
     parser.add_argument("--workdir", default=None, help="where to write the checkpoint and GGUF (default: a temporary folder, removed)")
+    parser.add_argument("--also-layers", type=int, default=None,
+                        help="also convert the same model at this depth, to show the peak does not follow depth")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a report")
     args = parser.parse_args(argv)
     tmp = None
@@ -116,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="bench_memory_")
         workdir = Path(tmp.name)
     try:
-        result = run(workdir, args.layers, args.hidden, args.experts, args.expert_width, args.type, args.dtype)
+        result = run(workdir, args.layers, args.hidden, args.experts, args.expert_width, args.type, args.dtype,
+                     args.also_layers)
     finally:
         if tmp:
             tmp.cleanup()
     print(json.dumps(result, indent=2) if args.json else report(result))
-    return 0 if result["within_bound"] else 1
+    ok = result["within_bound"] and result.get("other_depth", {}).get("within_bound", True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

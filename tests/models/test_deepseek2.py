@@ -83,3 +83,21 @@ def test_v2_renormalised_routing_is_refused(tmp_path, small_tokenizers):
     path = save_checkpoint(random_model("deepseek_v2", norm_topk_prob=True), small_tokenizers["qwen2moe"], tmp_path / "c")
     with pytest.raises(Moeq2ggufError, match="norm_topk_prob=true on DeepSeek-V2"):
         convert(path, tmp_path / "m.gguf", type="F32", progress=False)
+
+
+@pytest.mark.parametrize("family, pre", [("deepseek_v2", "deepseek-llm"), ("deepseek_v3", "deepseek-v3")])
+def test_pre_tokenizer_name_and_token_ids(family, pre, tmp_path, eval_text):
+    """A byte-level BPE splitting with the family's regexes gets llama.cpp's pre-tokenizer name and
+    the same token ids as Hugging Face on 200 eval lines."""
+    import random
+
+    from moeq2gguf import runtime
+    from moeq2gguf.testing import train_split_bpe_tokenizer
+    tok = train_split_bpe_tokenizer([eval_text[:200_000]], 512, pre)
+    out = convert(save_checkpoint(random_model(family), tok, tmp_path / "c"), tmp_path / "m.gguf", type="F16",
+                  progress=False).output
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == pre
+    lines = random.Random(0).sample([line for line in eval_text.splitlines() if line.strip()], 200)
+    with runtime.load(out, n_ctx=64) as llm:
+        for line in lines:
+            assert runtime.tokenize(llm, line) == tok(line)["input_ids"], line

@@ -104,3 +104,18 @@ def test_other_swiglu_constants_are_refused(tmp_path, small_tokenizers):
     path = save_checkpoint(random_model("gpt_oss", swiglu_limit=5.0), small_tokenizers["qwen2moe"], tmp_path / "c")
     with pytest.raises(Moeq2ggufError, match="swiglu_limit=5.0"):
         convert(path, tmp_path / "m.gguf", type="F32", progress=False)
+
+
+def test_o200k_pre_tokenizer_name_and_token_ids(tmp_path, eval_text):
+    import random
+
+    from moeq2gguf import runtime
+    from moeq2gguf.testing import train_split_bpe_tokenizer
+    tok = train_split_bpe_tokenizer([eval_text[:200_000]], 512, "gpt-4o")
+    out = convert(save_checkpoint(random_model("gpt_oss"), tok, tmp_path / "c"), tmp_path / "m.gguf", type="F16",
+                  progress=False).output
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "gpt-4o"
+    lines = random.Random(0).sample([line for line in eval_text.splitlines() if line.strip()], 200)
+    with runtime.load(out, n_ctx=64) as llm:
+        for line in lines:
+            assert runtime.tokenize(llm, line) == tok(line)["input_ids"], line

@@ -33,3 +33,20 @@ def test_grouped_kv_heads_are_refused(tmp_path, small_tokenizers):
     path = save_checkpoint(random_model("olmoe", num_key_value_heads=2), small_tokenizers["qwen2moe"], tmp_path / "c")
     with pytest.raises(Moeq2ggufError, match="key/value heads = heads"):
         convert(path, tmp_path / "m.gguf", type="F32", progress=False)
+
+
+def test_unrecognised_split_falls_back_to_olmo(tmp_path, small_tokenizers):
+    """A pre-tokenizer we cannot name gets the family's llama.cpp name, which llama.cpp accepts."""
+    import json
+
+    from moeq2gguf import runtime
+    path = save_checkpoint(random_model("olmoe"), small_tokenizers["qwen2moe"], tmp_path / "c")
+    tj = json.loads((path / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (path / "tokenizer.json").write_text(json.dumps(tj))
+    out = convert(path, tmp_path / "m.gguf", type="F16", progress=False).output
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "olmo"
+    with runtime.load(out, n_ctx=64) as llm:
+        assert runtime.tokenize(llm, "def f(x):")
