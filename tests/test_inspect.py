@@ -70,3 +70,19 @@ def test_missing_path_and_not_gguf(tmp_path, capsys):
 
 def test_exported_from_package():
     assert "inspect" in moeq2gguf.__all__ and moeq2gguf.inspect is inspect
+
+
+def test_unsupported_architecture_is_refused_with_the_supported_list(checkpoint, tmp_path):
+    out = tmp_path / "llama"
+    out.mkdir()
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    with pytest.raises(Moeq2ggufError) as info:
+        inspect(out)
+    message = str(info.value)
+    assert message.startswith("architecture LlamaForCausalLM is not supported; supported: ")
+    for arch in ("DeepseekForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "GptOssForCausalLM",
+                 "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        assert arch in message

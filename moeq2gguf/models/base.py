@@ -160,9 +160,11 @@ def rope_parameters_of(config: dict, default_theta: float = 10000.0) -> tuple[fl
     if kind != "yarn":
         raise Moeq2ggufError(f"rope type {kind!r} is not supported yet; only default RoPE and YaRN are")
     if params.get("truncate") is False:
-        # GPT-OSS: llama.cpp always rounds the YaRN correction range to whole dimensions
-        log.warning("rope truncate=false: llama.cpp rounds the YaRN correction range, so rotary angles of a few "
-                    "dimensions differ slightly from the reference")
+        # GPT-OSS: llama.cpp always rounds the YaRN correction range to whole dimensions. Measured on a
+        # tiny GPT-OSS with the released rope settings: logits off by 3e-3 (relative) at 64 tokens,
+        # 0.16 at 400 tokens (97% same argmax); llama.cpp's own converter writes the same file.
+        log.warning("rope truncate=false: llama.cpp rounds the YaRN correction range to whole dimensions, the "
+                    "reference does not, so some rotary frequencies differ and logits drift with position")
     return theta, RopeScaling(
         kind="yarn", factor=float(params["factor"]),
         original_context_length=int(params.get("original_max_position_embeddings") or config.get("max_position_embeddings")),

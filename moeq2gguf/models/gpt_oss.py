@@ -3,8 +3,9 @@
 Attention: q/k/v/o with biases, a learned per-head sink logit (`self_attn.sinks` -> attn_sinks)
 that joins every softmax, sliding-window layers alternating with full ones (config layer_types,
 written as sliding_window_pattern), NeoX RoPE on both sides (no permutation). The FFN norm is
-`post_attention_layernorm` (GGUF attn_post_norm). Router `mlp.router` has a bias; routing is top-k
-on the logits, then softmax over the k chosen (llama.cpp's SOFTMAX_WEIGHT gating, hard-coded).
+`post_attention_layernorm` (GGUF attn_post_norm). llama.cpp requires `output`: a tied checkpoint
+gets a copy of the embeddings. Router `mlp.router` has a bias; routing is top-k on the logits, then
+softmax over the k chosen (llama.cpp's SOFTMAX_WEIGHT gating, hard-coded).
 Experts use llama.cpp's swiglu_oai with its constants alpha 1.702 and limit 7:
 (clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g), g = min(gate, 7); other values are refused.
 
@@ -125,6 +126,11 @@ class GptOssAdapter(FamilyAdapter):
             *self._experts(bid),
         ]
         return out
+
+    def tail_tensors(self) -> list[TensorSource]:
+        if self.reader.has("lm_head.weight") or not self.spec.tie_embeddings:
+            return super().tail_tensors()
+        return [self.tensor("model.norm.weight", T.OUTPUT_NORM, "norm"), self.tied_output()]  # gpt-oss requires output
 
     def _experts(self, bid: int) -> list[TensorSource]:
         p = f"model.layers.{bid}.mlp.experts."

@@ -101,3 +101,14 @@ def test_pre_tokenizer_name_and_token_ids(family, pre, tmp_path, eval_text):
     with runtime.load(out, n_ctx=64) as llm:
         for line in lines:
             assert runtime.tokenize(llm, line) == tok(line)["input_ids"], line
+
+
+def test_v2_group_limited_greedy_warns(tmp_path, small_tokenizers, caplog):
+    """V2's group rule (best expert per group) is not llama.cpp's (best two): converted with a warning."""
+    from moeq2gguf.models.registry import open_model
+    model = random_model("deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    path = save_checkpoint(model, small_tokenizers["qwen2moe"], tmp_path / "c")
+    with caplog.at_level("WARNING"):
+        spec = open_model(path).spec
+    assert (spec.routing.n_groups, spec.routing.n_groups_used) == (4, 2)
+    assert "ranks expert groups by their best expert" in caplog.text

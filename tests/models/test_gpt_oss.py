@@ -17,8 +17,9 @@ from util import eval_tokens, llama_logits, relative_error, transformers_logits
 SHAPES = {
     # window 16 < 64 tokens: the sliding layers really slide
     "window16": dict(),
-    "3layers-mqa-window8": dict(num_hidden_layers=3, num_key_value_heads=1, sliding_window=8, num_local_experts=6,
-                                num_experts_per_tok=3, hidden_size=96, head_dim=24),
+    "3layers-mqa-window8-tied": dict(num_hidden_layers=3, num_key_value_heads=1, sliding_window=8,
+                                     num_local_experts=6, num_experts_per_tok=3, hidden_size=96, head_dim=24,
+                                     tie_word_embeddings=True),
     # YaRN with truncate=true (llama.cpp always rounds the correction range)
     "yarn": dict(rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
                                       beta_slow=1.0, original_max_position_embeddings=64, truncate=True),
