@@ -68,25 +68,29 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
     codes = torch.empty(W.shape, dtype=torch.int32)
     params: list[Any] = []
     B = min(cfg.lazy_block, K)
+    inner = min(32, grid.group, B)  # errors spread eagerly only inside 32 columns; matmuls do the rest
     for b0 in range(0, K, B):
         b1 = min(b0 + B, K)
         W1 = W[:, :, b0:b1].clone()
         Err = torch.zeros_like(W1)
-        for j in range(b1 - b0):
-            col = b0 + j
-            jj = col % grid.group
-            if jj == 0:
-                block = W1[:, :, j:j + grid.group].reshape(G * R, grid.group)
-                imp = importance[:, None, col:col + grid.group].expand(G, R, grid.group).reshape(G * R, grid.group)
-                params.append(grid.fit(block, imp))
-            w = W1[:, :, j]
-            q, c = grid.round(w.reshape(G * R), params[-1], jj)
-            q = q.view(G, R)
-            Q[:, :, col] = q
-            codes[:, :, col] = c.view(G, R)
-            d = U[:, j + b0, j + b0]                                # [G]
-            err = (w - q) / d[:, None]
-            W1[:, :, j + 1:] -= err[:, :, None] * U[:, None, col, col + 1:b1]
-            Err[:, :, j] = err
+        U1 = U[:, b0:b1, b0:b1]
+        for i0 in range(0, b1 - b0, inner):
+            i1 = min(i0 + inner, b1 - b0)
+            for j in range(i0, i1):
+                col = b0 + j
+                jj = col % grid.group
+                if jj == 0:  # every column of this block is up to date here: fit and freeze its scales
+                    block = W1[:, :, j:j + grid.group].reshape(G * R, grid.group)
+                    imp = importance[:, None, col:col + grid.group].expand(G, R, grid.group).reshape(G * R, grid.group)
+                    params.append(grid.fit(block, imp))
+                w = W1[:, :, j]
+                q, c = grid.round(w.reshape(G * R), params[-1], jj)
+                q = q.view(G, R)
+                Q[:, :, col] = q
+                codes[:, :, col] = c.view(G, R)
+                err = (w - q) / U1[:, j, j][:, None]
+                W1[:, :, j + 1:i1] -= err[:, :, None] * U1[:, None, j, j + 1:i1]
+                Err[:, :, j] = err
+            W1[:, :, i1:] -= Err[:, :, i0:i1] @ U1[:, i0:i1, i1:]
         W[:, :, b1:] -= Err @ U[:, b0:b1, b1:]
     return Q, codes, params
