@@ -12,7 +12,7 @@ from moeq2gguf.convert import convert
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DEMO_MODEL = FIXTURES / "qwen2moe-tiny"
-PROMPT = "def read_config(path):\n    "
+PROMPT = "class Parser:\n    def __init__(self"
 
 
 def next_token_agreement(model_dir: Path, gguf_path: Path, n_tokens: int = 256) -> tuple[float, float]:

@@ -20,7 +20,9 @@ def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], mix
     params.nthread = n_threads
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    from llama_cpp._utils import suppress_stdout_stderr
+    with suppress_stdout_stderr(disable=False):  # llama.cpp logs every fallback to stderr
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)
         raise Moeq2ggufError(f"llama.cpp failed to quantize {src} to {mix} (code {rc})")
