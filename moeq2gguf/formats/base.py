@@ -23,6 +23,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit, prange
 
+from moeq2gguf.formats.numerics import f32_as_i32
+
 FORMATS: dict[GGMLQuantizationType, "BlockFormat"] = {}
 
 
@@ -104,10 +106,17 @@ class BlockFormat:
         rows: (R, C) float32; importance: (C,) float32 >= 0 (ggml's imatrix, the same for every row),
         (R, C) for a per-row importance, or None (imatrix=NULL).
         Returns (R, C // block_size * type_size) uint8."""
-        rows = self._check_rows(rows)
+        rows = self._check_rows(rows, finite=False)
         qw = self._check_importance(importance, rows.shape)
-        params, codes = self._fit(rows, qw, None)
-        out = self._pack(codes, params)
+        fused = self._quantize_fused(rows) if qw.shape[0] == 0 else None
+        if fused is not None:
+            out, nonfinite_rows = fused
+            if nonfinite_rows.any():
+                self._require_finite(rows, "rows")
+        else:
+            self._require_finite(rows, "rows")
+            params, codes = self._fit(rows, qw, None)
+            out = self._pack(codes, params)
         self._check_packed(out, rows.shape)
         return out
 
@@ -198,6 +207,11 @@ class BlockFormat:
 
     # ---------------------------------------------------------------- to implement
 
+    def _quantize_fused(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Optional one-pass kernel for the no-importance path of the cheap formats, where a separate
+        fit/pack pass and finiteness check would dominate: (bytes, per-row non-finite flags)."""
+        return None
+
     def _fit(self, x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray | None) -> tuple[BlockParams, np.ndarray]:
         """x (R, C) float32 C-contiguous; qw (Rq, C) float32 with Rq in {0, 1, R} (0: no importance).
         Returns (params, codes (R, C) code_dtype) exactly as ggml's quantizer chooses them."""
@@ -224,7 +238,7 @@ class BlockFormat:
             fix = f"pad the rows to a multiple of {self.block_size}"
         raise ValueError(f"{what} {n_cols} is not a multiple of {self.name} block size {self.block_size}; {fix}")
 
-    def _check_rows(self, rows: np.ndarray, what: str = "rows") -> np.ndarray:
+    def _check_rows(self, rows: np.ndarray, what: str = "rows", finite: bool = True) -> np.ndarray:
         rows = np.asarray(rows)
         if rows.ndim != 2:
             raise ValueError(f"{what} must be 2-D (n_rows, n_cols), got shape {rows.shape}; reshape to (-1, n_cols)")
@@ -232,12 +246,16 @@ class BlockFormat:
             raise ValueError(f"{what} dtype {rows.dtype} is not a float type; pass float32 weights")
         self._check_width(rows.shape[1], "row size")
         rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if finite:
+            self._require_finite(rows, what)
+        return rows
+
+    def _require_finite(self, rows: np.ndarray, what: str) -> None:
         bad = _first_nonfinite(rows)
         if bad >= 0:
             r, c = divmod(int(bad), rows.shape[1])
             raise ValueError(f"{what}[{r}, {c}] is {rows[r, c]}; {self.name} quantization needs finite weights; "
                              "fix the checkpoint or replace NaN/Inf before quantizing")
-        return rows
 
     def _check_importance(self, importance: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
         if importance is None:
@@ -290,24 +308,28 @@ def gather_columns(array: np.ndarray, cols: np.ndarray, block_size: int, sub_siz
     return array[:, blocks, (cols % block_size) // sub_size]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _first_nonfinite(x):
     """Flat index of the first NaN/Inf in a (R, C) array, or -1."""
     n_rows, n_cols = x.shape
     first = np.full(n_rows, -1, dtype=np.int64)
     for r in prange(n_rows):
+        # an all-ones exponent marks Inf/NaN; an integer max over the exponent bits vectorizes
+        top = np.int32(0)
         for c in range(n_cols):
-            v = x[r, c]
-            if not np.isfinite(v):
-                first[r] = r * n_cols + c
-                break
+            top = max(top, np.int32(f32_as_i32(x[r, c]) & np.int32(0x7F800000)))
+        if top == np.int32(0x7F800000):
+            for c in range(n_cols):
+                if not np.isfinite(x[r, c]):
+                    first[r] = r * n_cols + c
+                    break
     for r in range(n_rows):
         if first[r] >= 0:
             return first[r]
     return -1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _row_sigma2(x, out):
     """out[r] = (sum of x[r]**2, summed left to right in float32) / C, as ggml computes it."""
     n_rows, n_cols = x.shape

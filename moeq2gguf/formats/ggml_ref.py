@@ -30,6 +30,16 @@ def library_path() -> Path:
                        "with its libraries (tools/build_llama.sh)")
 
 
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class _TypeTraits(ctypes.Structure):
+    """struct ggml_type_traits (ggml.h)."""
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library_path()))
@@ -40,6 +50,8 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_quantize_init.restype = None
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     return lib
 
 
@@ -96,4 +108,18 @@ def quantize(rows: np.ndarray, qtype: GGMLQuantizationType, importance: np.ndarr
                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         for job in jobs:
             job.result()
+    return out
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """ggml's own C dequantizer (type_traits[qtype].to_float), the runtime's reference values:
+    (R, nb * type_size) uint8 -> (R, nb * block_size) float32."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] % type_size:
+        raise ValueError(f"data shape {data.shape} is not (R, k * {type_size}) for {qtype.name}")
+    traits = _lib().ggml_get_type_traits(int(qtype)).contents
+    assert traits.type_size == type_size and traits.blck_size == block_size, qtype
+    out = np.empty((data.shape[0], data.shape[1] // type_size * block_size), dtype=np.float32)
+    _TO_FLOAT(traits.to_float)(data.ctypes.data, out.ctypes.data, out.size)
     return out

@@ -42,36 +42,44 @@ class SignedScaleParams(BlockParams):
     fallback: np.ndarray
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, error_model="numpy")
+def _to_grid_scale_min_row(values, d, dmin, sc, mn, fallback, sub, nmax, offset, out):
+    for c in range(values.shape[0]):
+        col = offset + c
+        b = col // QK_K
+        s = (col % QK_K) // sub
+        dsub = d[b] * F32(sc[b, s])
+        if dsub == ZERO:
+            out[c] = fallback[col]
+        else:
+            dm = dmin[b] * F32(mn[b, s])
+            l = nearest_int_saturating((values[c] + dm) / dsub)
+            out[c] = max(0, min(nmax, l))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def _to_grid_scale_min(values, d, dmin, sc, mn, fallback, sub, nmax, offset, out):
-    n_rows, width = values.shape
-    for r in prange(n_rows):
-        for c in range(width):
-            col = offset + c
-            b = col // QK_K
-            s = (col % QK_K) // sub
-            dsub = d[r, b] * F32(sc[r, b, s])
-            if dsub == ZERO:
-                out[r, c] = fallback[r, col]
-            else:
-                dm = dmin[r, b] * F32(mn[r, b, s])
-                l = nearest_int_saturating((values[r, c] + dm) / dsub)
-                out[r, c] = max(0, min(nmax, l))
+    for r in prange(values.shape[0]):
+        _to_grid_scale_min_row(values[r], d[r], dmin[r], sc[r], mn[r], fallback[r], sub, nmax, offset, out[r])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True, error_model="numpy")
+def _to_grid_signed_row(values, d, sc, fallback, half, offset, out):
+    for c in range(values.shape[0]):
+        col = offset + c
+        b = col // QK_K
+        dsub = d[b] * F32(sc[b, (col % QK_K) // 16])
+        if dsub == ZERO:
+            out[c] = fallback[col]
+        else:
+            l = nearest_int_saturating(values[c] / dsub)
+            out[c] = half + max(-half, min(half - 1, l))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def _to_grid_signed(values, d, sc, fallback, half, offset, out):
-    n_rows, width = values.shape
-    for r in prange(n_rows):
-        for c in range(width):
-            col = offset + c
-            b = col // QK_K
-            dsub = d[r, b] * F32(sc[r, b, (col % QK_K) // 16])
-            if dsub == ZERO:
-                out[r, c] = fallback[r, col]
-            else:
-                l = nearest_int_saturating(values[r, c] / dsub)
-                out[r, c] = half + max(-half, min(half - 1, l))
+    for r in prange(values.shape[0]):
+        _to_grid_signed_row(values[r], d[r], sc[r], fallback[r], half, offset, out[r])
 
 
 class ScaleMinFormat(BlockFormat):
@@ -120,7 +128,7 @@ class SignedScaleFormat(BlockFormat):
 #   byte   0..3 : sc[j]   (bits 0-5) | sc[j+4] >> 4 (bits 6-7)         j = 0..3
 #   byte   4..7 : mn[j]   (bits 0-5) | mn[j+4] >> 4 (bits 6-7)
 #   byte  8..11 : sc[j+4] & 15 (bits 0-3) | (mn[j+4] & 15) << 4 (bits 4-7)
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def encode_scale_min_k4(ls, lm, out):
     """Pack 8 (scale, min) pairs, given as uint8 values as ggml holds them, into 12 bytes with
     ggml's byte operations (values above 63 spill exactly as they do in C)."""
@@ -134,7 +142,7 @@ def encode_scale_min_k4(ls, lm, out):
             out[j] |= ((lm[j] >> 4) << 6) & 0xFF
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def decode_scale_min_k4(scales, sc, mn):
     """The 8 (scale, min) pairs a reader gets from the 12 bytes (ggml get_scale_min_k4)."""
     for j in range(8):

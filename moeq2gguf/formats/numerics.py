@@ -40,7 +40,38 @@ def f32_as_i32(typingctx, value):
     return types.int32(types.float32), codegen
 
 
-@njit(cache=True)
+@intrinsic
+def i32_as_f32(typingctx, value):
+    """Reinterpret the bits of an int32 as a float32."""
+    if value != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, error_model="numpy")
+def order_key(value):
+    """float32 -> int32 with the same order (-0.0 just below +0.0, NaN outside +-inf), so that
+    min/max reductions run on integers, which vectorize and are exact in any order."""
+    bits = f32_as_i32(value)
+    return np.int32(bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@njit(cache=True, error_model="numpy")
+def key_value(key):
+    """Inverse of order_key."""
+    return i32_as_f32(np.int32(key ^ ((key >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+
+
+# order_key bounds of the finite floats: keys outside [KEY_MIN_FINITE, KEY_MAX_FINITE] are +-inf or NaN
+KEY_MAX_FINITE = np.int32(0x7F7FFFFF)
+KEY_MIN_FINITE = np.int32(-0x7F7FFFFF - 1)
+
+
+@njit(cache=True, error_model="numpy")
 def nearest_int(value):
     """ggml's nearest_int(float): round half to even via the 1.5 * 2**23 trick.
 
@@ -51,7 +82,15 @@ def nearest_int(value):
     return np.int64((bits & 0x007FFFFF) - 0x00400000)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def nearest_int32(value):
+    """nearest_int with int32 arithmetic throughout, so that loops over it vectorize (numba widens
+    int32 binary operations to int64, and AVX2 has no int64 -> float32 conversion)."""
+    shifted = value + _ROUND_MAGIC
+    return np.int32((f32_as_i32(shifted) & np.int32(0x007FFFFF)) - np.int32(0x00400000))
+
+
+@njit(cache=True, error_model="numpy")
 def nearest_int_saturating(value):
     """nearest_int for arbitrary (e.g. GPTQ-updated) values: identical inside the exact range,
     saturated outside it instead of wrapping."""
@@ -64,7 +103,7 @@ def nearest_int_saturating(value):
     return nearest_int(value)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def round_away(value):
     """C roundf: round half away from zero, float32 in, int out (Q8_0 uses it)."""
     t = np.trunc(value)
@@ -76,7 +115,17 @@ def round_away(value):
     return np.int64(t)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def round_away_int32(value):
+    """round_away with float32/int32 arithmetic only (vectorizes); |value| < 2**31."""
+    t = np.trunc(value)
+    frac = value - t
+    t += ONE if frac >= HALF else ZERO
+    t -= ONE if frac <= -HALF else ZERO
+    return np.int32(t)
+
+
+@njit(cache=True, error_model="numpy")
 def f32_to_f16_bits(value):
     """float32 -> IEEE half bits with round-to-nearest-even (GGML_FP32_TO_FP16, numpy float16)."""
     bits = np.int64(f32_as_i32(value)) & 0xFFFFFFFF
@@ -95,7 +144,7 @@ def f32_to_f16_bits(value):
     return np.uint16(sign | ((rounded >> 13) - (112 << 10)))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def f16_bits_to_f32(h):
     """IEEE half bits -> float32 (exact)."""
     h = np.int64(h)
@@ -110,7 +159,7 @@ def f16_bits_to_f32(h):
     return -magnitude if (h & 0x8000) else magnitude
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def fp16_round(value):
     """The float32 value that a GGML_FP32_TO_FP16 / GGML_FP16_TO_FP32 round trip gives."""
     return f16_bits_to_f32(f32_to_f16_bits(value))

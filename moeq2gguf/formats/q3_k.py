@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from moeq2gguf.formats.k_common import QK_K, SignedScaleFormat
 from moeq2gguf.formats.numerics import F32, ONE, ZERO, f32_to_f16_bits, fp16_round, nearest_int
-from moeq2gguf.formats.search import make_q3_quants, make_qx_quants
+from moeq2gguf.formats.search import SCRATCH_WIDTH, make_q3_quants, make_qx_quants
 
 _M32 = F32(-32.0)
 _2 = F32(2.0)
@@ -24,7 +24,7 @@ _256 = F32(256.0)
 # Q3_K scales[12]: sixteen 6-bit values s = sc + 32
 #   byte  0..7 : s[j] & 15 (bits 0-3) | (s[j+8] & 15) << 4 (bits 4-7)
 #   byte 8..11 : bits 2k..2k+1 of byte 8 + j%4 hold s[j] >> 4, with k = j/4
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def _encode_scales(stored, out):
     for k in range(12):
         out[k] = 0
@@ -37,7 +37,7 @@ def _encode_scales(stored, out):
         out[8 + j % 4] |= ((l >> 4) << (2 * (j // 4))) & 0xFF
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def _decode_scale(scales, j):
     if j < 8:
         low = np.int64(scales[j]) & 0xF
@@ -47,74 +47,80 @@ def _decode_scale(scales, j):
     return (low | (high << 4)) - 32
 
 
-@njit(parallel=True, cache=True)
-def _fit(x, qw, d, sc, codes, fallback):
-    n_rows, n_cols = x.shape
-    weighted = qw.shape[0] > 0
-    qstep = 1 if qw.shape[0] > 1 else 0
-    for r in prange(n_rows):
-        qr = r * qstep
-        weights = np.empty(16, np.float32)
-        scales = np.empty(16, np.float32)
-        sw = np.empty(16, np.float32)
-        ls = np.empty(16, np.uint8)
-        signed = np.empty(16, np.int8)
-        packed = np.empty(12, np.uint8)
-        for i in range(n_cols // QK_K):
-            base = i * QK_K
-            xs = x[r, base:base + QK_K]
-            L = codes[r, base:base + QK_K]
-            if weighted:
-                sumx2 = ZERO
-                for l in range(QK_K):
-                    sumx2 += xs[l] * xs[l]
-                sigma2 = _2 * sumx2 / _256
+@njit(cache=True, error_model="numpy")
+def _fit_row(x, qrow, weighted, scratch_width, d, sc, codes, fallback):
+    weights = np.empty(16, np.float32)
+    scales = np.empty(16, np.float32)
+    sw = np.empty(16, np.float32)
+    ls = np.empty(16, np.uint8)
+    signed = np.empty(16, np.int8)
+    packed = np.empty(12, np.uint8)
+    scratch = np.empty((3, scratch_width), np.float32)
+    for i in range(x.shape[0] // QK_K):
+        base = i * QK_K
+        xs = x[base:base + QK_K]
+        L = codes[base:base + QK_K]
+        if weighted:
+            sumx2 = ZERO
+            for l in range(QK_K):
+                sumx2 += xs[l] * xs[l]
+            sigma2 = _2 * sumx2 / _256
+            for j in range(16):
+                for l in range(16):
+                    v = xs[16 * j + l]
+                    weights[l] = qrow[base + 16 * j + l] * np.sqrt(sigma2 + v * v)
+                s = ZERO
+                for l in range(16):
+                    s += weights[l]
+                sw[j] = s
+                scale, _ = make_qx_quants(16, 4, xs[16 * j:16 * j + 16], L[16 * j:16 * j + 16], weights, True,
+                                          scratch)
+                scales[j] = scale
+            d_block, _ = make_qx_quants(16, 32, scales, ls, sw, True, scratch)
+            _encode_scales(ls, packed)
+            d[i] = fp16_round(d_block)
+        else:
+            max_scale = ZERO
+            amax = ZERO
+            for j in range(16):
+                scale = make_q3_quants(16, 4, xs[16 * j:16 * j + 16], signed)
+                for l in range(16):
+                    L[16 * j + l] = signed[l]
+                scales[j] = scale
+                if abs(scale) > amax:
+                    amax = abs(scale)
+                    max_scale = scale
+            if max_scale != ZERO:
+                iscale = _M32 / max_scale
                 for j in range(16):
-                    for l in range(16):
-                        v = xs[16 * j + l]
-                        weights[l] = qw[qr, base + 16 * j + l] * np.sqrt(sigma2 + v * v)
-                    s = ZERO
-                    for l in range(16):
-                        s += weights[l]
-                    sw[j] = s
-                    scale, _ = make_qx_quants(16, 4, xs[16 * j:16 * j + 16], L[16 * j:16 * j + 16], weights, True)
-                    scales[j] = scale
-                d_block, _ = make_qx_quants(16, 32, scales, ls, sw, True)
+                    l = np.int8(nearest_int(iscale * scales[j]) & 0xFF)  # C stores it in an int8_t
+                    ls[j] = max(-32, min(31, np.int64(l))) + 32
                 _encode_scales(ls, packed)
-                d[r, i] = fp16_round(d_block)
+                d[i] = fp16_round(ONE / iscale)
             else:
-                max_scale = ZERO
-                amax = ZERO
-                for j in range(16):
-                    scale = make_q3_quants(16, 4, xs[16 * j:16 * j + 16], signed)
-                    for l in range(16):
-                        L[16 * j + l] = signed[l]
-                    scales[j] = scale
-                    if abs(scale) > amax:
-                        amax = abs(scale)
-                        max_scale = scale
-                if max_scale != ZERO:
-                    iscale = _M32 / max_scale
-                    for j in range(16):
-                        l = np.int8(nearest_int(iscale * scales[j]) & 0xFF)  # C stores it in an int8_t
-                        ls[j] = max(-32, min(31, np.int64(l))) + 32
-                    _encode_scales(ls, packed)
-                    d[r, i] = fp16_round(ONE / iscale)
-                else:
-                    for k in range(12):
-                        packed[k] = 0
-                    d[r, i] = ZERO
-            for j in range(16):
-                sc[r, i, j] = _decode_scale(packed, j)
-            for k in range(QK_K):
-                fallback[r, base + k] = L[k]
-            for j in range(16):
-                dsub = d[r, i] * F32(sc[r, i, j])
-                if dsub == ZERO:
-                    continue
-                for ii in range(16):
-                    l = nearest_int(xs[16 * j + ii] / dsub)
-                    L[16 * j + ii] = 4 + max(-4, min(3, l))
+                for k in range(12):
+                    packed[k] = 0
+                d[i] = ZERO
+        for j in range(16):
+            sc[i, j] = _decode_scale(packed, j)
+        for k in range(QK_K):
+            fallback[base + k] = L[k]
+        for j in range(16):
+            dsub = d[i] * F32(sc[i, j])
+            if dsub == ZERO:
+                continue
+            for ii in range(16):
+                l = nearest_int(xs[16 * j + ii] / dsub)
+                L[16 * j + ii] = 4 + max(-4, min(3, l))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _fit(x, qw, scratch_width, d, sc, codes, fallback):
+    weighted = qw.shape[0] > 0
+    qstep = 1 if qw.shape[0] > 1 else 0  # per-row importance, or one vector for all rows
+    for r in prange(x.shape[0]):
+        qrow = qw[r * qstep] if weighted else x[r]
+        _fit_row(x[r], qrow, weighted, scratch_width, d[r], sc[r], codes[r], fallback[r])
 
 
 # block_q3_K, 110 bytes:
@@ -122,33 +128,37 @@ def _fit(x, qw, d, sc, codes, fallback):
 #         | hmask[32]: bit k of hmask[l] = | qs[64]: qs[32h+l] bits 2k..2k+1 = | scales[12]  | d f16 |
 #         |   q[32k + l] >= 4 (k = 0..7)   |   q[128h+32k+l] & 3  (as Q2_K)    | (6-bit, +32)|       |
 #   weight e = d*(s[e/16] - 32)*((q & 3) - (hmask bit ? 0 : 4))
-@njit(parallel=True, cache=True)
-def _pack(codes, d, sc, out):
-    n_rows, n_blocks = d.shape
-    for r in prange(n_rows):
-        stored = np.empty(16, np.uint8)
-        packed = np.empty(12, np.uint8)
-        for i in range(n_blocks):
-            o = i * 110
-            q = codes[r, i * QK_K:(i + 1) * QK_K]
+@njit(cache=True, error_model="numpy")
+def _pack_row(codes, d, sc, out):
+    stored = np.empty(16, np.uint8)
+    packed = np.empty(12, np.uint8)
+    for i in range(d.shape[0]):
+        o = i * 110
+        q = codes[i * QK_K:(i + 1) * QK_K]
+        for l in range(32):
+            m = 0
+            for k in range(8):
+                m |= (q[32 * k + l] >> 2) << k
+            out[o + l] = m
+        for h in range(2):
             for l in range(32):
-                m = 0
-                for k in range(8):
-                    m |= (q[32 * k + l] >> 2) << k
-                out[r, o + l] = m
-            for h in range(2):
-                for l in range(32):
-                    e = 128 * h + l
-                    out[r, o + 32 + 32 * h + l] = ((q[e] & 3) | ((q[e + 32] & 3) << 2) | ((q[e + 64] & 3) << 4)
-                                                   | ((q[e + 96] & 3) << 6))
-            for j in range(16):
-                stored[j] = sc[r, i, j] + 32
-            _encode_scales(stored, packed)
-            for k in range(12):
-                out[r, o + 96 + k] = packed[k]
-            hd = f32_to_f16_bits(d[r, i])
-            out[r, o + 108] = hd & 0xFF
-            out[r, o + 109] = hd >> 8
+                e = 128 * h + l
+                out[o + 32 + 32 * h + l] = ((q[e] & 3) | ((q[e + 32] & 3) << 2) | ((q[e + 64] & 3) << 4)
+                                               | ((q[e + 96] & 3) << 6))
+        for j in range(16):
+            stored[j] = sc[i, j] + 32
+        _encode_scales(stored, packed)
+        for k in range(12):
+            out[o + 96 + k] = packed[k]
+        hd = f32_to_f16_bits(d[i])
+        out[o + 108] = hd & 0xFF
+        out[o + 109] = hd >> 8
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _pack(codes, d, sc, out):
+    for r in prange(d.shape[0]):
+        _pack_row(codes[r], d[r], sc[r], out[r])
 
 
 class Q3_K(SignedScaleFormat, qtype=GGMLQuantizationType.Q3_K):
@@ -158,7 +168,7 @@ class Q3_K(SignedScaleFormat, qtype=GGMLQuantizationType.Q3_K):
     def _fit(self, x, qw, sigma2):
         p = self._new_params(*x.shape)
         codes = np.empty(x.shape, np.uint8)
-        _fit(x, qw, p.d, p.sc, codes, p.fallback)
+        _fit(x, qw, SCRATCH_WIDTH, p.d, p.sc, codes, p.fallback)
         return p, codes
 
     def _pack(self, codes, params):

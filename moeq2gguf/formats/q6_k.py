@@ -13,55 +13,60 @@ from numba import njit, prange
 
 from moeq2gguf.formats.k_common import QK_K, SignedScaleFormat
 from moeq2gguf.formats.numerics import F32, GROUP_MAX_EPS, ONE, ZERO, f32_to_f16_bits, fp16_round, nearest_int
-from moeq2gguf.formats.search import make_qx_quants
+from moeq2gguf.formats.search import SCRATCH_WIDTH, make_qx_quants
 
 _M128 = F32(-128.0)
 
 
-@njit(parallel=True, cache=True)
-def _fit(x, qw, d, sc, codes, fallback):
-    n_rows, n_cols = x.shape
-    weighted = qw.shape[0] > 0
-    qstep = 1 if qw.shape[0] > 1 else 0
-    for r in prange(n_rows):
-        qr = r * qstep
-        scales = np.empty(16, np.float32)
-        for i in range(n_cols // QK_K):
-            base = i * QK_K
-            xs = x[r, base:base + QK_K]
-            L = codes[r, base:base + QK_K]
-            max_scale = ZERO
-            max_abs_scale = ZERO
+@njit(cache=True, error_model="numpy")
+def _fit_row(x, qrow, weighted, scratch_width, d, sc, codes, fallback):
+    scales = np.empty(16, np.float32)
+    scratch = np.empty((3, scratch_width), np.float32)
+    for i in range(x.shape[0] // QK_K):
+        base = i * QK_K
+        xs = x[base:base + QK_K]
+        L = codes[base:base + QK_K]
+        max_scale = ZERO
+        max_abs_scale = ZERO
+        for ib in range(16):
+            scale, _ = make_qx_quants(16, 32, xs[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
+                                      qrow[base + 16 * ib:base + 16 * ib + 16] if weighted else xs[:0],
+                                      weighted, scratch)
+            scales[ib] = scale
+            if abs(scale) > max_abs_scale:
+                max_abs_scale = abs(scale)
+                max_scale = scale
+        if max_abs_scale < GROUP_MAX_EPS:
+            # ggml zeroes the whole block: d = 0, scales = 0, every code 0
+            d[i] = ZERO
             for ib in range(16):
-                scale, _ = make_qx_quants(16, 32, xs[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
-                                          qw[qr, base + 16 * ib:base + 16 * ib + 16] if weighted else xs[:0],
-                                          weighted)
-                scales[ib] = scale
-                if abs(scale) > max_abs_scale:
-                    max_abs_scale = abs(scale)
-                    max_scale = scale
-            if max_abs_scale < GROUP_MAX_EPS:
-                # ggml zeroes the whole block: d = 0, scales = 0, every code 0
-                d[r, i] = ZERO
-                for ib in range(16):
-                    sc[r, i, ib] = 0
-                for k in range(QK_K):
-                    L[k] = 0
-                    fallback[r, base + k] = 0
-                continue
-            iscale = _M128 / max_scale
-            d[r, i] = fp16_round(ONE / iscale)
-            for ib in range(16):
-                sc[r, i, ib] = min(127, nearest_int(iscale * scales[ib]))
+                sc[i, ib] = 0
             for k in range(QK_K):
-                fallback[r, base + k] = L[k]
-            for j in range(16):
-                dsub = d[r, i] * F32(sc[r, i, j])
-                if dsub == ZERO:
-                    continue
-                for ii in range(16):
-                    l = nearest_int(xs[16 * j + ii] / dsub)
-                    L[16 * j + ii] = 32 + max(-32, min(31, l))
+                L[k] = 0
+                fallback[base + k] = 0
+            continue
+        iscale = _M128 / max_scale
+        d[i] = fp16_round(ONE / iscale)
+        for ib in range(16):
+            sc[i, ib] = min(127, nearest_int(iscale * scales[ib]))
+        for k in range(QK_K):
+            fallback[base + k] = L[k]
+        for j in range(16):
+            dsub = d[i] * F32(sc[i, j])
+            if dsub == ZERO:
+                continue
+            for ii in range(16):
+                l = nearest_int(xs[16 * j + ii] / dsub)
+                L[16 * j + ii] = 32 + max(-32, min(31, l))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _fit(x, qw, scratch_width, d, sc, codes, fallback):
+    weighted = qw.shape[0] > 0
+    qstep = 1 if qw.shape[0] > 1 else 0  # per-row importance, or one vector for all rows
+    for r in prange(x.shape[0]):
+        qrow = qw[r * qstep] if weighted else x[r]
+        _fit_row(x[r], qrow, weighted, scratch_width, d[r], sc[r], codes[r], fallback[r])
 
 
 # block_q6_K, 210 bytes:
@@ -70,25 +75,29 @@ def _fit(x, qw, d, sc, codes, fallback):
 #         |            | lo4(q[128h+64+l]) << 4     |   = q[128h+32k+l] >> 4          |                 |       |
 #         |          ql[64h+32+l] = same, +32 / +96   |   (k = 0..3)                    |                 |       |
 #   weight e = d*scales[e/16]*(q[e] - 32)
-@njit(parallel=True, cache=True)
+@njit(cache=True, error_model="numpy")
+def _pack_row(codes, d, sc, out):
+    for i in range(d.shape[0]):
+        o = i * 210
+        q = codes[i * QK_K:(i + 1) * QK_K]
+        for h in range(2):
+            for l in range(32):
+                e = 128 * h + l
+                out[o + 64 * h + l] = (q[e] & 0xF) | ((q[e + 64] & 0xF) << 4)
+                out[o + 64 * h + 32 + l] = (q[e + 32] & 0xF) | ((q[e + 96] & 0xF) << 4)
+                out[o + 128 + 32 * h + l] = ((q[e] >> 4) | ((q[e + 32] >> 4) << 2) | ((q[e + 64] >> 4) << 4)
+                                                | ((q[e + 96] >> 4) << 6))
+        for j in range(16):
+            out[o + 192 + j] = np.uint8(sc[i, j] & 0xFF)
+        hd = f32_to_f16_bits(d[i])
+        out[o + 208] = hd & 0xFF
+        out[o + 209] = hd >> 8
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def _pack(codes, d, sc, out):
-    n_rows, n_blocks = d.shape
-    for r in prange(n_rows):
-        for i in range(n_blocks):
-            o = i * 210
-            q = codes[r, i * QK_K:(i + 1) * QK_K]
-            for h in range(2):
-                for l in range(32):
-                    e = 128 * h + l
-                    out[r, o + 64 * h + l] = (q[e] & 0xF) | ((q[e + 64] & 0xF) << 4)
-                    out[r, o + 64 * h + 32 + l] = (q[e + 32] & 0xF) | ((q[e + 96] & 0xF) << 4)
-                    out[r, o + 128 + 32 * h + l] = ((q[e] >> 4) | ((q[e + 32] >> 4) << 2) | ((q[e + 64] >> 4) << 4)
-                                                    | ((q[e + 96] >> 4) << 6))
-            for j in range(16):
-                out[r, o + 192 + j] = np.uint8(sc[r, i, j] & 0xFF)
-            hd = f32_to_f16_bits(d[r, i])
-            out[r, o + 208] = hd & 0xFF
-            out[r, o + 209] = hd >> 8
+    for r in prange(d.shape[0]):
+        _pack_row(codes[r], d[r], sc[r], out[r])
 
 
 class Q6_K(SignedScaleFormat, qtype=GGMLQuantizationType.Q6_K):
@@ -98,7 +107,7 @@ class Q6_K(SignedScaleFormat, qtype=GGMLQuantizationType.Q6_K):
     def _fit(self, x, qw, sigma2):
         p = self._new_params(*x.shape)
         codes = np.empty(x.shape, np.uint8)
-        _fit(x, qw, p.d, p.sc, codes, p.fallback)
+        _fit(x, qw, SCRATCH_WIDTH, p.d, p.sc, codes, p.fallback)
         return p, codes
 
     def _pack(self, codes, params):
