@@ -1,8 +1,10 @@
 """Lazy reading of a Hugging Face checkpoint directory, one tensor at a time.
 
-Tensors are opened with safetensors' safe_open and materialised only when asked for, so a
-converter that walks the model layer by layer holds one layer in memory. Single files and
-sharded checkpoints (model.safetensors.index.json) are both read.
+Tensors are materialised only when asked for, so a converter that walks the model layer by layer
+holds one layer in memory. Shapes and dtypes come from the files' headers. A file is opened (and
+memory-mapped by safetensors) only for the duration of one read: pages of a map that stays open
+count in the process's resident memory, which then grows with the whole checkpoint.
+Single files and sharded checkpoints (model.safetensors.index.json) are both read.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from moeq2gguf.errors import CheckpointError
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Fail early and clearly on a truncated or corrupt file: the header names every tensor's
+def _read_header(path: Path) -> dict:
+    """The file's header, after checking the file is complete: the header names every tensor's
     byte range, so the file must be at least as long as the largest end offset."""
     size = path.stat().st_size
     try:
@@ -36,6 +38,7 @@ def _check_safetensors_file(path: Path) -> None:
         raise CheckpointError(
             f"{path} is truncated: its header describes {8 + header_len + data_len} bytes but the file has {size}; "
             "re-download or re-save the checkpoint")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 class CheckpointReader:
@@ -50,16 +53,17 @@ class CheckpointReader:
             self.config: dict = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        self._file_of = self._index_tensors()
-        self._handles: dict[Path, object] = {}
+        self._file_of: dict[str, Path] = {}
+        self._header: dict[str, dict] = {}
+        self._index_tensors()
         self._consumed: set[str] = set()
 
-    def _index_tensors(self) -> dict[str, Path]:
+    def _index_tensors(self) -> None:
         index_path = self.model_dir / "model.safetensors.index.json"
         if index_path.is_file():
             weight_map = json.loads(index_path.read_text())["weight_map"]
-            files = {name: self.model_dir / fname for name, fname in weight_map.items()}
-            for f in sorted(set(files.values())):
+            shards = sorted({self.model_dir / fname for fname in weight_map.values()})
+            for f in shards:
                 if not f.is_file():
                     raise CheckpointError(f"{index_path.name} names {f.name}, which is missing; download all shards")
         else:
@@ -67,20 +71,10 @@ class CheckpointReader:
             if not shards:
                 raise CheckpointError(
                     f"{self.model_dir} holds no *.safetensors files; convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True) first")
-            files = {}
-            for f in shards:
-                _check_safetensors_file(f)
-                with safe_open(f, framework="pt") as handle:
-                    files.update({name: f for name in handle.keys()})
-            return files
-        for f in sorted(set(files.values())):
-            _check_safetensors_file(f)
-        return files
-
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path]
+        for f in shards:
+            for name, entry in _read_header(f).items():
+                self._file_of[name] = f
+                self._header[name] = entry
 
     def names(self) -> list[str]:
         return sorted(self._file_of)
@@ -89,17 +83,22 @@ class CheckpointReader:
         return name in self._file_of
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self._file_of[name]).get_slice(name).get_shape())
+        return tuple(self._header[name]["shape"])
 
     def dtype_name(self, name: str) -> str:
-        return self._handle(self._file_of[name]).get_slice(name).get_dtype()
+        return self._header[name]["dtype"]
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor as float32 (a fresh copy, safe to modify)."""
+    def get_raw(self, name: str) -> torch.Tensor:
+        """The tensor as stored (its own dtype), read from a file opened for this read only."""
         if name not in self._file_of:
             raise CheckpointError(f"tensor {name} is missing from {self.model_dir}; the checkpoint is incomplete")
         self._consumed.add(name)
-        return self._handle(self._file_of[name]).get_tensor(name).to(torch.float32)
+        with safe_open(self._file_of[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor as float32 (a fresh copy, safe to modify)."""
+        return self.get_raw(name).to(torch.float32)
 
     def mark_used(self, name: str) -> None:
         self._consumed.add(name)
@@ -108,4 +107,4 @@ class CheckpointReader:
         return [n for n in self.names() if n not in self._consumed and not n.endswith(IGNORED_SUFFIXES)]
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can release a reader explicitly."""

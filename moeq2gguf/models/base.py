@@ -293,7 +293,7 @@ class FamilyAdapter:
         if not self.reader.has(name):
             raise CheckpointError(f"tensor {name} is missing from {self.reader.model_dir}; the checkpoint is incomplete")
         self.reader.mark_used(name)
-        return self.reader._handle(self.reader._file_of[name]).get_tensor(name)
+        return self.reader.get_raw(name)
 
     def dense_ffn(self, bid: int, prefix: str) -> list[TensorSource]:
         """A plain SwiGLU FFN (`{prefix}.gate_proj/up_proj/down_proj`) as ffn_gate/up/down."""
@@ -335,24 +335,7 @@ class FamilyAdapter:
         for bid in range(self.spec.n_layers):
             sources.extend(self.layer_tensors(bid))
         sources.extend(self.tail_tensors())
-        for source in sources:
-            source.load = self._unmapping(source.load)
-            if source.load_raw is not None:
-                source.load_raw = self._unmapping(source.load_raw)
         return sources
-
-    def _unmapping(self, load: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """load, then close the reader's safetensors handles. safe_open maps each file; the pages a
-        tensor was read from stay in the process's resident set while the map lives, so with the
-        handles kept for the whole conversion peak RSS grew by the whole checkpoint (measured:
-        +1 layer of file size per layer, tools/bench_memory.py). The reader reopens a file (a header
-        parse) on the next read; the tensors it returned are copies and stay valid."""
-        def wrapped() -> torch.Tensor:
-            try:
-                return load()
-            finally:
-                self.reader.close()
-        return wrapped
 
     def ignored(self, name: str) -> bool:
         """Checkpoint tensors the GGUF deliberately leaves out (e.g. DeepSeek-V3's multi-token
