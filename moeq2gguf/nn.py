@@ -34,6 +34,14 @@ INPUT_OF = {
 }
 
 
+def unsupported_reason(spec: ModelSpec) -> str | None:
+    """Why this layer math cannot run a family (None when it can): it implements GQA attention with
+    optional q/k/v biases, softmax routing and an optionally sigmoid-gated shared expert."""
+    if spec.gguf_arch not in ("llama", "qwen2moe"):
+        return f"the calibration forward implements Mixtral and Qwen2-MoE layers, not {spec.gguf_arch}"
+    return None
+
+
 class Observer(Protocol):
     def observe(self, name: str, x: torch.Tensor, token_weight: torch.Tensor | None, expert: int | None) -> None: ...
 

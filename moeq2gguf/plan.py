@@ -47,14 +47,19 @@ def file_type(type_name: str) -> F:
 
 
 def assign(sources: list[TensorSource], type_name: str, spec, has_imatrix: bool, overrides=()) -> list[Q]:
-    """The GGML type of every tensor: float export, or llama-quantize's rules for a mix."""
+    """The GGML type of every tensor: float export, or llama-quantize's rules for a mix. A tensor the
+    checkpoint ships already quantized in a GGML format (GPT-OSS's MXFP4 experts) keeps it, as
+    llama.cpp's converter does: its blocks are copied, never re-rounded."""
     if type_name in FLOAT_TYPES:
         if overrides:
             raise Moeq2ggufError("--tensor-type overrides apply to quantized mixes; pick a --type such as Q4_K_M")
-        return [tensor_type(s, type_name) for s in sources]
-    from moeq2gguf.mixes import assign_types
-    return assign_types([(s.name, s.shape) for s in sources], type_name, n_layer=spec.n_layers, n_expert=spec.n_experts,
-                        n_head=spec.n_heads, n_head_kv=spec.n_kv_heads, has_imatrix=has_imatrix, overrides=overrides)
+        types = [tensor_type(s, type_name) for s in sources]
+    else:
+        from moeq2gguf.mixes import assign_types
+        types = assign_types([(s.name, s.shape) for s in sources], type_name, n_layer=spec.n_layers,
+                             n_expert=spec.n_experts, n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
+                             has_imatrix=has_imatrix, overrides=overrides)
+    return [s.raw_qtype if s.raw_qtype is not None else t for s, t in zip(sources, types)]
 
 
 def encode_float(tensor: torch.Tensor, qtype: Q) -> np.ndarray:

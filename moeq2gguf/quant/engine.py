@@ -81,12 +81,20 @@ def quantized_stream(adapter: FamilyAdapter, sources: list[TensorSource], types:
     if cfg.method == "rtn" or cfg.imatrix_file:
         importance = tensor_quant.load_imatrix(cfg.imatrix_file, sources) if cfg.imatrix_file else {}
         for s in tqdm(sources, desc=f"quantize {cfg.method}", unit="tensor", disable=not progress):
+            if s.raw_qtype is not None and type_of[s.name] == s.raw_qtype:
+                report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
+                yield s.load_raw().numpy()
+                continue
             w = s.load().reshape(s.shape)
             data, _ = tensor_quant.encode(w, type_of[s.name], importance.get(s.name))
             report.tensors[s.name] = {"type": type_of[s.name].name, "method": "imatrix-file" if cfg.imatrix_file else "rtn"}
             yield data
         return
 
+    unsupported = nn.unsupported_reason(spec)
+    if unsupported:
+        raise Moeq2ggufError(f"--method {cfg.method} cannot calibrate {spec.family} yet ({unsupported}); "
+                             "use --method rtn or --imatrix FILE for it")
     from moeq2gguf.calib_data import calibration_windows
     windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
     sequential = cfg.method in ("gptq", "moequant")
