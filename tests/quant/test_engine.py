@@ -22,10 +22,10 @@ Q = gguf.GGMLQuantizationType
 def test_gptq_bytes_dequantize_to_simulated_weights(qtype):
     """Every format: the packed bytes dequantize (gguf-py) to exactly the weights GPTQ simulated."""
     gen = torch.Generator().manual_seed(int(qtype))
-    G, R, K = 2, 8, 512
+    G, R, K = 2, 8, 256
     W = torch.randn(G, R, K, generator=gen)
-    X = torch.randn(G, 1024, K, generator=gen) * torch.linspace(0.2, 3, K)
-    H = X.transpose(1, 2) @ X / 1024
+    X = torch.randn(G, 512, K, generator=gen) * torch.linspace(0.2, 3, K)
+    H = X.transpose(1, 2) @ X / 512
     grid = FormatGrid(qtype)
     grid.prepare(W)
     Qw, codes, params = gptq_quantize(W, H, grid)
