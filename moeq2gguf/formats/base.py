@@ -57,6 +57,25 @@ class BlockParams:
     def n_blocks(self) -> int:
         return self.d.shape[1]  # type: ignore[attr-defined]
 
+    @classmethod
+    def concat(cls, parts: "list[BlockParams]") -> "BlockParams":
+        """Params of consecutive column ranges (e.g. GPTQ's one-block fits, in column order) joined
+        into one, so that a whole row packs in one call. Arrays join along the block axis (axis 1;
+        per-column arrays such as `fallback` along their column axis, also axis 1)."""
+        if not parts:
+            raise ValueError("concat needs at least one BlockParams; pass the fitted blocks in column order")
+        fields = {}
+        for f in dataclasses.fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            if isinstance(values[0], np.ndarray):
+                fields[f.name] = np.concatenate(values, axis=1)
+            else:
+                if any(v != values[0] for v in values):
+                    raise ValueError(f"cannot concat params with different {f.name} ({sorted(set(values))}); "
+                                     "fit every block the same way (all with or all without importance)")
+                fields[f.name] = values[0]
+        return cls(**fields)
+
     def select_rows(self, rows: Any) -> "BlockParams":
         """The params of a subset of rows (any numpy index on the first axis)."""
         return type(self)(**{f.name: (getattr(self, f.name)[rows] if isinstance(getattr(self, f.name), np.ndarray)
@@ -269,15 +288,21 @@ class BlockFormat:
         elif qw.ndim != 2 or qw.shape != tuple(shape):
             raise ValueError(f"importance shape {qw.shape} matches neither ({shape[1]},) nor {tuple(shape)}; "
                              "pass one value per column, or one per weight")
+        one_vector = np.ndim(importance) == 1
         qw = np.ascontiguousarray(qw, dtype=np.float32)
+
+        def where(mask: np.ndarray) -> str:
+            r, c = (int(i) for i in np.argwhere(mask)[0])
+            return f"importance[{c}]" if one_vector else f"importance[{r}, {c}]"
+
         finite = np.isfinite(qw)
         if not finite.all():
-            idx = np.argwhere(~finite)[0]
-            raise ValueError(f"importance{list(idx)} is {qw[tuple(idx)]}; importance must be finite and >= 0; "
+            bad = where(~finite)
+            raise ValueError(f"{bad} is {qw[~finite][0]}; importance must be finite and >= 0; "
                              "recompute the imatrix or clip it")
         if (qw < 0).any():
-            idx = np.argwhere(qw < 0)[0]
-            raise ValueError(f"importance{list(idx)} is {qw[tuple(idx)]}, negative; importance must be >= 0 "
+            bad = where(qw < 0)
+            raise ValueError(f"{bad} is {qw[qw < 0][0]}, negative; importance must be >= 0 "
                              "(a sum of squared activations); recompute the imatrix or clip it at 0")
         return qw
 

@@ -49,9 +49,16 @@ def test_blockwise_fit_grid_pack_equals_quantize(name, weighted, mixed, mixed_im
         else:
             codes = fmt.quantize_to_grid(x[:, b0:b0 + bs], params)
         assert codes.dtype == fmt.code_dtype
-        blocks.append(fmt.pack(codes, params))
-    assert_same_bytes(np.concatenate(blocks, axis=1), fmt.quantize(x, imp), fmt.type_size,
-                      f"{name} blockwise GPTQ path")
+        blocks.append((codes, params))
+    ref = fmt.quantize(x, imp)
+    packed = np.concatenate([fmt.pack(codes, params) for codes, params in blocks], axis=1)
+    assert_same_bytes(packed, ref, fmt.type_size, f"{name} blockwise GPTQ path")
+    # or all blocks at once, with the per-block params joined
+    joined = fmt.params_type.concat([params for _, params in blocks])
+    assert joined.n_blocks == x.shape[1] // bs
+    all_codes = np.concatenate([codes for codes, _ in blocks], axis=1)
+    assert np.array_equal(fmt.pack(all_codes, joined), ref)
+    assert np.array_equal(fmt.quantize_to_grid(x, joined), all_codes)
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_imatrix", "imatrix"])
