@@ -17,7 +17,6 @@ import datetime
 import hashlib
 import os
 import platform
-import re
 import subprocess
 import sys
 import time

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import gguf
@@ -130,6 +130,14 @@ class TensorSource:
     # a writer can keep the original format instead of re-encoding.
     raw_qtype: gguf.GGMLQuantizationType | None = None
     load_raw: Callable[[], torch.Tensor] | None = None
+
+
+def rope_halves_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from [x0..x(d/2-1), y0..] to [x0, y0, x1, y1, ...]."""
+    out_features = weight.shape[0]
+    head_dim = out_features // n_heads
+    return (weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape).contiguous())
 
 
 def config_value(config: dict, *keys: str, default=None, required: bool = True):
@@ -309,6 +317,43 @@ class FamilyAdapter:
             self.tensor(f"{prefix}.gate_proj.weight", T.FFN_GATE_SHEXP, "shared", bid),
             self.tensor(f"{prefix}.up_proj.weight", T.FFN_UP_SHEXP, "shared", bid),
             self.tensor(f"{prefix}.down_proj.weight", T.FFN_DOWN_SHEXP, "shared", bid),
+        ]
+
+    def llama_attention(self, bid: int, *, biases: bool = False, qk_norm: bool = False,
+                        permute_qk: bool = False) -> list[TensorSource]:
+        """The Hugging Face llama-style attention block and both norms of layer bid:
+        input_layernorm, q/k/v(/biases)/o projections, optional q/k norms, post_attention_layernorm.
+        permute_qk: reorder q/k rows for llama.cpp's pairwise RoPE (archs llama, deepseek)."""
+        s, p = self.spec, f"model.layers.{bid}."
+        heads = {"q_proj": s.n_heads, "k_proj": s.n_kv_heads}
+        out = [self.tensor(p + "input_layernorm.weight", T.ATTN_NORM, "norm", bid)]
+        for proj, kind in (("q_proj", T.ATTN_Q), ("k_proj", T.ATTN_K), ("v_proj", T.ATTN_V)):
+            transform = None
+            if permute_qk and proj in heads:
+                transform = lambda w, n=heads[proj]: rope_halves_to_pairs(w, n)  # noqa: E731
+            out.append(self.tensor(p + f"self_attn.{proj}.weight", kind, "attention", bid, transform=transform))
+            if biases:
+                out.append(self.tensor(p + f"self_attn.{proj}.bias", kind, "bias", bid, suffix="bias"))
+        out.append(self.tensor(p + "self_attn.o_proj.weight", T.ATTN_OUT, "attention", bid))
+        if qk_norm:
+            out.append(self.tensor(p + "self_attn.q_norm.weight", T.ATTN_Q_NORM, "norm", bid))
+            out.append(self.tensor(p + "self_attn.k_norm.weight", T.ATTN_K_NORM, "norm", bid))
+        out.append(self.tensor(p + "post_attention_layernorm.weight", T.FFN_NORM, "norm", bid))
+        return out
+
+    def hf_routed_experts(self, bid: int, prefix: str = "mlp", fused: bool = True) -> list[TensorSource]:
+        """Router + routed experts under `prefix` with Hugging Face's usual names
+        (gate.weight, experts.E.{gate,up,down}_proj.weight, or the fused experts.gate_up_proj/down_proj)."""
+        p = f"model.layers.{bid}.{prefix}."
+        return [
+            self.tensor(p + "gate.weight", T.FFN_GATE_INP, "router", bid),
+            *self.stacked_experts(
+                bid,
+                {T.FFN_GATE_EXP: p + "experts.{e}.gate_proj.weight",
+                 T.FFN_UP_EXP: p + "experts.{e}.up_proj.weight",
+                 T.FFN_DOWN_EXP: p + "experts.{e}.down_proj.weight"},
+                fused_gate_up=p + "experts.gate_up_proj" if fused else None,
+                fused_down=p + "experts.down_proj" if fused else None),
         ]
 
     def head_tensors(self) -> list[TensorSource]:

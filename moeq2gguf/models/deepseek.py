@@ -15,7 +15,6 @@ import gguf
 
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import FamilyAdapter, ModelSpec, Routing, TensorSource, config_value, rope_theta_of
-from moeq2gguf.models.mixtral import rope_halves_to_pairs
 from moeq2gguf.models.registry import register
 
 T = gguf.MODEL_TENSOR
@@ -72,25 +71,7 @@ class DeepseekMoeAdapter(FamilyAdapter):
     def layer_tensors(self, bid: int) -> list[TensorSource]:
         s = self.spec
         p = f"model.layers.{bid}."
-        out = [
-            self.tensor(p + "input_layernorm.weight", T.ATTN_NORM, "norm", bid),
-            self.tensor(p + "self_attn.q_proj.weight", T.ATTN_Q, "attention", bid,
-                        transform=lambda w: rope_halves_to_pairs(w, s.n_heads)),
-            self.tensor(p + "self_attn.k_proj.weight", T.ATTN_K, "attention", bid,
-                        transform=lambda w: rope_halves_to_pairs(w, s.n_kv_heads)),
-            self.tensor(p + "self_attn.v_proj.weight", T.ATTN_V, "attention", bid),
-            self.tensor(p + "self_attn.o_proj.weight", T.ATTN_OUT, "attention", bid),
-            self.tensor(p + "post_attention_layernorm.weight", T.FFN_NORM, "norm", bid),
-        ]
+        out = self.llama_attention(bid, permute_qk=True)
         if bid not in s.moe_layers:
             return out + self.dense_ffn(bid, p + "mlp")
-        return out + [
-            self.tensor(p + "mlp.gate.weight", T.FFN_GATE_INP, "router", bid),
-            *self.stacked_experts(
-                bid,
-                {T.FFN_GATE_EXP: p + "mlp.experts.{e}.gate_proj.weight",
-                 T.FFN_UP_EXP: p + "mlp.experts.{e}.up_proj.weight",
-                 T.FFN_DOWN_EXP: p + "mlp.experts.{e}.down_proj.weight"},
-                fused_gate_up=None, fused_down=None),
-            *self.shared_ffn(bid, p + "mlp.shared_experts"),
-        ]
+        return out + [*self.hf_routed_experts(bid, fused=False), *self.shared_ffn(bid, p + "mlp.shared_experts")]

@@ -9,21 +9,12 @@ head: q and k rows are permuted so both compute the same thing.
 from __future__ import annotations
 
 import gguf
-import torch
 
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import FamilyAdapter, ModelSpec, Routing, TensorSource, config_value, rope_theta_of
 from moeq2gguf.models.registry import register
 
 T = gguf.MODEL_TENSOR
-
-
-def rope_halves_to_pairs(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder each head's output rows from [x0..x(d/2-1), y0..] to [x0, y0, x1, y1, ...]."""
-    out_features = weight.shape[0]
-    head_dim = out_features // n_heads
-    return (weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
-            .transpose(1, 2).reshape(weight.shape).contiguous())
 
 
 @register
@@ -59,18 +50,10 @@ class MixtralAdapter(FamilyAdapter):
         writer.add_feed_forward_length(self.spec.expert_width)  # llama reads the expert width here
 
     def layer_tensors(self, bid: int) -> list[TensorSource]:
-        s = self.spec
         p = f"model.layers.{bid}."
         moe = "block_sparse_moe" if self.reader.has(p + "block_sparse_moe.gate.weight") else "mlp"
         return [
-            self.tensor(p + "input_layernorm.weight", T.ATTN_NORM, "norm", bid),
-            self.tensor(p + "self_attn.q_proj.weight", T.ATTN_Q, "attention", bid,
-                        transform=lambda w: rope_halves_to_pairs(w, s.n_heads)),
-            self.tensor(p + "self_attn.k_proj.weight", T.ATTN_K, "attention", bid,
-                        transform=lambda w: rope_halves_to_pairs(w, s.n_kv_heads)),
-            self.tensor(p + "self_attn.v_proj.weight", T.ATTN_V, "attention", bid),
-            self.tensor(p + "self_attn.o_proj.weight", T.ATTN_OUT, "attention", bid),
-            self.tensor(p + "post_attention_layernorm.weight", T.FFN_NORM, "norm", bid),
+            *self.llama_attention(bid, permute_qk=True),
             self.tensor(p + f"{moe}.gate.weight", T.FFN_GATE_INP, "router", bid),
             *self.stacked_experts(
                 bid,

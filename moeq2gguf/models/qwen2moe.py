@@ -59,24 +59,11 @@ class Qwen2MoeAdapter(FamilyAdapter):
 
     def layer_tensors(self, bid: int) -> list[TensorSource]:
         p = f"model.layers.{bid}."
-        out = [self.tensor(p + "input_layernorm.weight", T.ATTN_NORM, "norm", bid)]
-        for proj, kind in (("q_proj", T.ATTN_Q), ("k_proj", T.ATTN_K), ("v_proj", T.ATTN_V)):
-            out.append(self.tensor(p + f"self_attn.{proj}.weight", kind, "attention", bid))
-            if self.spec.attention_bias:
-                out.append(self.tensor(p + f"self_attn.{proj}.bias", kind, "bias", bid, suffix="bias"))
-        out += [
-            self.tensor(p + "self_attn.o_proj.weight", T.ATTN_OUT, "attention", bid),
-            self.tensor(p + "post_attention_layernorm.weight", T.FFN_NORM, "norm", bid),
-            self.tensor(p + "mlp.gate.weight", T.FFN_GATE_INP, "router", bid),
-            *self.stacked_experts(
-                bid,
-                {T.FFN_GATE_EXP: p + "mlp.experts.{e}.gate_proj.weight",
-                 T.FFN_UP_EXP: p + "mlp.experts.{e}.up_proj.weight",
-                 T.FFN_DOWN_EXP: p + "mlp.experts.{e}.down_proj.weight"},
-                fused_gate_up=p + "mlp.experts.gate_up_proj", fused_down=p + "mlp.experts.down_proj"),
+        return [
+            *self.llama_attention(bid, biases=self.spec.attention_bias),
+            *self.hf_routed_experts(bid),
             self.tensor(p + "mlp.shared_expert_gate.weight", T.FFN_GATE_INP_SHEXP, "router", bid),
             self.tensor(p + "mlp.shared_expert.gate_proj.weight", T.FFN_GATE_SHEXP, "shared", bid),
             self.tensor(p + "mlp.shared_expert.up_proj.weight", T.FFN_UP_SHEXP, "shared", bid),
             self.tensor(p + "mlp.shared_expert.down_proj.weight", T.FFN_DOWN_SHEXP, "shared", bid),
         ]
-        return out

@@ -60,21 +60,4 @@ class Qwen3MoeAdapter(FamilyAdapter):
         writer.add_expert_feed_forward_length(self.spec.expert_width)
 
     def layer_tensors(self, bid: int) -> list[TensorSource]:
-        p = f"model.layers.{bid}."
-        return [
-            self.tensor(p + "input_layernorm.weight", T.ATTN_NORM, "norm", bid),
-            self.tensor(p + "self_attn.q_proj.weight", T.ATTN_Q, "attention", bid),
-            self.tensor(p + "self_attn.k_proj.weight", T.ATTN_K, "attention", bid),
-            self.tensor(p + "self_attn.v_proj.weight", T.ATTN_V, "attention", bid),
-            self.tensor(p + "self_attn.o_proj.weight", T.ATTN_OUT, "attention", bid),
-            self.tensor(p + "self_attn.q_norm.weight", T.ATTN_Q_NORM, "norm", bid),
-            self.tensor(p + "self_attn.k_norm.weight", T.ATTN_K_NORM, "norm", bid),
-            self.tensor(p + "post_attention_layernorm.weight", T.FFN_NORM, "norm", bid),
-            self.tensor(p + "mlp.gate.weight", T.FFN_GATE_INP, "router", bid),
-            *self.stacked_experts(
-                bid,
-                {T.FFN_GATE_EXP: p + "mlp.experts.{e}.gate_proj.weight",
-                 T.FFN_UP_EXP: p + "mlp.experts.{e}.up_proj.weight",
-                 T.FFN_DOWN_EXP: p + "mlp.experts.{e}.down_proj.weight"},
-                fused_gate_up=p + "mlp.experts.gate_up_proj", fused_down=p + "mlp.experts.down_proj"),
-        ]
+        return [*self.llama_attention(bid, qk_norm=True), *self.hf_routed_experts(bid)]

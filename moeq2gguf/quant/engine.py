@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from moeq2gguf import nn, plan
+from moeq2gguf import nn
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import FamilyAdapter, TensorSource
 from moeq2gguf.quant import tensor_quant

@@ -8,7 +8,7 @@ width is blended with the layer's pooled Hessian; one never seen uses the pooled
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

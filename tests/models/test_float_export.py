@@ -5,7 +5,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from moeq2gguf import convert, runtime

@@ -18,7 +18,6 @@ class AbsmaxInt4:
 
 
 def rtn(W):
-    g = AbsmaxInt4()
     G, R, K = W.shape
     blocks = W.reshape(G * R, K // 32, 32)
     scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 7
