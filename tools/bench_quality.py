@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -30,6 +31,8 @@ sys.path.insert(0, str(REPO))
 from moeq2gguf import convert, corpus  # noqa: E402
 from moeq2gguf.eval import evaluate_many  # noqa: E402
 from moeq2gguf.llama_tools import llama_perplexity_kld, llama_quantize, llama_tool  # noqa: E402
+# Import every module the run needs now: a long run must not pick up files edited while it works.
+import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid  # noqa: E402,E401,F401
 
 MARK_BEGIN, MARK_END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 
@@ -143,7 +146,9 @@ def main() -> None:
     args = ap.parse_args()
     rows, notes = [], []
     for model in args.models:
-        r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, Path(args.workdir) / model)
+        work = Path(args.workdir) / model
+        r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, work)
+        (work / "results.json").write_text(json.dumps({"rows": r, "notes": n}, indent=1))  # kept if a later model fails
         rows += r
         notes += n
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
