@@ -2,8 +2,6 @@
 round columns to that frozen grid, and pack the result into the format's bytes."""
 from __future__ import annotations
 
-import dataclasses
-
 import gguf
 import numba
 import numpy as np
@@ -11,16 +9,6 @@ import torch
 
 from moeq2gguf.formats import get_format
 from moeq2gguf.formats.base import BlockParams
-
-
-def concat_blocks(params: list[BlockParams]) -> BlockParams:
-    """Join per-block params (R, 1, ...) along the block axis into (R, nb, ...)."""
-    first = params[0]
-    fields = {}
-    for f in dataclasses.fields(first):
-        value = getattr(first, f.name)
-        fields[f.name] = np.concatenate([getattr(p, f.name) for p in params], axis=1) if isinstance(value, np.ndarray) else value
-    return type(first)(**fields)
 
 
 class FormatGrid:
@@ -51,6 +39,6 @@ class FormatGrid:
 
     def pack(self, params: list[BlockParams], codes: torch.Tensor) -> np.ndarray:
         """Bytes [G*R, nb * type_size] of GPTQ's codes [G, R, K] on its per-block params."""
-        joined = concat_blocks(params)
+        joined = type(params[0]).concat(params)
         flat = codes.reshape(-1, codes.shape[-1]).numpy().astype(self.fmt.code_dtype)
         return self.fmt.pack(np.ascontiguousarray(flat), joined)
