@@ -11,21 +11,37 @@ without an importance vector, ggml's "imatrix"), and exposes the same machinery 
 so that fit_scales -> quantize_to_grid over the whole block -> pack == quantize, byte for byte, and
 dequantize(pack(codes, params)) == dequantize_codes(codes, params), bit for bit.
 
+A GPTQ walk over one row block of width bs = fmt.block_size:
+
+    sigma2 = fmt.row_sigma2(W)                      # only read by Q4_0/Q4_1/Q5_0/Q5_1 with importance
+    params = fmt.fit_scales(W[:, b0:b0 + bs], imp[b0:b0 + bs], sigma2=sigma2)
+    for j in range(bs):
+        q = fmt.round_to_grid(W[:, b0 + j:b0 + j + 1], params, j)   # (R, 1) grid values
+        ...                                                           # spread W[:, b0 + j] - q
+    all_params = type(params).concat(per_block_params)               # then pack whole rows
+
+Two ggml details the params carry: the legacy formats round codes against the float32 scale
+*before* its fp16 rounding (params hold that inverse scale), and the K-quants keep the search's
+codes in sub-blocks whose quantized scale is zero (params.fallback).
+
 Shapes: R rows, C columns (C a multiple of block_size), nb = C // block_size blocks per row.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+import functools
+from typing import Any, Callable, ClassVar, TypeVar
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType
+import numba
 from numba import njit, prange
 
 from moeq2gguf.formats.numerics import f32_as_i32
 
 FORMATS: dict[GGMLQuantizationType, "BlockFormat"] = {}
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def get_format(qtype: GGMLQuantizationType | int | str) -> "BlockFormat":
@@ -82,6 +98,31 @@ class BlockParams:
                                       else getattr(self, f.name)) for f in dataclasses.fields(self)})
 
 
+# below these many weights a call runs on the calling thread only: starting numba's thread team
+# costs more than it saves on GPTQ's one-block / one-column calls (and far more on a busy machine)
+_MIN_PARALLEL_FIT = 1 << 16
+_MIN_PARALLEL_ROUND = 1 << 18
+
+
+def _small_calls_serial(threshold: int, name: str) -> Callable[[F], F]:
+    """Run a method on the calling thread alone when its first array argument (called `name`) has
+    fewer than `threshold` elements."""
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            array = args[1] if len(args) > 1 else kwargs.get(name)
+            if np.size(array) >= threshold or numba.get_num_threads() == 1:
+                return method(*args, **kwargs)
+            previous = numba.get_num_threads()
+            numba.set_num_threads(1)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                numba.set_num_threads(previous)
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
 class BlockFormat:
     """One GGML block format. Subclasses register with `class X(BlockFormat, qtype=...)`."""
 
@@ -119,6 +160,7 @@ class BlockFormat:
 
     # ---------------------------------------------------------------- public API
 
+    @_small_calls_serial(_MIN_PARALLEL_FIT, "rows")
     def quantize(self, rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """RTN quantization identical to ggml_quantize_chunk(qtype, rows, imatrix=importance).
 
@@ -147,6 +189,7 @@ class BlockFormat:
                              f"bytes per row, got {data.dtype} {data.shape}; pass quantize()'s output")
         return gguf.quants.dequantize(data, self.qtype).reshape(data.shape[0], -1)
 
+    @_small_calls_serial(_MIN_PARALLEL_FIT, "weights")
     def fit_scales(self, weights: np.ndarray, importance: np.ndarray | None = None, *,
                    sigma2: np.ndarray | None = None) -> BlockParams:
         """ggml's scale search for these weights, frozen into params.
@@ -168,6 +211,7 @@ class BlockFormat:
         params, _ = self._fit(weights, qw, sigma2)
         return params
 
+    @_small_calls_serial(_MIN_PARALLEL_ROUND, "values")
     def quantize_to_grid(self, values: np.ndarray, params: BlockParams, column_offset: int = 0) -> np.ndarray:
         """Codes of `values` on the frozen grid, by ggml's own rounding rule for these params.
 
@@ -179,6 +223,7 @@ class BlockFormat:
         self._to_grid(values, params, column_offset, codes)
         return codes
 
+    @_small_calls_serial(_MIN_PARALLEL_ROUND, "codes")
     def dequantize_codes(self, codes: np.ndarray, params: BlockParams, column_offset: int = 0) -> np.ndarray:
         """The float32 values the runtime computes for these codes: (R, w) codes -> (R, w) float32,
         for the columns column_offset .. column_offset + w - 1 of params' blocks."""
@@ -200,6 +245,7 @@ class BlockFormat:
             out[:, :, k] = self.dequantize_codes(codes, params, column_offset)
         return out
 
+    @_small_calls_serial(_MIN_PARALLEL_ROUND, "codes")
     def pack(self, codes: np.ndarray, params: BlockParams) -> np.ndarray:
         """GGML blocks from codes (R, nb * block_size) code_dtype and params (R, nb):
         (R, nb * type_size) uint8."""
@@ -216,6 +262,7 @@ class BlockFormat:
         self._check_packed(out, expected)
         return out
 
+    @_small_calls_serial(_MIN_PARALLEL_ROUND, "rows")
     def row_sigma2(self, rows: np.ndarray) -> np.ndarray:
         """Per-row mean of x**2 in ggml's float32 summation order: (R, C) -> (R,) float32 (the row
         statistic that Q4_0/Q4_1/Q5_0/Q5_1 weight blocks by when an importance vector is given)."""

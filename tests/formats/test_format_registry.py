@@ -76,3 +76,15 @@ def test_ggml_oracle_rejects_bad_shapes():
     with pytest.raises(ValueError, match="not a multiple"):
         ggml_ref.quantize(np.zeros((1, 100), np.float32), GGMLQuantizationType.Q8_0)
     assert not ggml_ref.requires_imatrix(GGMLQuantizationType.IQ4_XS)
+
+
+def test_small_calls_run_serially_and_restore_the_thread_count():
+    import numba
+    fmt = get_format(GGMLQuantizationType.Q4_K)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    before = numba.get_num_threads()
+    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    params = fmt.fit_scales(weights=x)
+    fmt.quantize_to_grid(x[:, :1], params)
+    assert np.array_equal(fmt.quantize(x), fmt.pack(fmt.quantize_to_grid(x, params), params))
+    assert numba.get_num_threads() == before
