@@ -52,7 +52,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     from moeq2gguf.calib import calibrate, format_report
     result = calibrate(args.model_dir, output=args.output, ebss=args.ebss, n=args.n, length=args.len, beams=args.beams,
                        tau=args.tau, topk=args.topk, seed=args.seed, eos_guard=not args.no_eos_guard,
-                       ngram_guard=args.ngram_guard, repetition_penalty=args.repetition_penalty,
+                       ngram_guard=args.ngram_guard, repetition_penalty=args.repetition_penalty, balance=args.balance,
                        report=tuple(args.report), device=args.device, progress=not args.quiet)
     if result.ebss:
         e = result.ebss
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=None, help="balance temperature: cost = -R/l + sigma/tau; smaller balances harder "
                         "(default: DEFAULT_TAU of moeq2gguf/calib/ebss.py, measured on the bundled models)")
     p.add_argument("--topk", type=int, default=64, help="candidates per beam and step (default 64)")
+    p.add_argument("--balance", default="candidate", choices=["parent", "candidate"],
+                   help="sigma in the cost: of the parent beam (ALGORITHMS.md) or of each candidate, from one extra "
+                        "batched pass over all candidates per step (stronger balance, about topk/2 x the compute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-eos-guard", action="store_true", help="allow EOS and other special tokens inside sequences")
     p.add_argument("--ngram-guard", type=int, default=4, metavar="N", help="ban repeated N-grams (default 4; 0: off)")

@@ -9,7 +9,8 @@ often each guard changed the kept beams, and the magnitudes tau is judged agains
 and of sigma between the beams of a sequence).
 
 usage: python tools/bench_ebss.py [--models mixtral-tiny qwen2moe-tiny] [--n 16] [--len 256]
-                                  [--tau 0.1 ...] [--threads 1] [--device cpu] [--out DIR]
+                                  [--tau 0.005 ...] [--balance candidate parent] [--threads 1] [--device cpu] [--out DIR]
+       python tools/bench_ebss.py --tables DIR/results.json
 """
 from __future__ import annotations
 
@@ -37,10 +38,17 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--tau", type=float, nargs="+", default=[DEFAULT_TAU])
     ap.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    ap.add_argument("--balance", nargs="+", default=["candidate"], choices=["parent", "candidate"],
+                    help="sigma of the parent beam (ALGORITHMS.md literally) and/or of each candidate; crossed with --tau")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a shared CPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="keep the EBSS .jsonl files and a results.json here")
+    ap.add_argument("--tables", default=None, metavar="RESULTS_JSON", help="only print the tables of an earlier run")
     args = ap.parse_args()
+    if args.tables:
+        saved = json.loads(Path(args.tables).read_text())
+        print_tables(saved.get("header", "EBSS vs calib split at equal token count"), saved["rows"], saved["runs"])
+        return
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out) if args.out else Path("/tmp/bench_ebss")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,15 +57,16 @@ def main() -> None:
     for name in args.models:
         model_dir = REPO / "moeq2gguf" / "fixtures" / name
         model = load_model(model_dir, resolve_device(args.device))
-        for tau in args.tau:
-            cfg = EBSSConfig(n=args.n, length=args.len, beams=args.beams, topk=args.topk, tau=tau, batch_sequences=args.batch)
-            path = out_dir / f"{name}-tau{tau:g}.jsonl"
+        for balance, tau in [(b, t) for b in args.balance for t in args.tau]:
+            cfg = EBSSConfig(n=args.n, length=args.len, beams=args.beams, topk=args.topk, tau=tau, batch_sequences=args.batch,
+                             balance=balance)
+            path = out_dir / f"{name}-{balance}-tau{tau:g}.jsonl"
             result = generate_ebss(model_dir, path, cfg, progress=True, model=model)
             t0 = time.perf_counter()
             stats = balance_report(model_dir, [str(path), "calib"], model=model)
             count_s = time.perf_counter() - t0
-            runs.append({"model": name, "tau": tau, **result.summary(), "count_seconds": count_s})
-            for s, label in zip(stats, (f"ebss tau={tau:g}", "calib split")):
+            runs.append({"model": name, "tau": tau, "balance": balance, **result.summary(), "count_seconds": count_s})
+            for s, label in zip(stats, (f"ebss {balance[:4]} {tau:g}", "calib split")):
                 if label == "calib split" and any(r["model"] == name and r["source"] == label for r in rows):
                     continue
                 rows.append({"model": name, "source": label, "tokens": s.n_tokens, "sigma": s.sigma,
@@ -65,20 +74,36 @@ def main() -> None:
                                         zip(s.layer_ids, s.layer_sigma, s.counts)],
                              "seconds": result.seconds if label.startswith("ebss") else None})
 
-    print(f"\nEBSS vs calib split at equal token count ({args.n} x {args.len} tokens, {args.beams} beams, top-{args.topk})")
-    print(f"{'model':14} {'source':16} {'tokens':>7} {'sigma':>7} {'gen s':>6}  per layer: sigma min/max expert tokens")
+    header = f"EBSS vs calib split at equal token count ({args.n} x {args.len} tokens, {args.beams} beams, top-{args.topk})"
+    (out_dir / "results.json").write_text(json.dumps({"header": header, "rows": rows, "runs": runs}, indent=1) + "\n")
+    print_tables(header, rows, runs)
+
+
+def print_tables(header: str, rows: list[dict], runs: list[dict]) -> None:
+    print(f"\n{header}")
+    print(f"{'model':14} {'source':18} {'tokens':>7} {'sigma':>7} {'gen s':>6}  per layer: sigma min/max expert tokens")
     for r in rows:
         layers = "  ".join(f"L{b} {ls:.3f} {lo}/{hi}" for b, ls, lo, hi in r["layers"])
         secs = f"{r['seconds']:6.0f}" if r["seconds"] is not None else f"{'':>6}"
-        print(f"{r['model']:14} {r['source']:16} {r['tokens']:>7} {r['sigma']:7.4f} {secs}  {layers}")
+        print(f"{r['model']:14} {r['source']:18} {r['tokens']:>7} {r['sigma']:7.4f} {secs}  {layers}")
+    print("\nleast-used expert per layer, EBSS vs calib split ('>': EBSS gives it more tokens; 0=0: an expert no text reaches)")
+    for r in rows:
+        if not r["source"].startswith("ebss"):
+            continue
+        calib = next(c for c in rows if c["model"] == r["model"] and c["source"] == "calib split")
+        marks = []
+        for (b, _, lo, _), (_, _, clo, _) in zip(r["layers"], calib["layers"]):
+            marks.append(f"L{b} {lo}{'>' if lo > clo else '=' if lo == clo else '<'}{clo}")
+        print(f"{r['model']:14} {r['source']:18} sigma {r['sigma']:.4f} vs {calib['sigma']:.4f}  " + "  ".join(marks))
     print("\nper EBSS run: mean log-prob, tokens/s, guard firings (steps whose kept beams the guard changed), tau scale")
     for r in runs:
         guards = " ".join(f"{g}={v['changed']}/{v['of']}" for g, v in r["guards"].items())
         sc = r["scale"]
-        print(f"{r['model']:14} tau={r['tau']:<5g} logp/token {r['mean_logprob']:.3f}  {r['tokens_per_s']:.0f} tok/s  {guards}  "
+        print(f"{r['model']:14} {r['balance']:9} tau={r['tau']:<5g} logp/token {r['mean_logprob']:.3f}  {r['tokens_per_s']:.0f} tok/s  {guards}  "
               f"beam -R/l spread {sc['median_beam_nll_spread']:.4f}, beam sigma spread {sc['median_beam_sigma_spread']:.4f}, "
-              f"mean sigma {sc['mean_beam_sigma']:.4f}, mean -R/l {sc['mean_nll']:.3f}")
-    (out_dir / "results.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1) + "\n")
+              f"mean sigma {sc['mean_beam_sigma']:.4f}, mean -R/l {sc['mean_nll']:.3f}"
+              + (f"; per candidate: std -R/l {sc['median_candidate_nll_std']:.4f}, std sigma {sc['median_candidate_sigma_std']:.5f}"
+                 if r["balance"] == "candidate" else ""))
 
 
 if __name__ == "__main__":

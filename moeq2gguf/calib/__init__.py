@@ -23,7 +23,7 @@ class CalibrateResult:
 
 def calibrate(model_dir: str | Path, output: str | Path | None = None, ebss: bool = False, n: int = 128,
               length: int = 512, beams: int = 4, tau: float | None = None, topk: int = 64, seed: int = 0,
-              eos_guard: bool = True, ngram_guard: int = 4, repetition_penalty: float = 1.1,
+              eos_guard: bool = True, ngram_guard: int = 4, repetition_penalty: float = 1.1, balance: str = "candidate",
               report: tuple[str, ...] = (), device: str | None = None, progress: bool = True) -> CalibrateResult:
     """Generate EBSS data (ebss=True, written to `output`, a .jsonl) and/or report the expert balance
     of calibration sets (`report`: split names or files), the new EBSS file first, at equal token count.
@@ -38,7 +38,7 @@ def calibrate(model_dir: str | Path, output: str | Path | None = None, ebss: boo
     if not ebss and output is not None:
         raise Moeq2ggufError("calibrate -o is only used with --ebss; add --ebss or drop -o")
     cfg = EBSSConfig(n=n, length=length, beams=beams, tau=DEFAULT_TAU if tau is None else tau, topk=topk, seed=seed,
-                     eos_guard=eos_guard, ngram_guard=ngram_guard, repetition_penalty=repetition_penalty)
+                     eos_guard=eos_guard, ngram_guard=ngram_guard, repetition_penalty=repetition_penalty, balance=balance)
     result = CalibrateResult()
     model = None
     if ebss:

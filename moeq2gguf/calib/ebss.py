@@ -9,22 +9,30 @@ The model writes its own calibration text, steered toward balanced expert use:
   beam including the prefix);
 - each step expands every beam by its top-`topk` next tokens and scores each candidate
 
-      cost = -R_new / l_new + sigma(parent) / tau
+      cost = -R_new / l_new + sigma / tau
 
-  (sigma: balance.balance_sigma of the parent's counts), keeps the w lowest-cost candidates (ties
-  broken by beam then candidate order), runs them through the model with the KV cache and adds the
-  new token's selections to their counts;
+  keeps the w lowest-cost candidates (ties broken by beam then candidate order), runs them through
+  the model with the KV cache and adds the new token's selections to their counts;
 - at L tokens the beam with the lowest final cost -R/l + sigma/tau (its own, complete counts) is kept.
 
-Decisions the page left open, measured on the bundled models (tools/bench_ebss.py):
-- sigma(parent) is the same for all candidates of a parent, so the balance term ranks beams, not
-  tokens: a beam whose tokens used the experts more evenly gets more of the w slots.
+Which sigma (EBSSConfig.balance; both follow the formula, select_candidates takes either):
+- "parent": balance.balance_sigma of the parent beam's counts, as ALGORITHMS.md writes it. It is the
+  same for all candidates of a parent, so it only ranks beams; beam search keeps the w beams close
+  relatives (their sigma differs by about 0.001 on the bundled models), and the candidate's own
+  experts are unknown when it is chosen. Measured: it lowers sigma a little and never raises the
+  least-used expert of the bundled Qwen2-MoE above the calib split's (tools/bench_ebss.py).
+- "candidate" (default): sigma of the parent's counts plus the candidate token's own selections,
+  from one extra pass per step that runs all w*topk candidates as siblings under a tree attention
+  mask on the parent's cached prefix (candidate_counts). The balance term then ranks tokens too;
+  on the bundled models it lowers sigma well below the calib split's and raises the least-used
+  expert of every layer that any text reaches. Cost: that pass is about topk/2 one-token steps of
+  compute (on this 2-core CPU, ~20 instead of ~190 tokens/s for the 8M-parameter fixtures).
+
+Other decisions the page left open:
 - R sums log-probabilities of the guarded distribution: repetition penalty applied to the logits,
   banned tokens removed, log-softmax renormalised over the rest. l counts generated tokens (the
   random start token and BOS are not scored).
-- tau: sigma is a std of frequencies that sum to 1 (order 0.01-0.1), while the NLL term -R/l of
-  competing beams differs by about 0.01-0.1 nats once a few dozen tokens are written; the paper's
-  tau = 1.2 makes the balance term negligible. DEFAULT_TAU (see its comment) is the measured choice.
+- tau: see DEFAULT_TAU.
 
 Guards against degenerate text, each switchable and counted (EBSSResult.guards: in how many of
 the sequence-steps the guard changed which beams were kept, against the same step without it):
@@ -47,6 +55,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,13 +70,19 @@ from moeq2gguf.errors import Moeq2ggufError
 
 log = logging.getLogger(__name__)
 
-# sigma of one beam is a std of frequencies summing to 1: about 0.02-0.1 for 8-16 experts. The NLL
-# term of the w competing beams differs by a few hundredths of a nat after the first dozens of
-# tokens (tools/bench_ebss.py --scale prints both spreads on the bundled models). tau = 0.1 puts a
-# beam-level sigma difference of 0.01 at 0.1 nat per token, i.e. on par with or above the typical
-# log-prob spread, so balance steers while the text stays likely. The paper's 1.2 is 12x weaker.
-DEFAULT_TAU = 0.1
+# tau, measured on the bundled models (tools/bench_ebss.py, 16 x 256 tokens, balance "candidate"):
+# sigma is a std of frequencies that sum to 1, so it is small (0.02-0.13 per beam) and moves
+# little per token: over one beam's 64 candidates its std is 0.00018 (Mixtral, 8 experts) and
+# 0.00008 (Qwen2-MoE, 16 experts), while the std of -R_new/l_new is 0.009 nat. tau = 0.02 gives
+# the balance term the log-prob term's spread on Mixtral and half of it on Qwen2-MoE: set sigma
+# falls from 0.115 (calib split) to 0.081 and from 0.035 to 0.027, the least-used reachable
+# expert of every layer gains tokens, and the text keeps -2.1 / -1.6 nat per token (the models
+# score real text at -3.4 / -3.6). The paper's tau = 1.2 is 60-120x weaker than the log-prob
+# term: sigma 0.117 / 0.046, no better than the calib split. tau = 0.005 balances harder
+# (0.066 / 0.015) but Mixtral's text falls to -4.2 nat per token, below real text.
+DEFAULT_TAU = 0.02
 GUARDS = ("eos", "ngram", "repetition")
+BALANCE_MODES = ("parent", "candidate")
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class EBSSConfig:
     ngram_guard: int = 4                # ban tokens completing a repeated n-gram; 0: off
     repetition_penalty: float = 1.1     # 1.0: off
     batch_sequences: int = 8            # sequences per batch (of batch_sequences * beams rows)
+    balance: str = "candidate"          # sigma of each candidate (default) or of its parent (ALGORITHMS.md)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.length < 3:
@@ -94,6 +111,8 @@ class EBSSConfig:
             raise Moeq2ggufError(f"n-gram guard {self.ngram_guard}: use n >= 2 (4 by default) or 0 to switch it off")
         if not self.repetition_penalty >= 1.0:
             raise Moeq2ggufError(f"--repetition-penalty {self.repetition_penalty} must be >= 1.0 (1.0 switches it off)")
+        if self.balance not in BALANCE_MODES:
+            raise Moeq2ggufError(f"--balance {self.balance} is unknown; choose one of {', '.join(BALANCE_MODES)}")
         if self.batch_sequences < 1:
             raise Moeq2ggufError(f"batch_sequences {self.batch_sequences} must be >= 1")
 
@@ -135,16 +154,17 @@ def select_candidates(R: torch.Tensor, sigma: torch.Tensor, cand_logp: torch.Ten
     """One EBSS step for S sequences: keep the `beams` lowest-cost candidates of each sequence.
 
     R: (S, w) cumulative log-probability of each parent beam (-inf: no such beam);
-    sigma: (S, w) balance of each parent; cand_logp: (S, w, K) log-probability of each parent's K
+    sigma: (S, w) balance of each parent, or (S, w, K) of each candidate; cand_logp: (S, w, K) log-probability of each parent's K
     candidate tokens (-inf: banned); n_generated: l of the parents, so l_new = n_generated + 1.
-    cost = -R_new / l_new + sigma(parent) / tau, R_new = R + cand_logp.
+    cost = -R_new / l_new + sigma / tau, R_new = R + cand_logp.
     Returns (parent (S, beams) in [0, w), candidate (S, beams) in [0, K), cost (S, beams),
     R_new (S, beams)), lowest cost first; ties keep the earlier parent, then the earlier candidate.
     """
     S, w, K = cand_logp.shape
     R_new = (R.to(torch.float64)[..., None] + cand_logp.to(torch.float64)).reshape(S, w * K)
     balance = sigma.to(torch.float64) / tau if math.isfinite(tau) else torch.zeros_like(sigma, dtype=torch.float64)
-    cost = -R_new / (n_generated + 1) + balance.repeat_interleave(K, dim=1)
+    balance = balance.reshape(S, w * K) if balance.dim() == 3 else balance.repeat_interleave(K, dim=1)
+    cost = -R_new / (n_generated + 1) + balance
     cost = torch.where(torch.isnan(cost), torch.inf, cost)           # -inf log-prob: never chosen
     order = torch.sort(cost, dim=1, stable=True).indices[:, :beams]
     return order // K, order % K, cost.gather(1, order), R_new.gather(1, order)
@@ -195,6 +215,53 @@ def start_tokens(n: int, seed: int, allowed: np.ndarray) -> list[int]:
     return [int(allowed[np.random.default_rng([seed, i]).integers(len(allowed))]) for i in range(n)]
 
 
+@contextmanager
+def recorded_router_logits(model) -> Iterator[list[torch.Tensor]]:
+    """Router logits of every router call while the block runs, in call order (forward hooks on the
+    modules transformers itself records router_logits from; removed on exit)."""
+    target = model.model._can_record_outputs["router_logits"].target_class
+    calls: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append(out[0])) for m in model.modules()
+             if isinstance(m, target)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def candidate_counts(model, cache, candidates: torch.Tensor, top_k: int, n_experts: int) -> torch.Tensor:
+    """(B, K, n_layers, E) expert selections of each of K candidate next tokens of each of B rows.
+
+    One forward of the (B, K) candidates as siblings in a tree: each attends to its row's cached
+    prefix and to itself only, all at the same position; the K cache entries it appends are then
+    cropped. Equals K separate one-token steps (to float rounding; tests check it).
+    """
+    B, K = candidates.shape
+    t = cache.get_seq_length()
+    dtype = next(model.parameters()).dtype
+    mask = torch.full((B, 1, K, t + K), torch.finfo(dtype).min, dtype=dtype, device=candidates.device)
+    mask[..., :t] = 0
+    diag = torch.arange(K, device=candidates.device)
+    mask[:, :, diag, t + diag] = 0
+    position_ids = torch.full((B, K), t, dtype=torch.int64, device=candidates.device)
+    # transformers' own aux-loss code cannot take a 4-D mask, hence hooks instead of output_router_logits
+    with recorded_router_logits(model) as calls:
+        model(input_ids=candidates, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+    cache.crop(-K)
+    return selection_counts(calls, top_k, n_experts, n_rows=B * K).view(B, K, len(calls), n_experts)
+
+
+def _masked_std(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Population std over the last dim of the entries where ok (rows with none give 0)."""
+    n = ok.sum(-1).clamp_min(1)
+    x = torch.where(ok, x, 0.0)
+    mean = x.sum(-1) / n
+    return (torch.where(ok, (x - mean[:, None]) ** 2, 0.0).sum(-1) / n).sqrt()
+
+
 class _Stats:
     """Guard firing counts and the magnitudes tau is judged against, accumulated over steps."""
 
@@ -206,6 +273,8 @@ class _Stats:
         self.nll: list[float] = []
         self.sigma: list[float] = []
         self.token_gap: list[float] = []     # -R_new/l_new of the w-th kept minus the best candidate
+        self.cand_nll_std: list[float] = []  # std of -R_new/l_new over one beam's candidates
+        self.cand_sigma_std: list[float] = []  # std of sigma(candidate) over the same candidates
 
 
 @torch.no_grad()
@@ -242,7 +311,11 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
         on = {"eos": special, "ngram": ngram, "repetition": seen if use_seen else None}
         logp = guarded_logprobs(logits, always_banned, on["eos"], on["ngram"], on["repetition"], cfg.repetition_penalty)
         vals, idx = logp.topk(K, dim=-1)                                  # (B, K)
-        parent, cand, cost, R_new = select_candidates(R, sigma, vals.view(S, w, K), t - p, cfg.tau, w)
+        score_sigma = sigma
+        if cfg.balance == "candidate":                                    # each candidate's own balance
+            cand_sigma = balance_sigma(counts[:, None] + candidate_counts(model, cache, idx, top_k, n_experts))
+            score_sigma = cand_sigma.view(S, w, K)
+        parent, cand, cost, R_new = select_candidates(R, score_sigma, vals.view(S, w, K), t - p, cfg.tau, w)
         if not torch.isfinite(cost).all():
             raise Moeq2ggufError(f"EBSS: fewer than {w} allowed candidates at token {t}; raise --topk or relax the guards")
         chosen = idx.view(S, w, K)[torch.arange(S, device=device)[:, None], parent, cand]   # (S, w)
@@ -255,7 +328,16 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
             off = dict(on, **{g: None})
             lp = guarded_logprobs(logits, always_banned, off["eos"], off["ngram"], off["repetition"], cfg.repetition_penalty)
             v2, i2 = lp.topk(K, dim=-1)
-            p2, c2, _, _ = select_candidates(R, sigma, v2.view(S, w, K), t - p, cfg.tau, w)
+            cf_sigma = sigma
+            if cfg.balance == "candidate":
+                # candidates the guarded step looked ahead at keep their sigma; others (that only the
+                # unguarded ranking brings in) are scored with their parent's: an approximation
+                cf_sigma = sigma[..., None].expand(S, w, K).clone().view(B, K)
+                same = i2[:, :, None] == idx[:, None, :]                  # (B, K, K)
+                hit = same.any(-1)
+                cf_sigma[hit] = cand_sigma.view(B, K)[torch.nonzero(hit, as_tuple=True)[0], same.float().argmax(-1)[hit]]
+                cf_sigma = cf_sigma.view(S, w, K)
+            p2, c2, _, _ = select_candidates(R, cf_sigma, v2.view(S, w, K), t - p, cfg.tau, w)
             ch2 = i2.view(S, w, K)[torch.arange(S, device=device)[:, None], p2, c2]
             stats.changed[g] += int((torch.sort(p2 * V + ch2, dim=1).values != key).any(1).sum())
         stats.decisions += S
@@ -267,6 +349,11 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
             stats.nll.extend(nll.mean(1).tolist())
             stats.sigma.extend(sigma.mean(1).tolist())
             stats.token_gap.extend((-R_new[:, -1] / (t - p + 1) + R_new[:, 0] / (t - p + 1)).tolist())
+            if cfg.balance == "candidate":                                # spreads over a beam's candidates
+                nll_c = (-(R[..., None] + vals.view(S, w, K).double()) / (t - p + 1)).view(B, K)
+                ok = torch.isfinite(nll_c)
+                stats.cand_nll_std.extend(_masked_std(nll_c, ok).tolist())
+                stats.cand_sigma_std.extend(_masked_std(score_sigma.reshape(B, K), ok).tolist())
 
         rows = (parent + torch.arange(S, device=device)[:, None] * w).flatten()
         tokens = tokens[rows]
@@ -360,6 +447,8 @@ def generate_ebss(model_dir: str | Path, output: str | Path | None = None, confi
              "mean_nll": float(np.mean(stats.nll)) if stats.nll else float("nan"),
              "mean_beam_sigma": float(np.mean(stats.sigma)) if stats.sigma else float("nan"),
              "median_kept_candidate_gap": med(stats.token_gap)}
+    scale["median_candidate_nll_std"] = med(stats.cand_nll_std)
+    scale["median_candidate_sigma_std"] = med(stats.cand_sigma_std)
     scale["tau_equal_weight"] = scale["median_beam_sigma_spread"] / scale["median_beam_nll_spread"] \
         if scale["median_beam_nll_spread"] else float("nan")
     result = EBSSResult(cfg, ids, texts, [r["mean_logprob"] for r in results], [r["sigma"] for r in results],

@@ -47,6 +47,18 @@ def test_objective_hand_computed_likelihood_wins():
     assert parent.tolist() == [[1, 1]] and cand.tolist() == [[0, 1]]
 
 
+def test_objective_hand_computed_candidate_balance():
+    # sigma of each candidate (its parent's counts plus its own token's experts), tau = 0.1:
+    #   beam 0: 0.700+0.30 0.833+0.05 1.333+0.01 = 1.000 0.883 1.343
+    #   beam 1: 0.400+0.60 0.433+0.50 0.833+0.02 = 1.000 0.933 0.853 -> keep (1, 2) then (0, 1)
+    sigma = torch.tensor([[[0.030, 0.005, 0.001],
+                           [0.060, 0.050, 0.002]]])
+    parent, cand, cost, R_new = select_candidates(R, sigma, CAND, n_generated=2, tau=0.1, beams=2)
+    assert list(zip(parent[0].tolist(), cand[0].tolist())) == [(1, 2), (0, 1)]
+    assert cost[0].tolist() == pytest.approx([2.5 / 3 + 0.02, 2.5 / 3 + 0.05])
+    assert R_new[0].tolist() == pytest.approx([-2.5, -2.5])
+
+
 def test_objective_matches_formula_on_random_numbers():
     g = torch.Generator().manual_seed(1)
     S, w, K, l, tau = 3, 4, 5, 7, 0.3
@@ -67,6 +79,27 @@ def test_objective_matches_formula_on_random_numbers():
 def test_ties_keep_the_earlier_beam():
     parent, cand, _, _ = select_candidates(torch.zeros(1, 2), torch.zeros(1, 2), torch.full((1, 2, 2), -1.0), 0, 1.0, 3)
     assert list(zip(parent[0].tolist(), cand[0].tolist())) == [(0, 0), (0, 1), (1, 0)]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2moe"])
+def test_candidate_lookahead_equals_single_steps(family):
+    """The tree-masked pass over K candidates gives each candidate the experts a plain one-token
+    step gives it, and leaves the cache as it was."""
+    from transformers import DynamicCache
+    model = random_model(family, seed=2)
+    top_k, E = model.config.num_experts_per_tok, model.config.num_local_experts if family == "mixtral" else model.config.num_experts
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 512, (3, 9), generator=g)
+    cand = torch.randint(0, 512, (3, 5), generator=g)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        got = ebss_mod.candidate_counts(model, cache, cand, top_k, E)
+        assert cache.get_seq_length() == 9
+        for k in range(5):
+            ref = model(input_ids=torch.cat([prefix, cand[:, k:k + 1]], 1), output_router_logits=True, use_cache=False)
+            last = tuple(r.view(3, 10, -1)[:, -1] for r in ref.router_logits)
+            assert torch.equal(got[:, k], ebss_mod.selection_counts(last, top_k, E, n_rows=3))
 
 
 def test_repeated_ngram_bans():
@@ -136,16 +169,27 @@ def test_end_to_end_biased_router(biased_checkpoint, small_tokenizers):
 
 
 def test_balance_term_lowers_sigma(biased_checkpoint, small_tokenizers):
-    """A small tau gives better balanced beams (and set) than plain beam search, at some likelihood."""
+    """With sigma(parent), a small tau gives better balanced beams (and set) than plain beam search."""
     tok, model = small_tokenizers["mixtral"], random_model("mixtral")
-    balanced = _run(biased_checkpoint, tok, model, tau=0.02)
-    plain = _run(biased_checkpoint, tok, model, tau=math.inf)
+    balanced = _run(biased_checkpoint, tok, model, tau=0.02, balance="parent")
+    plain = _run(biased_checkpoint, tok, model, tau=math.inf, balance="parent")
     assert sum(balanced.sigma) / 4 < sum(plain.sigma) / 4 - 0.02
     assert balanced.set_sigma < plain.set_sigma
     assert sum(balanced.mean_logprob) < sum(plain.mean_logprob)
 
 
-def test_each_step_follows_the_objective(biased_checkpoint, small_tokenizers, monkeypatch):
+def test_candidate_balance_is_stronger(biased_checkpoint, small_tokenizers):
+    tok, model = small_tokenizers["mixtral"], random_model("mixtral")
+    parent = _run(biased_checkpoint, tok, model, tau=0.02, balance="parent")
+    candidate = _run(biased_checkpoint, tok, model, tau=0.02, balance="candidate")
+    assert candidate.set_sigma < parent.set_sigma / 2
+    assert all(_repeated_4grams(row) == 0 for row in candidate.ids.tolist())
+    assert torch.equal(_run(biased_checkpoint, tok, model, tau=0.02, balance="candidate").ids, candidate.ids)
+    assert candidate.scale["median_candidate_sigma_std"] > 0
+
+
+@pytest.mark.parametrize("balance", ["parent", "candidate"])
+def test_each_step_follows_the_objective(biased_checkpoint, small_tokenizers, monkeypatch, balance):
     """Two beams, three candidates, on the biased model: every step's kept beams are the two
     lowest -R_new/l_new + sigma(parent)/tau, recomputed here by brute force from the step's inputs."""
     tok, model = small_tokenizers["mixtral"], biased_mixtral()
@@ -157,13 +201,14 @@ def test_each_step_follows_the_objective(biased_checkpoint, small_tokenizers, mo
         steps.append((R_.clone(), sigma.clone(), cand.clone(), n_generated, tau, [o.clone() for o in out]))
         return out
     monkeypatch.setattr(ebss_mod, "select_candidates", checked)
-    _run(biased_checkpoint, tok, model, n=2, length=12, beams=2, topk=3, tau=0.05)
+    _run(biased_checkpoint, tok, model, n=2, length=12, beams=2, topk=3, tau=0.05, balance=balance)
     kept = [s for s in steps if s[2].shape == (2, 2, 3)]
     assert len(kept) >= 9                       # 10 generated tokens (guard counterfactuals add more calls)
     balance_decided = 0
     for R_, sigma, cand, l, tau, (parent, idx, cost, _) in kept:
         for s in range(2):
-            costs = {(b, k): -(R_[s, b].item() + cand[s, b, k].item()) / (l + 1) + sigma[s, b].item() / tau
+            sig = (lambda b, k: sigma[s, b].item()) if sigma.dim() == 2 else (lambda b, k: sigma[s, b, k].item())
+            costs = {(b, k): -(R_[s, b].item() + cand[s, b, k].item()) / (l + 1) + sig(b, k) / tau
                      for b in range(2) for k in range(3)}
             best = sorted(costs, key=lambda bk: (costs[bk], bk))[:2]
             assert list(zip(parent[s].tolist(), idx[s].tolist())) == best
