@@ -25,8 +25,9 @@ Which sigma (EBSSConfig.balance; both follow the formula, select_candidates take
   from one extra pass per step that runs all w*topk candidates as siblings under a tree attention
   mask on the parent's cached prefix (candidate_counts). The balance term then ranks tokens too;
   on the bundled models it lowers sigma well below the calib split's and raises the least-used
-  expert of every layer that any text reaches. Cost: that pass is about topk/2 one-token steps of
-  compute (on this 2-core CPU, ~20 instead of ~190 tokens/s for the 8M-parameter fixtures).
+  expert of every layer that any text reaches (three of Mixtral-tiny's experts are selected by no
+  text we tried). Cost: that pass is about topk/2 one-token steps of compute (on this 2-core CPU,
+  ~20 instead of ~200 tokens/s for the 8M-parameter fixtures).
 
 Other decisions the page left open:
 - R sums log-probabilities of the guarded distribution: repetition penalty applied to the logits,
@@ -57,7 +58,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,15 +73,17 @@ log = logging.getLogger(__name__)
 
 # tau, measured on the bundled models (tools/bench_ebss.py, 16 x 256 tokens, balance "candidate"):
 # sigma is a std of frequencies that sum to 1, so it is small (0.02-0.13 per beam) and moves
-# little per token: over one beam's 64 candidates its std is 0.00018 (Mixtral, 8 experts) and
-# 0.00008 (Qwen2-MoE, 16 experts), while the std of -R_new/l_new is 0.009 nat. tau = 0.02 gives
-# the balance term the log-prob term's spread on Mixtral and half of it on Qwen2-MoE: set sigma
-# falls from 0.115 (calib split) to 0.081 and from 0.035 to 0.027, the least-used reachable
-# expert of every layer gains tokens, and the text keeps -2.1 / -1.6 nat per token (the models
-# score real text at -3.4 / -3.6). The paper's tau = 1.2 is 60-120x weaker than the log-prob
-# term: sigma 0.117 / 0.046, no better than the calib split. tau = 0.005 balances harder
-# (0.066 / 0.015) but Mixtral's text falls to -4.2 nat per token, below real text.
-DEFAULT_TAU = 0.02
+# little per token: over one beam's 64 candidates its std is 0.00017 (Mixtral, 8 experts) and
+# 0.00007 (Qwen2-MoE, 16 experts), while the std of -R_new/l_new is 0.008 nat. Set sigma (calib
+# split: 0.115 Mixtral, 0.035 Qwen2-MoE) and mean log-prob per token by tau:
+#   tau 1.2 (paper): 0.117 / 0.046, -1.07 / -1.31  balance term 50-110x below the log-prob term
+#   tau 0.02:        0.081 / 0.027, -2.09 / -1.59  Qwen2-MoE layer 1's least-used expert: 38 vs 36
+#   tau 0.01:        0.071 / 0.021, -3.19 / -2.02  every reachable least-used expert well above calib
+#   tau 0.005:       0.066 / 0.015, -4.21 / -3.02  Mixtral's text below what it scores real text at
+# The models score real text (eval split) at -3.35 / -3.64 nat per token. tau = 0.01 puts the
+# balance term at 2x / 0.85x the log-prob term's spread: the strongest balance whose text stays at
+# least as likely to the model as real text.
+DEFAULT_TAU = 0.01
 GUARDS = ("eos", "ngram", "repetition")
 BALANCE_MODES = ("parent", "candidate")
 
@@ -131,7 +134,6 @@ class EBSSResult:
     scale: dict[str, float]                 # magnitudes for choosing tau
     seconds: float
     output: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def set_sigma(self) -> float:
@@ -288,7 +290,6 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
     S, p = prefixes.shape
     w, L = cfg.beams, cfg.length
     B = S * w
-    seq_of_row = torch.arange(S, device=device).repeat_interleave(w)
     tokens = torch.zeros(B, L, dtype=torch.int64, device=device)
     tokens[:, :p] = prefixes.to(device).repeat_interleave(w, dim=0)
     cache = DynamicCache(config=model.config)
@@ -385,7 +386,7 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
         finished.append(counts[row].cpu())
         results.append({"ids": tokens[row].cpu(), "mean_logprob": float(R[s, best[s]]) / n_gen,
                         "sigma": float(sigma[s, best[s]]), "counts": counts[row].cpu()})
-    del cache, seq_of_row
+    del cache
     return results
 
 
