@@ -3,7 +3,6 @@ round columns to that frozen grid, and pack the result into the format's bytes."
 from __future__ import annotations
 
 import gguf
-import numba
 import numpy as np
 import torch
 
@@ -27,14 +26,8 @@ class FormatGrid:
 
     def round(self, column: torch.Tensor, params: BlockParams, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         values = np.ascontiguousarray(column.cpu().numpy(), dtype=np.float32)[:, None]
-        # one column is too little work for numba's thread pool: launching it costs more than the rounding
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            codes = self.fmt.quantize_to_grid(values, params, j)
-            rounded = self.fmt.dequantize_codes(codes, params, j)[:, 0]
-        finally:
-            numba.set_num_threads(threads)
+        codes = self.fmt.quantize_to_grid(values, params, j)
+        rounded = self.fmt.dequantize_codes(codes, params, j)[:, 0]
         return torch.from_numpy(rounded).to(column.device), torch.from_numpy(codes[:, 0].astype(np.int32))
 
     def pack(self, params: list[BlockParams], codes: torch.Tensor) -> np.ndarray:
