@@ -143,16 +143,22 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench_quality"))
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    ap.add_argument("--reuse", action="store_true", help="take a model's rows from an earlier run's results.json")
     args = ap.parse_args()
     rows, notes = [], []
     for model in args.models:
         work = Path(args.workdir) / model
+        if args.reuse and (work / "results.json").exists():
+            saved = json.loads((work / "results.json").read_text())
+            rows += saved["rows"]
+            notes += saved["notes"]
+            continue
         r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, work)
         (work / "results.json").write_text(json.dumps({"rows": r, "notes": n}, indent=1))  # kept if a later model fails
         rows += r
         notes += n
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    command = "python tools/bench_quality.py " + " ".join(sys.argv[1:])
+    command = "python tools/bench_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse")
     text = (f"{MARK_BEGIN}\n## Quality against llama.cpp's own quants\n\n"
             f"Command: `{command}`  \nDate: {datetime.date.today()}  \nMachine: {machine()}  \nCommit: {commit}  \n"
             f"Eval: {args.chunks} windows of {args.ctx} tokens of the eval split, second half scored, against the F32 GGUF, "

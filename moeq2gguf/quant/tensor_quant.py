@@ -94,7 +94,7 @@ def load_imatrix(path: str | Path, sources) -> dict[str, torch.Tensor]:
     out = {}
     for s in sources:
         sums, counts = tensors.get(f"{s.name}.in_sum2"), tensors.get(f"{s.name}.counts")
-        if sums is None or counts is None:
+        if sums is None or counts is None or len(s.shape) < 2:  # 1-D gates are never quantized
             continue
         k = s.shape[-1]
         groups = 1 if len(s.shape) == 2 else s.shape[0]
