@@ -104,16 +104,17 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
         rows.append(dict(model=model, mix=mix, method=method, bytes=n_bytes, bpw=bpw, ppl=res.ppl_quant,
                          ppl_ratio=res.ppl_ratio, kld=res.kld_mean, kld999=res.kld_p99_9, top1=res.same_top1_pct,
                          seconds=seconds, ppl_base=res.ppl_base))
-    # cross-check our eval with llama-perplexity on the first llama.cpp imatrix file
-    check = next(r for r, (_, m, _, _) in zip(rows, files) if m == "llama.cpp imatrix")
-    check_path = next(f for _, m, f, _ in files if m == "llama.cpp imatrix")
+    return rows, notes
+
+
+def cross_check(model: str, rows: list[dict], ctx: int, chunks: int, work: Path) -> str:
+    """Our eval against llama-perplexity --kl-divergence on the model's Q4_K_M llama.cpp imatrix file."""
+    row = next(r for r in rows if r["model"] == model and r["method"] == "llama.cpp imatrix")
     eval_file = work / "eval.txt"
     eval_file.write_text(corpus.read_text("eval"))
-    ppl_lp, kld_lp = llama_perplexity_kld(base, check_path, eval_file, ctx, chunks, work)
-    notes.append(f"{model} {check['mix']} llama.cpp imatrix: our eval PPL {check['ppl']:.4f} vs llama-perplexity {ppl_lp:.4f} "
-                 f"({100 * (check['ppl'] / ppl_lp - 1):+.3f}%), mean KLD {check['kld']:.6f} vs {kld_lp:.6f} "
-                 f"({100 * (check['kld'] / kld_lp - 1):+.2f}%)")
-    return rows, notes
+    ppl, kld = llama_perplexity_kld(work / "f32.gguf", work / f"{row['mix']}-llama-imatrix.gguf", eval_file, ctx, chunks, work)
+    return (f"{model} {row['mix']} llama.cpp imatrix: our eval PPL {row['ppl']:.4f} vs llama-perplexity {ppl:.4f} "
+            f"({100 * (row['ppl'] / ppl - 1):+.3f}%), mean KLD {row['kld']:.6f} vs {kld:.6f} ({100 * (row['kld'] / kld - 1):+.2f}%)")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -157,6 +158,8 @@ def main() -> None:
         (work / "results.json").write_text(json.dumps({"rows": r, "notes": n}, indent=1))  # kept if a later model fails
         rows += r
         notes += n
+    for model in args.models:
+        notes.append(cross_check(model, rows, args.ctx, args.chunks, Path(args.workdir) / model))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     command = "python tools/bench_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse")
     text = (f"{MARK_BEGIN}\n## Quality against llama.cpp's own quants\n\n"
