@@ -34,13 +34,39 @@ def _eval(args: argparse.Namespace) -> None:
     from moeq2gguf.eval import evaluate
     result = evaluate(args.quant, args.base, text=args.text or args.split, ctx=args.ctx, chunks=args.chunks,
                       progress=not args.json)
-    print(result.to_json() if args.json else result.table())
+    routing = None
+    if args.routing_model:
+        from moeq2gguf.eval.routing import routing_agreement
+        routing = routing_agreement(args.quant, args.routing_model, text=args.text or args.split, ctx=args.ctx)
+    if args.json:
+        import json
+        payload = json.loads(result.to_json())
+        if routing is not None:
+            payload["routing_agreement_pct"] = routing
+        print(json.dumps(payload, indent=1))
+    else:
+        print(result.table())
+        if routing is not None:
+            print("routing agreement (same top-k set), per layer: " + " ".join(f"{a:.1f}%" for a in routing))
 
 
 def _inspect(args: argparse.Namespace) -> None:
     from moeq2gguf.inspect import inspect
     result = inspect(args.path, type=args.type)
-    print(result.to_json() if args.json else result.table())
+    routing = None
+    if args.routing_model:
+        from moeq2gguf.eval.routing import routing_agreement
+        routing = routing_agreement(args.quant, args.routing_model, text=args.text or args.split, ctx=args.ctx)
+    if args.json:
+        import json
+        payload = json.loads(result.to_json())
+        if routing is not None:
+            payload["routing_agreement_pct"] = routing
+        print(json.dumps(payload, indent=1))
+    else:
+        print(result.table())
+        if routing is not None:
+            print("routing agreement (same top-k set), per layer: " + " ".join(f"{a:.1f}%" for a in routing))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -95,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="window length; the second half of each window is scored")
     p.add_argument("--chunks", type=int, default=None, help="at most this many windows")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--routing-model", default=None, metavar="MODEL_DIR",
+                   help="also report per-layer routing agreement against this float checkpoint (torch side)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("calibrate", help="write EBSS calibration data (the model samples itself, balancing its experts) "

@@ -105,3 +105,13 @@ def test_unreadable_files(models, tmp_path, capsys):
     binary.write_bytes(b"\xff\xfe\x00bad")
     code, _, err = run_cli(["eval", str(models["quant"]), "--base", str(models["base"]), "--text", str(binary)], capsys)
     assert code == 2 and "is not UTF-8 text" in err
+
+
+def test_routing_agreement(tmp_path, small_tokenizers):
+    from moeq2gguf.eval.routing import routing_agreement
+    ckpt = save_checkpoint(random_model("mixtral", hidden_size=256, num_hidden_layers=2), small_tokenizers["mixtral"], tmp_path / "m")
+    f32 = convert(ckpt, tmp_path / "f32.gguf", type="F32", progress=False).output
+    q2 = convert(ckpt, tmp_path / "q2.gguf", type="Q2_K", progress=False).output
+    assert routing_agreement(f32, ckpt, windows=1, ctx=256) == [100.0, 100.0]
+    low = routing_agreement(q2, ckpt, windows=1, ctx=256)
+    assert len(low) == 2 and all(0 <= a < 100 for a in low)
