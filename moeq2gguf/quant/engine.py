@@ -139,7 +139,8 @@ def quantized_stream(adapter: FamilyAdapter, sources: list[TensorSource], types:
     tail_w = {s.name: s.load().reshape(s.shape).to(device) for s in tail}
     output_w = tail_w.get("output.weight")
     collector = StatsCollector(1, affinity=False, full=cfg.method in ("gptq", "moequant"), device=device)
-    if output_w is not None:
+    # llama-imatrix leaves the output projection out unless --process-output: so does --method imatrix
+    if output_w is not None and cfg.method != "imatrix":
         for chunk in x.split(cfg.batch_windows):
             normed = nn.rms_norm(chunk, tail_w["output_norm.weight"], spec.rms_norm_eps)
             collector.observe("output", normed.reshape(-1, normed.shape[-1]), None, None)
