@@ -155,6 +155,8 @@ def main() -> None:
             notes += saved["notes"]
             continue
         r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, work)
+        commit_now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        n.append(f"{model}: rows computed at commit {commit_now}")
         (work / "results.json").write_text(json.dumps({"rows": r, "notes": n}, indent=1))  # kept if a later model fails
         rows += r
         notes += n
