@@ -53,20 +53,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from moeq2gguf.inspect import inspect
     result = inspect(args.path, type=args.type)
-    routing = None
-    if args.routing_model:
-        from moeq2gguf.eval.routing import routing_agreement
-        routing = routing_agreement(args.quant, args.routing_model, text=args.text or args.split, ctx=args.ctx)
-    if args.json:
-        import json
-        payload = json.loads(result.to_json())
-        if routing is not None:
-            payload["routing_agreement_pct"] = routing
-        print(json.dumps(payload, indent=1))
-    else:
-        print(result.table())
-        if routing is not None:
-            print("routing agreement (same top-k set), per layer: " + " ".join(f"{a:.1f}%" for a in routing))
+    print(result.to_json() if args.json else result.table())
 
 
 def _demo(args: argparse.Namespace) -> None:
