@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from moeq2gguf import convert, corpus  # noqa: E402
 from moeq2gguf.eval import evaluate_many  # noqa: E402
-from moeq2gguf.llama_tools import llama_perplexity_kld, llama_quantize, llama_tool  # noqa: E402
+from moeq2gguf.llama_tools import llama_perplexity_kld, llama_quantize, llama_tool, run_tool  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid  # noqa: E402,E401,F401
 
@@ -46,13 +46,6 @@ def bits_per_weight(path: Path) -> tuple[int, float]:
     n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     n_weights = sum(int(t.n_elements) for t in reader.tensors)
     return n_bytes, 8 * n_bytes / n_weights
-
-
-def run(cmd: list[str]) -> str:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc.stdout + proc.stderr
 
 
 def compare_digests(a: Path, b: Path) -> str:
@@ -71,7 +64,7 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
     calib_file.write_text(corpus.read_text("calib"))
     t0 = time.time()
     imatrix_file = work / "imatrix.gguf"
-    run([llama_tool("llama-imatrix"), "-m", base, "-f", calib_file, "-o", imatrix_file, "-c", ctx,
+    run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib_file, "-o", imatrix_file, "-c", ctx,
          "--chunks", calib_windows, "-t", os.cpu_count()])
     imatrix_seconds = time.time() - t0
     files: list[tuple[str, str, Path, float]] = []
@@ -80,7 +73,7 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
         files.append((mix, "llama.cpp rtn", llama_quantize(base, work / f"{mix}-llama-rtn.gguf", mix), time.time() - t0))
         t0 = time.time()
         out = work / f"{mix}-llama-imatrix.gguf"
-        run([llama_tool("llama-quantize"), "--imatrix", imatrix_file, base, out, mix, str(os.cpu_count())])
+        run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix_file, base, out, mix, str(os.cpu_count())])
         files.append((mix, "llama.cpp imatrix", out, time.time() - t0 + imatrix_seconds))
         for method in methods:
             t0 = time.time()
