@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from moeq2gguf.calib import EBSSConfig, balance_report, generate_ebss  # noqa: E402
 from moeq2gguf.calib.balance import load_model, resolve_device  # noqa: E402
-from moeq2gguf.calib.ebss import DEFAULT_TAU  # noqa: E402
+from moeq2gguf.calib.ebss import DEFAULT_TAU, cache_path  # noqa: E402
 
 
 def main() -> None:
@@ -37,12 +37,12 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--tau", type=float, nargs="+", default=[DEFAULT_TAU])
-    ap.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    ap.add_argument("--batch", type=int, default=EBSSConfig.batch_sequences, help="sequences per batch")
     ap.add_argument("--balance", nargs="+", default=["candidate"], choices=["parent", "candidate"],
                     help="sigma of the parent beam (ALGORITHMS.md literally) and/or of each candidate; crossed with --tau")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a shared CPU)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=None, help="keep the EBSS .jsonl files and a results.json here")
+    ap.add_argument("--out", default=None, help="write results.json here (the EBSS data itself goes to the EBSS cache)")
     ap.add_argument("--tables", default=None, metavar="RESULTS_JSON", help="only print the tables of an earlier run")
     args = ap.parse_args()
     if args.tables:
@@ -56,23 +56,29 @@ def main() -> None:
     rows, runs = [], []
     for name in args.models:
         model_dir = REPO / "moeq2gguf" / "fixtures" / name
-        model = load_model(model_dir, resolve_device(args.device))
+        device = resolve_device(args.device)
+        model = load_model(model_dir, device)
         for balance, tau in [(b, t) for b in args.balance for t in args.tau]:
             cfg = EBSSConfig(n=args.n, length=args.len, beams=args.beams, topk=args.topk, tau=tau, batch_sequences=args.batch,
                              balance=balance)
-            path = out_dir / f"{name}-{balance}-tau{tau:g}.jsonl"
-            result = generate_ebss(model_dir, path, cfg, progress=True, model=model)
+            # the same cache `convert --calib ebss` reads, so tools/bench_quality.py reuses this data
+            path = cache_path(model_dir, cfg, device)
+            if path.is_file() and path.with_suffix(".json").is_file():
+                summary = json.loads(path.with_suffix(".json").read_text())
+                print(f"reusing {path} (generated in {summary['seconds']:.0f} s)")
+            else:
+                summary = generate_ebss(model_dir, path, cfg, progress=True, model=model).summary()
             t0 = time.perf_counter()
             stats = balance_report(model_dir, [str(path), "calib"], model=model)
             count_s = time.perf_counter() - t0
-            runs.append({"model": name, "tau": tau, "balance": balance, **result.summary(), "count_seconds": count_s})
+            runs.append({"model": name, "tau": tau, "balance": balance, **summary, "count_seconds": count_s, "file": str(path)})
             for s, label in zip(stats, (f"ebss {balance[:4]} {tau:g}", "calib split")):
                 if label == "calib split" and any(r["model"] == name and r["source"] == label for r in rows):
                     continue
                 rows.append({"model": name, "source": label, "tokens": s.n_tokens, "sigma": s.sigma,
                              "layers": [(b, float(ls), int(c.min()), int(c.max())) for b, ls, c in
                                         zip(s.layer_ids, s.layer_sigma, s.counts)],
-                             "seconds": result.seconds if label.startswith("ebss") else None})
+                             "seconds": summary["seconds"] if label.startswith("ebss") else None})
 
     header = f"EBSS vs calib split at equal token count ({args.n} x {args.len} tokens, {args.beams} beams, top-{args.topk})"
     (out_dir / "results.json").write_text(json.dumps({"header": header, "rows": rows, "runs": runs}, indent=1) + "\n")

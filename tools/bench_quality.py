@@ -8,7 +8,10 @@ byte-identical to llama.cpp's, that our quantizer fed llama-imatrix's own file i
 llama-quantize fed the same file, and cross-checks our eval against llama-perplexity --kl-divergence.
 
 usage: python tools/bench_quality.py [--models mixtral-tiny qwen2moe-tiny] [--mixes Q4_K_M Q3_K_M Q2_K]
-                                     [--methods rtn imatrix gptq moequant] [--chunks 32] [--write]
+                                     [--methods rtn imatrix gptq moequant moequant+ebss] [--chunks 32] [--write] [--reuse]
+
+A method may carry "+" options: +ebss (calibrate on EBSS data the model generates, cached),
++rotate (residual rotation), +smooth (EAQuant smoothing aggregation), +smoothdown (down-projection scaling).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from moeq2gguf.eval import evaluate_many  # noqa: E402
 from moeq2gguf.llama_tools import llama_perplexity_kld, llama_quantize, llama_tool, run_tool  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid  # noqa: E402,E401,F401
+import moeq2gguf.calib.ebss, moeq2gguf.calib.balance, moeq2gguf.calib_data  # noqa: E402,E401,F401
 
 MARK_BEGIN, MARK_END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 
@@ -54,43 +58,78 @@ def compare_digests(a: Path, b: Path) -> str:
     return "byte-identical" if not differing else f"{len(differing)} of {len(da)} tensors differ (first: {differing[0]})"
 
 
+# "+" options of a --methods entry (e.g. moequant+ebss, gptq+rotate) -> keyword arguments of convert()
+METHOD_OPTIONS = {"ebss": {"calib": "ebss"}, "rotate": {"rotate": True}, "smooth": {"smooth": "aggregate"},
+                  "smoothdown": {"smooth": "down"}}
+
+
+def convert_kwargs(method: str) -> dict:
+    """'moequant+ebss' -> {'method': 'moequant', 'calib': 'ebss'}"""
+    base, *options = method.split("+")
+    kwargs = {"method": base}
+    for o in options:
+        if o not in METHOD_OPTIONS:
+            raise SystemExit(f"--methods {method}: unknown option +{o}; known: {', '.join(METHOD_OPTIONS)}")
+        kwargs.update(METHOD_OPTIONS[o])
+    return kwargs
+
+
 def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, calib_windows: int, ctx: int,
-                work: Path) -> tuple[list[dict], list[str]]:
+                work: Path, done: set[tuple[str, str]] = frozenset()) -> tuple[list[dict], list[str]]:
+    """Rows for every (mix, method) not in `done` (pairs of mix and row label kept from an earlier run)."""
     model_dir = REPO / "moeq2gguf" / "fixtures" / model
     work.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     base = convert(model_dir, work / "f32.gguf", type="F32", progress=False).output
     calib_file = work / "calib.txt"
     calib_file.write_text(corpus.read_text("calib"))
-    t0 = time.time()
     imatrix_file = work / "imatrix.gguf"
-    run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib_file, "-o", imatrix_file, "-c", ctx,
-         "--chunks", calib_windows, "-t", os.cpu_count()])
-    imatrix_seconds = time.time() - t0
+    imatrix_seconds = None
+    if any("+ebss" in m for m in methods):
+        from moeq2gguf.calib.ebss import EBSSConfig, cache_path, cached_ebss
+        t0 = time.time()
+        ebss_config = EBSSConfig(n=calib_windows, length=ctx)
+        cached = cache_path(model_dir, ebss_config, __import__("torch").device("cpu")).is_file()
+        path = cached_ebss(model_dir, ebss_config, device="cpu")
+        summary = json.loads(path.with_suffix(".json").read_text())
+        notes.append(f"{model}: EBSS data {calib_windows} x {ctx} tokens ({'cached, ' if cached else ''}generated in "
+                     f"{summary['seconds']:.0f} s, {summary['tokens_per_s']:.0f} tok/s on CPU; set sigma {summary['set_sigma']:.4f}); "
+                     f"the +ebss rows' time excludes generation ({time.time() - t0:.0f} s this run)")
     files: list[tuple[str, str, Path, float]] = []
     for mix in mixes:
-        t0 = time.time()
-        files.append((mix, "llama.cpp rtn", llama_quantize(base, work / f"{mix}-llama-rtn.gguf", mix), time.time() - t0))
-        t0 = time.time()
-        out = work / f"{mix}-llama-imatrix.gguf"
-        run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix_file, base, out, mix, str(os.cpu_count())])
-        files.append((mix, "llama.cpp imatrix", out, time.time() - t0 + imatrix_seconds))
-        for method in methods:
+        if (mix, "llama.cpp rtn") not in done:
             t0 = time.time()
-            out = convert(model_dir, work / f"{mix}-{method}.gguf", type=mix, method=method,
-                          calib_windows=calib_windows, calib_ctx=ctx, progress=False).output
+            files.append((mix, "llama.cpp rtn", llama_quantize(base, work / f"{mix}-llama-rtn.gguf", mix), time.time() - t0))
+        if (mix, "llama.cpp imatrix") not in done or not imatrix_file.is_file():
+            if imatrix_seconds is None:
+                t0 = time.time()
+                run_tool([llama_tool("llama-imatrix"), "-m", base, "-f", calib_file, "-o", imatrix_file, "-c", ctx,
+                          "--chunks", calib_windows, "-t", os.cpu_count()])
+                imatrix_seconds = time.time() - t0
+            t0 = time.time()
+            out = work / f"{mix}-llama-imatrix.gguf"
+            run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix_file, base, out, mix, str(os.cpu_count())])
+            if (mix, "llama.cpp imatrix") not in done:
+                files.append((mix, "llama.cpp imatrix", out, time.time() - t0 + imatrix_seconds))
+        for method in methods:
+            if (mix, f"moeq2gguf {method}") in done:
+                continue
+            t0 = time.time()
+            out = convert(model_dir, work / f"{mix}-{method}.gguf", type=mix, calib_windows=calib_windows, calib_ctx=ctx,
+                          progress=False, **convert_kwargs(method)).output
             files.append((mix, f"moeq2gguf {method}", out, time.time() - t0))
-        if "rtn" in methods:
+        if "rtn" in methods and (mix, "moeq2gguf rtn") not in done:
             notes.append(f"{model} {mix}: our rtn vs llama-quantize: "
                          f"{compare_digests(work / f'{mix}-rtn.gguf', work / f'{mix}-llama-rtn.gguf')}")
-        ours_with_their_imatrix = convert(model_dir, work / f"{mix}-imatrix-file.gguf", type=mix, imatrix=str(imatrix_file),
-                                          progress=False).output
-        notes.append(f"{model} {mix}: our quantizer fed llama-imatrix's file vs llama-quantize fed it: "
-                     f"{compare_digests(ours_with_their_imatrix, work / f'{mix}-llama-imatrix.gguf')}")
-        if "imatrix" in methods:
+        if (mix, "llama.cpp imatrix") not in done:
+            ours_with_their_imatrix = convert(model_dir, work / f"{mix}-imatrix-file.gguf", type=mix, imatrix=str(imatrix_file),
+                                              progress=False).output
+            notes.append(f"{model} {mix}: our quantizer fed llama-imatrix's file vs llama-quantize fed it: "
+                         f"{compare_digests(ours_with_their_imatrix, work / f'{mix}-llama-imatrix.gguf')}")
+        if "imatrix" in methods and (mix, "moeq2gguf imatrix") not in done:
             notes.append(f"{model} {mix}: our --method imatrix (torch statistics) vs llama.cpp imatrix: "
                          f"{compare_digests(work / f'{mix}-imatrix.gguf', work / f'{mix}-llama-imatrix.gguf')}")
-    results = evaluate_many([f for _, _, f, _ in files], base, "eval", ctx, chunks, progress=True)
+    results = evaluate_many([f for _, _, f, _ in files], base, "eval", ctx, chunks, progress=True) if files else []
     rows = []
     for (mix, method, path, seconds), res in zip(files, results):
         n_bytes, bpw = bits_per_weight(path)
@@ -137,22 +176,26 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench_quality"))
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
-    ap.add_argument("--reuse", action="store_true", help="take a model's rows from an earlier run's results.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the rows of an earlier run's results.json and compute only the missing (mix, method) rows")
     args = ap.parse_args()
     rows, notes = [], []
     for model in args.models:
         work = Path(args.workdir) / model
-        if args.reuse and (work / "results.json").exists():
-            saved = json.loads((work / "results.json").read_text())
-            rows += saved["rows"]
-            notes += saved["notes"]
-            continue
-        r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, work)
-        commit_now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        n.append(f"{model}: rows computed at commit {commit_now}")
-        (work / "results.json").write_text(json.dumps({"rows": r, "notes": n}, indent=1))  # kept if a later model fails
-        rows += r
-        notes += n
+        saved = json.loads((work / "results.json").read_text()) if args.reuse and (work / "results.json").exists() \
+            else {"rows": [], "notes": []}
+        done = {(r["mix"], r["method"]) for r in saved["rows"]}
+        r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, work, done)
+        if r:
+            commit_now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+            n.append(f"{model}: rows {', '.join(sorted({x['method'] for x in r}))} computed at commit {commit_now}")
+        order = {(mix, label): i for i, (mix, label) in enumerate(
+            (mix, label) for mix in args.mixes for label in ["llama.cpp rtn", "llama.cpp imatrix"] + [f"moeq2gguf {m}" for m in args.methods])}
+        model_rows = sorted(saved["rows"] + r, key=lambda x: order.get((x["mix"], x["method"]), len(order)))
+        model_notes = saved["notes"] + [x for x in n if x not in saved["notes"]]
+        (work / "results.json").write_text(json.dumps({"rows": model_rows, "notes": model_notes}, indent=1))  # kept if a later model fails
+        rows += model_rows
+        notes += model_notes
     for model in args.models:
         notes.append(cross_check(model, rows, args.ctx, args.chunks, Path(args.workdir) / model))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
@@ -161,7 +204,9 @@ def main() -> None:
             f"Command: `{command}`  \nDate: {datetime.date.today()}  \nMachine: {machine()}  \nCommit: {commit}  \n"
             f"Eval: {args.chunks} windows of {args.ctx} tokens of the eval split, second half scored, against the F32 GGUF, "
             f"F32 KV cache. Calibration: {args.calib_windows} windows of {args.ctx} tokens of the calib split for every "
-            f"calibrated method, llama-imatrix included. Time: conversion (llama.cpp imatrix includes llama-imatrix).\n\n"
+            f"calibrated method, llama-imatrix included, except +ebss rows: as many EBSS sequences of as many tokens, generated by "
+            f"the model itself (ALGORITHMS.md section 5). Time: conversion (llama.cpp imatrix includes llama-imatrix). "
+            f"Rows of a model may come from different commits (`--reuse` computes only missing rows): the notes say which.\n\n"
             f"{format_table(rows)}\n\n" + "\n".join(f"- {n}" for n in notes) + f"\n{MARK_END}\n")
     print(text)
     if args.write:
