@@ -1,4 +1,5 @@
 """moeq2gguf: MoE-aware quantization of Hugging Face Mixture-of-Experts checkpoints into GGUF."""
+from moeq2gguf.bench import BenchRow, bench_file
 from moeq2gguf.convert import ConvertResult, convert
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.inspect import inspect
@@ -11,4 +12,4 @@ def demo(**kwargs):
     return _demo(**kwargs)
 
 
-__all__ = ["convert", "ConvertResult", "demo", "inspect", "Moeq2ggufError", "__version__"]
+__all__ = ["bench_file", "BenchRow", "convert", "ConvertResult", "demo", "inspect", "Moeq2ggufError", "__version__"]

@@ -56,6 +56,17 @@ def _inspect(args: argparse.Namespace) -> None:
     print(result.to_json() if args.json else result.table())
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from moeq2gguf.bench import bench_file, machine_info, table, to_json
+    try:
+        threads = tuple(int(t) for t in args.threads.split(","))
+    except ValueError:
+        raise Moeq2ggufError(f"--threads {args.threads!r} is not a comma-separated list of integers; e.g. --threads 1,2,4") from None
+    rows = bench_file(args.path, threads=threads, ctx=args.ctx, gen=args.gen, repeats=args.repeats)
+    machine = machine_info()
+    print(to_json(rows, machine) if args.json else table(rows, machine))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from moeq2gguf.demo import demo
     demo(workdir=args.workdir)
@@ -143,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", default="F16", help="for a checkpoint: the --type convert would be given (default F16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("bench", help="load time, peak RSS, prompt and generation tokens/s of any GGUF through "
+                                     "llama-cpp-python, each thread count in a fresh process")
+    p.add_argument("path", help="a .gguf file")
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts, one row each (default 1,2)")
+    p.add_argument("--ctx", type=int, default=512, help="prompt tokens, decoded in one batch (default 512)")
+    p.add_argument("--gen", type=int, default=64, help="greedy tokens generated after the prompt (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per thread count; the median is shown (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON (rows and machine) instead of a table")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
     p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")
