@@ -12,7 +12,8 @@ def _convert(args: argparse.Namespace) -> None:
     from moeq2gguf.convert import convert
     result = convert(args.model_dir, args.output, type=args.type, method=args.method, calib=args.calib,
                      device=args.device, tensor_types=tuple(args.tensor_type), imatrix=args.imatrix,
-                     calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, progress=not args.quiet)
+                     calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, smooth=args.smooth,
+                     expert_hadamard=args.expert_hadamard, progress=not args.quiet)
     if result.report and any("recon_error" in t for t in result.report.tensors.values()):
         print(reconstruction_summary(result.report))
     print(f"wrote {result.output} ({result.n_bytes / 2**20:.1f} MiB, {result.n_tensors} tensors) in "
@@ -67,6 +68,15 @@ def _bench(args: argparse.Namespace) -> None:
     print(to_json(rows, machine) if args.json else table(rows, machine))
 
 
+def _runtime_build(args: argparse.Namespace) -> None:
+    from moeq2gguf.runtime_build import build
+    if args.cuda_arch and not args.cuda:
+        raise Moeq2ggufError("--cuda-arch applies to --cuda builds; add --cuda")
+    result = build(cuda=args.cuda, cuda_arch=args.cuda_arch, jobs=args.jobs, force=args.force)
+    how = "cached" if result.cached else f"built in {result.seconds:.0f} s"
+    print(f"patched llama.cpp ({how}): {result.lib_dir}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from moeq2gguf.demo import demo
     demo(workdir=args.workdir)
@@ -107,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a tensor's type, as llama-quantize's --tensor-type (repeatable)")
     p.add_argument("--imatrix", default=None, help="a llama-imatrix GGUF file to use as importance (with --method rtn)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--smooth", default=None, choices=["per-expert"],
+                   help="per-expert: scale each expert's gate/up input channels by s_e measured on the calibration text "
+                        "(EAQuant, alpha 0.6); the file then needs the patched llama.cpp (moeq2gguf runtime build)")
+    p.add_argument("--expert-hadamard", action="store_true",
+                   help="rotate each expert's down-projection input by a blockwise Hadamard that the patched llama.cpp "
+                        "applies at run time (moeq2gguf runtime build)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)
 
@@ -164,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per thread count; the median is shown (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON (rows and machine) instead of a table")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("runtime", help="the patched llama.cpp that runs --smooth per-expert / --expert-hadamard files")
+    rsub = p.add_subparsers(dest="runtime_command", required=True)
+    b = rsub.add_parser("build", help="build (or find cached) the patched libllama from the pinned llama-cpp-python sdist, "
+                                      "against the installed stock libggml; prints its folder (LLAMA_CPP_LIB_PATH)")
+    b.add_argument("--cuda", action="store_true", help="also build libggml with CUDA (for a llama-cpp-python without it)")
+    b.add_argument("--cuda-arch", default=None, metavar="ARCHS", help="CMAKE_CUDA_ARCHITECTURES with --cuda, e.g. 90")
+    b.add_argument("-j", "--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
+    b.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
+    b.set_defaults(func=_runtime_build)
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
     p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")

@@ -56,12 +56,14 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
 def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], type: str = "F16",
             method: str = "rtn", calib: str | None = None, device: str = "cpu", tensor_types: tuple[str, ...] = (),
             imatrix: str | None = None, calib_windows: int = 32, calib_ctx: int = 512,
-            progress: bool = True) -> ConvertResult:
+            smooth: str | None = None, expert_hadamard: bool = False, progress: bool = True) -> ConvertResult:
     """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs.
 
     type: F32 | F16 | BF16, or a llama.cpp mix (Q4_K_M, Q3_K_M, Q2_K, Q4_0, Q8_0, IQ4_XS, ...)
     method: rtn | imatrix | gptq | moequant; calib: a split name (default calib) or a .txt/.jsonl path;
-    tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file."""
+    tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file;
+    smooth='per-expert' / expert_hadamard: per-expert input smoothing / the expert Hadamard (transforms/patched.py),
+    exact in float; the file then needs the patched llama.cpp (`moeq2gguf runtime build`)."""
     t0 = time.time()
     type_name = plan.validate_type(type)
     cfg = QuantConfig(method=method, calib=calib or "calib", device=device, imatrix_file=imatrix,
@@ -70,6 +72,14 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         raise Moeq2ggufError(f"--method {method} / --imatrix quantize weights; pick a quantized --type such as Q4_K_M")
     if imatrix and method != "rtn":
         raise Moeq2ggufError("--imatrix FILE replaces our statistics; use it with --method rtn (the default)")
+    expert_tf = None
+    if smooth is not None or expert_hadamard:   # files for the patched llama.cpp (runtime_patches/)
+        from moeq2gguf.transforms import patched
+        expert_tf = patched.ExpertTransforms(smooth=smooth, hadamard=expert_hadamard)
+    if expert_tf is not None and (method != "rtn" or imatrix):
+        raise Moeq2ggufError("--smooth per-expert / --expert-hadamard work with --method rtn and --type for now: the "
+                             "calibration forward does not apply them yet, so its statistics would be of the "
+                             "untransformed model")
     overrides = [parse_override(t) for t in tensor_types]
     output = Path(output)
     if not output.parent.is_dir():
@@ -81,6 +91,10 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     spec = adapter.spec
     sources = adapter.all_tensors()
     adapter.check_all_used(sources)
+    add_expert_metadata = None
+    if expert_tf is not None:   # after the rotation: smoothing is measured on the rotated model
+        sources, add_expert_metadata = patched.apply(adapter, sources, expert_tf, cfg.calib, cfg.n_windows, cfg.ctx,
+                                                     device)
     vocab = load_vocab(adapter.reader.model_dir, spec.vocab_size, adapter.config, adapter.default_pre_tokenizer)
     has_imatrix = method in CALIBRATED or imatrix is not None
     types = plan.assign(sources, type_name, spec, has_imatrix, overrides)
@@ -96,6 +110,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
             writer.add_string("moeq2gguf.method", "imatrix-file" if imatrix else method)
             writer.add_string("moeq2gguf.type", type_name)
         adapter.add_arch_metadata(writer)
+        if add_expert_metadata is not None:
+            add_expert_metadata(writer)
         vocab.add_to(writer)
         n_bytes = 0
         for source, qtype in zip(sources, types):

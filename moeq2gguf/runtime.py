@@ -71,10 +71,11 @@ def _bind(patched: bool) -> None:
 
 @contextlib.contextmanager
 def load(path: str | os.PathLike[str], n_ctx: int = 512, f32_kv_cache: bool = True,
-         n_threads: int | None = None, patched: bool = False) -> Iterator["object"]:
+         n_threads: int | None = None, patched: bool = False, verbose: bool = False) -> Iterator["object"]:
     """A llama_cpp.Llama with logits for every position. An F32 KV cache by default, so that a
     comparison with transformers is about the weights, not the cache's fp16 rounding (router
-    near-ties flip at ~1e-3). patched: run the patched llama.cpp (runtime_patches/)."""
+    near-ties flip at ~1e-3). patched: run the patched llama.cpp (runtime_patches/); verbose: llama.cpp's
+    log on stderr (it says why a file does not load)."""
     path = Path(path)
     if not path.is_file():
         raise Moeq2ggufError(f"{path} does not exist; pass a .gguf file")
@@ -90,7 +91,7 @@ def load(path: str | os.PathLike[str], n_ctx: int = 512, f32_kv_cache: bool = Tr
         kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                              n_threads=n_threads or os.cpu_count(), verbose=False, **kwargs)
+                              n_threads=n_threads or os.cpu_count(), verbose=verbose, **kwargs)
     except ValueError as exc:
         raise Moeq2ggufError(f"llama.cpp could not load {path} ({exc}); it is not a GGUF file this llama.cpp runs") from exc
     try:
@@ -152,7 +153,8 @@ def _worker(argv: list[str]) -> int:
                                      "need the patched llama.cpp (`moeq2gguf runtime build`, then patched=True)") from exc
             raise Moeq2ggufError(f"stock llama.cpp loaded {path}, which uses {' and '.join(needs)}: it would run it "
                                  "wrong; the file lacks the tensors that make stock llama.cpp refuse it")
-        with load(path, n_ctx=int(n_ctx), n_threads=int(n_threads) or None, patched=kind == "patched") as llm:
+        with load(path, n_ctx=int(n_ctx), n_threads=int(n_threads) or None, patched=kind == "patched",
+                  verbose=True) as llm:
             np.save(Path(folder) / "logits.npy", logits(llm, tokens))
     except (Moeq2ggufError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

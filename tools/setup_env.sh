@@ -15,4 +15,6 @@ pip_quiet() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | gr
 stage "llama.cpp + llama-cpp-python" tools/build_llama.sh "$PY"
 "$PY" -c "import moeq2gguf, pytest, transformers, numba" 2>/dev/null && [ ! pyproject.toml -nt .venv/.moeq2gguf-installed ] \
   || { stage "moeq2gguf and its dependencies" pip_quiet -e ".[dev]" && touch .venv/.moeq2gguf-installed; }
+# libllama with runtime_patches/ applied, linked to the stock libggml above (cached under .cache/llama-patched)
+stage "patched llama.cpp (runtime_patches/)" .venv/bin/moeq2gguf runtime build
 "$PY" -c "import llama_cpp, moeq2gguf, torch" || { echo "[setup] the environment is incomplete"; exit 1; }

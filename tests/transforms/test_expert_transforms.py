@@ -1,0 +1,121 @@
+"""Per-expert smoothing and the expert Hadamard as transforms of the tensor sources: the matrices are
+llama.cpp's, and the transformed model is the same function in float (torch only; the patched llama.cpp
+runs them in tests/test_runtime_patched.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moeq2gguf import Moeq2ggufError
+from moeq2gguf.models.registry import open_model
+from moeq2gguf.testing import random_model, save_checkpoint
+from moeq2gguf.transforms import expert_hadamard, expert_smoothing
+from moeq2gguf.transforms.expert_hadamard import apply_blocks, hadamard_block, hadamard_matrix
+from patched_reference import patched_logits
+from util import eval_tokens, relative_error, transformers_logits
+
+
+def ggml_gen_hadamard(n: int) -> np.ndarray:
+    """llama.cpp's src/llama-kv-cache.cpp construction, transcribed: H_2s = [[H, H], [H, -H]] in place."""
+    data = np.zeros((n, n), dtype=np.float64)
+    data[0, 0] = 1.0 / np.sqrt(n)
+    s = 1
+    while s < n:
+        data[s:2 * s, :s] = data[:s, :s]
+        data[:s, s:2 * s] = data[:s, :s]
+        data[s:2 * s, s:2 * s] = -data[:s, :s]
+        s *= 2
+    return data
+
+
+@pytest.mark.parametrize("n", [2, 8, 32, 128, 512])
+def test_hadamard_matrix_is_llama_cpps(n):
+    h = hadamard_matrix(n).numpy()
+    np.testing.assert_allclose(h, ggml_gen_hadamard(n), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(h @ h, np.eye(n), atol=1e-12)    # symmetric and orthogonal: H H = I
+    np.testing.assert_array_equal(h, h.T)
+
+
+@pytest.mark.parametrize("n_ff, cap, block", [(96, None, 32), (128, None, 128), (1408, None, 128),
+                                              (14336, None, 2048), (14336, 512, 512), (2880, None, 64)])
+def test_block_is_largest_power_of_two_divisor(n_ff, cap, block):
+    assert hadamard_block(n_ff, cap) == block
+
+
+def test_block_errors():
+    with pytest.raises(Moeq2ggufError, match="odd"):
+        hadamard_block(99)
+    with pytest.raises(Moeq2ggufError, match="power of two"):
+        hadamard_block(96, max_block=48)
+
+
+def test_apply_blocks_is_block_diagonal_product():
+    x = torch.randn(5, 3, 96, dtype=torch.float64)
+    h = hadamard_matrix(32)
+    full = torch.block_diag(h, h, h)
+    torch.testing.assert_close(apply_blocks(x, 32), x @ full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(apply_blocks(apply_blocks(x, 32), 32), x, rtol=0, atol=1e-12)
+
+
+def test_smoothing_scales():
+    absmax = torch.tensor([[4.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    wmax = torch.tensor([[2.0, 3.0, 0.0], [1.0, 1.0, 1.0]])
+    s = expert_smoothing.smoothing_scales(absmax, wmax, alpha=0.6)
+    assert s[0, 0].item() == pytest.approx(4.0 ** 0.6 / 2.0 ** 0.4)
+    # no evidence (unrouted expert, zero activations or weights): no smoothing
+    assert s[0, 1] == 1 and s[0, 2] == 1 and (s[1] == 1).all()
+    with pytest.raises(Moeq2ggufError, match="alpha"):
+        expert_smoothing.smoothing_scales(absmax, wmax, alpha=1.5)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory, small_tokenizers):
+    """A random Mixtral whose expert width 96 takes 3 Hadamard blocks of 32."""
+    model = random_model("mixtral", intermediate_size=96)
+    path = save_checkpoint(model, small_tokenizers["mixtral"], tmp_path_factory.mktemp("mixtral") / "ckpt")
+    return path, model
+
+
+@pytest.mark.parametrize("smooth, hadamard", [(True, True), (True, False), (False, True)])
+def test_transformed_model_is_the_same_function(mixtral, small_tokenizers, eval_text, smooth, hadamard):
+    path, model = mixtral
+    adapter = open_model(path)
+    spec, sources = adapter.spec, adapter.all_tensors()
+    tokens = eval_tokens(small_tokenizers["mixtral"], eval_text, 64)
+    transformed, block = sources, 0
+    if smooth:
+        windows = torch.tensor(eval_tokens(small_tokenizers["mixtral"], eval_text, 128, offset=5000)).view(2, 64)
+        stats = expert_smoothing.expert_input_absmax(sources, spec, windows)
+        assert set(stats) == set(range(spec.n_layers)) and all((st.count > 0).all() for st in stats.values())
+        transformed = expert_smoothing.smooth_sources(transformed, spec, stats)
+    if hadamard:
+        block = hadamard_block(spec.expert_width)
+        transformed = expert_hadamard.expert_hadamard_sources(transformed, spec, block)
+    t = {s.name: s.load().reshape(s.shape).float() for s in transformed}
+    plain = {s.name: s.load().reshape(s.shape).float() for s in sources}
+
+    names = [s.name for s in transformed]
+    extra = {f"blk.{b}.ffn_exps_smooth" for b in range(spec.n_layers)} if smooth else set()
+    extra |= {"ffn_exps_hadamard"} if hadamard else set()
+    assert set(names) == set(plain) | extra
+    if smooth:   # inside its layer, after the layer's expert readers (the engine streams layer by layer)
+        i = names.index("blk.0.ffn_exps_smooth")
+        assert names[i - 1] == "blk.0.ffn_up_exps.weight" and transformed[i].layer == 0
+        r = t["blk.0.ffn_exps_smooth"]
+        assert r.shape == (spec.n_experts, spec.hidden_size) and r.max() / r.min() > 2   # it does smooth
+        torch.testing.assert_close(t["blk.0.ffn_up_exps.weight"] * r[:, None, :], plain["blk.0.ffn_up_exps.weight"])
+    if hadamard:
+        assert names[-1] == "ffn_exps_hadamard"
+        torch.testing.assert_close(t["ffn_exps_hadamard"], hadamard_matrix(block).float())
+        assert (t["blk.1.ffn_down_exps.weight"] - plain["blk.1.ffn_down_exps.weight"]).abs().max() > 1e-2
+
+    ref = transformers_logits(model, tokens)
+    base = patched_logits(plain, spec, tokens, 0)
+    got = patched_logits(t, spec, tokens, block)
+    assert relative_error(base, ref) < 1e-5      # the reference forward is Mixtral's
+    assert relative_error(got, base) < 1e-5
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    # without the runtime's part of the transform the model is a different function
+    if hadamard:
+        assert relative_error(patched_logits(t, spec, tokens, 0), base) > 1e-2
