@@ -76,10 +76,10 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     if smooth is not None or expert_hadamard:   # files for the patched llama.cpp (runtime_patches/)
         from moeq2gguf.transforms import patched
         expert_tf = patched.ExpertTransforms(smooth=smooth, hadamard=expert_hadamard)
-    if expert_tf is not None and (method != "rtn" or imatrix):
-        raise Moeq2ggufError("--smooth per-expert / --expert-hadamard work with --method rtn and --type for now: the "
-                             "calibration forward does not apply them yet, so its statistics would be of the "
-                             "untransformed model")
+    if expert_tf is not None and imatrix:
+        raise Moeq2ggufError("--smooth per-expert / --expert-hadamard change the expert weights and inputs: an --imatrix "
+                             "FILE (statistics of the untransformed model) or a size target does not apply; use --method "
+                             "with --type")
     overrides = [parse_override(t) for t in tensor_types]
     output = Path(output)
     if not output.parent.is_dir():

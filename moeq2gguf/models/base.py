@@ -103,6 +103,9 @@ class ModelSpec:
     expert_bias: bool = False          # routed experts' gate/up/down carry biases (GPT-OSS)
     swiglu_alpha: float = 0.0
     swiglu_limit: float = 0.0
+    # the patched llama.cpp's expert Hadamard (transforms/expert_hadamard.py): each expert's intermediate activation
+    # is rotated blockwise by this power-of-two order before the down projection; 0: off (stock llama.cpp)
+    expert_hadamard_block: int = 0
 
     @property
     def dense_layers(self) -> tuple[int, ...]:

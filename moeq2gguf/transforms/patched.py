@@ -3,13 +3,16 @@ the expert Hadamard, applied to the TensorSource list after the residual rotatio
 smoothing is measured on the rotated model, the Hadamard acts inside the experts)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gguf
+import torch
 
+from moeq2gguf import nn
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.models.base import FamilyAdapter, TensorSource
+from moeq2gguf.models.base import FamilyAdapter, ModelSpec, TensorSource
 from moeq2gguf.transforms import expert_hadamard, expert_smoothing
 
 SMOOTHING = ("per-expert",)
@@ -34,7 +37,7 @@ class ExpertTransforms:
 def apply(adapter: FamilyAdapter, sources: list[TensorSource], transforms: ExpertTransforms, calib: str,
           n_windows: int, ctx: int, device: str = "cpu") -> tuple[list[TensorSource], Callable[[gguf.GGUFWriter], None]]:
     """The transformed sources, and a function that writes the GGUF keys announcing them."""
-    spec, steps = adapter.spec, []
+    spec, steps, before = adapter.spec, [], sources
     if transforms.smooth == "per-expert":
         from moeq2gguf.calib_data import calibration_windows
         windows = calibration_windows(adapter.reader.model_dir, calib, n_windows, ctx)
@@ -45,8 +48,34 @@ def apply(adapter: FamilyAdapter, sources: list[TensorSource], transforms: Exper
         block = expert_hadamard.hadamard_block(spec.expert_width, transforms.hadamard_max_block)
         sources = expert_hadamard.expert_hadamard_sources(sources, spec, block)
         steps.append(lambda w: expert_hadamard.add_metadata(w, spec.gguf_arch, block))
+        # the model is now the patched runtime's graph: the calibration forward (nn.moe) rotates h as it does
+        adapter.spec = dataclasses.replace(spec, expert_hadamard_block=block)
+
+    check_forward(adapter, spec, before, sources)
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         for step in steps:
             step(writer)
     return sources, add_metadata
+
+
+def check_forward(adapter: FamilyAdapter, spec_before: ModelSpec, before: list[TensorSource],
+                  after: list[TensorSource], n_tokens: int = 32, tol: float = 1e-4) -> None:
+    """The calibration forward (nn) must run the transformed model as the patched llama.cpp does, or the
+    quantizers' statistics and the layer-by-layer inputs would be of another function: one MoE layer, transformed
+    and not, on the same input."""
+    bid = next((s.layer for s in before if s.name.endswith(".ffn_gate_inp.weight")), None)
+    if bid is None:
+        raise Moeq2ggufError("--smooth per-expert / --expert-hadamard: the model has no routed experts")
+
+    def layer(sources: list[TensorSource]) -> dict[str, torch.Tensor]:
+        return {s.name.split(".", 2)[2]: s.load().reshape(s.shape).to(torch.float32) for s in sources if s.layer == bid}
+
+    x = torch.randn(1, n_tokens, spec_before.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = nn.decoder_layer(x, layer(before), spec_before, bid=bid)[0]
+        got = nn.decoder_layer(x, layer(after), adapter.spec, bid=bid)[0]
+    err = float((got - ref).abs().max() / ref.abs().max())
+    if not err <= tol:
+        raise Moeq2ggufError(f"the calibration forward does not run layer {bid} with the expert transforms as the patched "
+                             f"llama.cpp does (relative difference {err:.2e}); this version cannot convert with them")

@@ -3,11 +3,13 @@ llama.cpp's, and the transformed model is the same function in float (torch only
 runs them in tests/test_runtime_patched.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from moeq2gguf import Moeq2ggufError
+from moeq2gguf import Moeq2ggufError, nn
 from moeq2gguf.models.registry import open_model
 from moeq2gguf.testing import random_model, save_checkpoint
 from moeq2gguf.transforms import expert_hadamard, expert_smoothing
@@ -119,3 +121,14 @@ def test_transformed_model_is_the_same_function(mixtral, small_tokenizers, eval_
     # without the runtime's part of the transform the model is a different function
     if hadamard:
         assert relative_error(patched_logits(t, spec, tokens, 0), base) > 1e-2
+    # the calibration forward (nn) applies both as the patched runtime does: its layer outputs are the float model's
+    nn_spec = dataclasses.replace(spec, expert_hadamard_block=block)
+    x = torch.tensor([tokens])
+    h_plain, h_tf = nn.embed(x, plain["token_embd.weight"]), nn.embed(x, t["token_embd.weight"])
+    with torch.no_grad():
+        for bid in range(spec.n_layers):
+            layer = {k.split(".", 2)[2]: v for k, v in plain.items() if k.startswith(f"blk.{bid}.")}
+            layer_tf = {k.split(".", 2)[2]: v for k, v in t.items() if k.startswith(f"blk.{bid}.")}
+            h_plain = nn.decoder_layer(h_plain, layer, spec, bid=bid)[0]
+            h_tf = nn.decoder_layer(h_tf, layer_tf, nn_spec, bid=bid)[0]
+            assert relative_error(h_tf.numpy(), h_plain.numpy()) < 1e-5, bid
