@@ -25,7 +25,8 @@ def _gguf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def routing_agreement(quant: str | os.PathLike[str], model_dir: str | os.PathLike[str], text: str = "eval",
                       windows: int = 4, ctx: int = 512) -> list[float]:
-    """Per layer, % of tokens whose selected expert set is unchanged by quantization."""
+    """Per MoE layer (dense leading layers have no routing), % of tokens whose selected expert set is
+    unchanged by quantization."""
     adapter = open_model(model_dir)
     spec = adapter.spec
     reason = nn.unsupported_reason(spec)
@@ -44,7 +45,8 @@ def routing_agreement(quant: str | os.PathLike[str], model_dir: str | os.PathLik
             routes = []
             for i, w in enumerate((float_w, quant_w)):
                 layer = {k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)}
-                xs[i], r = nn.decoder_layer(xs[i], layer, spec)
-                routes.append(r.experts.sort(-1).values)
-            agree.append(100.0 * float((routes[0] == routes[1]).all(-1).float().mean()))
+                xs[i], r = nn.decoder_layer(xs[i], layer, spec, bid=bid)
+                routes.append(None if r is None else r.experts.sort(-1).values)
+            if routes[0] is not None:
+                agree.append(100.0 * float((routes[0] == routes[1]).all(-1).float().mean()))
     return agree

@@ -118,17 +118,30 @@ def quantized_stream(adapter: FamilyAdapter, sources: list[TensorSource], types:
         w = {k: v.to(device) for k, v in _layer_weights(layer_sources).items()}
         collector = StatsCollector(spec.n_experts, affinity=cfg.method == "moequant",
                                    full=cfg.method in ("gptq", "moequant"), device=device)
-        x_float = _run_layer(x, w, spec, collector, cfg.batch_windows)
+        x_float = _run_layer(x, w, spec, collector, cfg.batch_windows, bid)
         encoded, qweights = {}, {}
-        for s in layer_sources:
-            short = _short(s.name)
-            qtype = type_of[s.name]
-            encoded[s.name], qweights[s.name.split(".", 2)[2]], info = tensor_quant.quantize_with_stats(
-                w[s.name.split(".", 2)[2]], qtype, cfg.method, collector, nn.INPUT_OF.get(short), cfg.gptq)
-            report.tensors[s.name] = info
-            if info.get("coverage") is not None:
-                report.coverage[s.name] = info.pop("coverage")
-        x = _run_layer(x, qweights, spec, None, cfg.batch_windows) if sequential else x_float
+        # A second bar inside the layer, over its tensors counted in groups (a routed expert stack counts
+        # E, any other tensor 1): the expert stacks are where a big model's GPTQ time goes.
+        groups = [s.shape[0] if s.role == "expert" and len(s.shape) == 3 else 1 for s in layer_sources]
+        inner = tqdm(total=sum(groups), desc=f"layer {bid}", unit="group", leave=False, position=1,
+                     disable=not progress)
+        for s, n_groups in zip(layer_sources, groups):
+            key, qtype = s.name.split(".", 2)[2], type_of[s.name]
+            inner.set_postfix_str(_short(s.name))   # the tensor being quantized
+            if s.raw_qtype is not None and qtype == s.raw_qtype:
+                # blocks the checkpoint already holds in a GGML format (GPT-OSS MXFP4 experts) are copied;
+                # w[key] holds their exact values, which the next layers then see
+                encoded[s.name], qweights[key] = s.load_raw().numpy(), w[key]
+                report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
+            else:
+                encoded[s.name], qweights[key], info = tensor_quant.quantize_with_stats(
+                    w[key], qtype, cfg.method, collector, nn.INPUT_OF.get(_short(s.name)), cfg.gptq)
+                report.tensors[s.name] = info
+                if info.get("coverage") is not None:
+                    report.coverage[s.name] = info.pop("coverage")
+            inner.update(n_groups)
+        inner.close()
+        x = _run_layer(x, qweights, spec, None, cfg.batch_windows, bid) if sequential else x_float
         del w, qweights, collector, x_float
         for s in layer_sources:
             yield encoded.pop(s.name)
@@ -152,6 +165,6 @@ def quantized_stream(adapter: FamilyAdapter, sources: list[TensorSource], types:
         yield data
 
 
-def _run_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec, observer, batch: int) -> torch.Tensor:
+def _run_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec, observer, batch: int, bid: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([nn.decoder_layer(chunk, w, spec, observer)[0] for chunk in x.split(batch)])
+        return torch.cat([nn.decoder_layer(chunk, w, spec, observer, bid=bid)[0] for chunk in x.split(batch)])

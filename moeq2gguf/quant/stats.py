@@ -5,6 +5,8 @@ section 3) every token's contribution is multiplied by the routing weight the ru
 expert's output (and a gated shared expert's by its sigmoid gate); without it every routed token counts
 once, as GPTQ and llama-imatrix do. Coverage (section 4): an expert seen by fewer tokens than its input
 width is blended with the layer's pooled Hessian; one never seen uses the pooled Hessian alone.
+A per-head weight stack (MLA's attn_k_b / attn_v_b) is observed as x [T, H, K]: one group per head,
+each with its own statistics, every token counted once per head; heads are never blended.
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ class InputStats:
     plain_sq: torch.Tensor              # [G, K]    sum of x^2 (llama-imatrix's statistic)
     count: torch.Tensor                 # [G]       tokens
     mass: torch.Tensor                  # [G]       sum of w_t
+    routed: bool = False                # groups are routed experts (coverage applies), not heads
 
     @classmethod
-    def empty(cls, groups: int, k: int, full: bool, device: torch.device) -> "InputStats":
+    def empty(cls, groups: int, k: int, full: bool, device: torch.device, routed: bool = False) -> "InputStats":
         z = lambda *s: torch.zeros(*s, dtype=torch.float64 if len(s) < 3 else torch.float32, device=device)  # noqa: E731
-        return cls(z(groups, k, k) if full else None, z(groups, k), z(groups, k), z(groups), z(groups))
+        return cls(z(groups, k, k) if full else None, z(groups, k), z(groups, k), z(groups), z(groups), routed)
 
 
 @dataclass
@@ -45,9 +48,14 @@ class StatsCollector:
 
     def observe(self, name: str, x: torch.Tensor, token_weight: torch.Tensor | None, expert: int | None) -> None:
         routed = expert is not None
+        if x.dim() == 3:
+            assert not routed and token_weight is None, "per-head inputs are unrouted and unweighted"
+            self._observe_heads(name, x)
+            return
         stats = self.inputs.get(name)
         if stats is None:
-            stats = self.inputs[name] = InputStats.empty(self.n_experts if routed else 1, x.shape[-1], self.full, self.device)
+            stats = self.inputs[name] = InputStats.empty(self.n_experts if routed else 1, x.shape[-1], self.full,
+                                                         self.device, routed)
         g = expert if routed else 0
         x = x.to(self.device, torch.float32)
         w = token_weight.to(self.device, torch.float32) if (self.affinity and token_weight is not None) else None
@@ -65,6 +73,21 @@ class StatsCollector:
             if self.full:
                 stats.weighted_xxt[g] += (x * w[:, None]).T @ x
 
+    def _observe_heads(self, name: str, x: torch.Tensor) -> None:
+        """x [T, H, K]: head h's input rows are x[:, h]."""
+        t, heads, k = x.shape
+        stats = self.inputs.get(name)
+        if stats is None:
+            stats = self.inputs[name] = InputStats.empty(heads, k, self.full, self.device)
+        x = x.to(self.device, torch.float32)
+        sq = (x * x).sum(0, dtype=torch.float64)                       # [H, K]
+        stats.plain_sq += sq
+        stats.weighted_sq += sq
+        stats.count += t
+        stats.mass += t
+        if self.full:
+            stats.weighted_xxt += torch.einsum("thk,thl->hkl", x, x)
+
     def hessians(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
         """Normalised Hessians [G, K, K] for one input, with the coverage fallback applied.
 
@@ -72,11 +95,11 @@ class StatsCollector:
         otherwise only experts with no token at all take the pooled one (their own would be zero)."""
         s = self.inputs[name]
         assert s.weighted_xxt is not None, "collector kept diagonals only"
-        return _normalise(s.weighted_xxt, s, blend_rare)
+        return _normalise(s.weighted_xxt, s, blend_rare and s.routed)
 
     def diagonals(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
         s = self.inputs[name]
-        return _normalise(s.weighted_sq.to(torch.float32), s, blend_rare)
+        return _normalise(s.weighted_sq.to(torch.float32), s, blend_rare and s.routed)
 
 
 def _normalise(sums: torch.Tensor, s: InputStats, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:

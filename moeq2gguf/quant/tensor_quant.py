@@ -80,7 +80,7 @@ def quantize_with_stats(w: torch.Tensor, qtype: Q, method: str, collector: Stats
         raise AssertionError(f"packed {qtype.name} bytes do not dequantize to the weights GPTQ simulated")
     _, deq_rtn = encode(w, qtype, None)
     info.update(method=method, recon_error=reconstruction_error(w, deq, H), recon_error_rtn=reconstruction_error(w, deq_rtn, H),
-                coverage=None if coverage is None or _groups(w).shape[0] == 1 else coverage.__dict__)
+                coverage=coverage.__dict__ if collector.inputs[input_name].routed else None)  # experts, not heads
     return data.reshape(*w.shape[:-1], -1), deq, info
 
 

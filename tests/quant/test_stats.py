@@ -33,3 +33,20 @@ def test_affinity_weighting_and_coverage_rules():
     assert torch.allclose(H[1], x1.T @ x1 / 3, atol=1e-6)
     assert cov.fallback == ["own", "own", "pooled"]
     assert torch.allclose(plain.inputs["exps_in"].plain_sq[0], (x0 * x0).sum(0).double())
+
+
+def test_per_head_inputs_get_one_hessian_per_head():
+    """MLA's attn_k_b / attn_v_b are [H, out, in] stacks, one matrix per head: observed as x [T, H, K],
+    each head gets the statistics of its own input over every token (never blended, even with T < K)."""
+    T, H, K = 5, 3, 8
+    x = torch.randn(T, H, K, generator=torch.Generator().manual_seed(0))
+    collector = StatsCollector(n_experts=16, affinity=True, full=True)
+    collector.observe("q_nope", x[:2], None, None)
+    collector.observe("q_nope", x[2:], None, None)
+    hess, _ = collector.hessians("q_nope", blend_rare=True)
+    diag, _ = collector.diagonals("q_nope", blend_rare=True)
+    assert hess.shape == (H, K, K) and not collector.inputs["q_nope"].routed
+    for h in range(H):
+        assert torch.allclose(hess[h], x[:, h].T @ x[:, h] / T, atol=1e-6)
+        assert torch.allclose(diag[h], (x[:, h] ** 2).mean(0), atol=1e-6)
+    assert collector.inputs["q_nope"].count.tolist() == [T] * H
