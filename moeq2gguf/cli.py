@@ -12,7 +12,8 @@ def _convert(args: argparse.Namespace) -> None:
     from moeq2gguf.convert import convert
     result = convert(args.model_dir, args.output, type=args.type, method=args.method, calib=args.calib,
                      device=args.device, tensor_types=tuple(args.tensor_type), imatrix=args.imatrix,
-                     calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, smooth=args.smooth,
+                     calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, rotate=args.rotate,
+                     rotate_seed=args.rotate_seed, smooth=args.smooth,
                      expert_hadamard=args.expert_hadamard, progress=not args.quiet)
     if result.report and any("recon_error" in t for t in result.report.tensors.values()):
         print(reconstruction_summary(result.report))
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a tensor's type, as llama-quantize's --tensor-type (repeatable)")
     p.add_argument("--imatrix", default=None, help="a llama-imatrix GGUF file to use as importance (with --method rtn)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rotate", action="store_true", help="fold the norms and rotate the residual stream by a seeded "
+                   "randomized Hadamard (or orthogonal) matrix: exact in float, runs on stock llama.cpp, spreads outliers")
+    p.add_argument("--rotate-seed", type=int, default=None, metavar="N", help="seed of --rotate's matrix (default 0)")
     p.add_argument("--smooth", default=None, choices=["per-expert"],
                    help="per-expert: scale each expert's gate/up input channels by s_e measured on the calibration text "
                         "(EAQuant, alpha 0.6); the file then needs the patched llama.cpp (moeq2gguf runtime build)")

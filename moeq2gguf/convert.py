@@ -23,6 +23,7 @@ from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.mixes import parse_override
 from moeq2gguf.models.registry import open_model
 from moeq2gguf.quant.engine import CALIBRATED, QuantConfig, QuantReport, quantized_stream
+from moeq2gguf.transforms.rotate import check_seed, random_rotation, rotate_sources
 from moeq2gguf.vocab import load_vocab
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,15 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
 def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], type: str = "F16",
             method: str = "rtn", calib: str | None = None, device: str = "cpu", tensor_types: tuple[str, ...] = (),
             imatrix: str | None = None, calib_windows: int = 32, calib_ctx: int = 512,
+            rotate: bool = False, rotate_seed: int | None = None,
             smooth: str | None = None, expert_hadamard: bool = False, progress: bool = True) -> ConvertResult:
     """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs.
 
     type: F32 | F16 | BF16, or a llama.cpp mix (Q4_K_M, Q3_K_M, Q2_K, Q4_0, Q8_0, IQ4_XS, ...)
     method: rtn | imatrix | gptq | moequant; calib: a split name (default calib) or a .txt/.jsonl path;
     tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file;
+    rotate: fold the norms and rotate the residual stream by a seeded orthogonal Q (transforms/rotate.py),
+    exact in float, with any type and method; rotate_seed: its seed (default 0);
     smooth='per-expert' / expert_hadamard: per-expert input smoothing / the expert Hadamard (transforms/patched.py),
     exact in float; the file then needs the patched llama.cpp (`moeq2gguf runtime build`)."""
     t0 = time.time()
@@ -72,6 +76,12 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         raise Moeq2ggufError(f"--method {method} / --imatrix quantize weights; pick a quantized --type such as Q4_K_M")
     if imatrix and method != "rtn":
         raise Moeq2ggufError("--imatrix FILE replaces our statistics; use it with --method rtn (the default)")
+    if rotate_seed is not None and not rotate:
+        raise Moeq2ggufError("--rotate-seed has no effect without --rotate; add --rotate or drop the seed")
+    seed = check_seed(0 if rotate_seed is None else rotate_seed)
+    if rotate and imatrix:
+        raise Moeq2ggufError("--imatrix FILE holds statistics of the unrotated model, which do not apply to rotated "
+                             "weights; with --rotate use --method imatrix (statistics collected on the rotated model)")
     expert_tf = None
     if smooth is not None or expert_hadamard:   # files for the patched llama.cpp (runtime_patches/)
         from moeq2gguf.transforms import patched
@@ -91,6 +101,10 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     spec = adapter.spec
     sources = adapter.all_tensors()
     adapter.check_all_used(sources)
+    rotation = None
+    if rotate:
+        rotation = random_rotation(spec.hidden_size, seed)
+        sources = rotate_sources(sources, spec, rotation)
     add_expert_metadata = None
     if expert_tf is not None:   # after the rotation: smoothing is measured on the rotated model
         sources, add_expert_metadata = patched.apply(adapter, sources, expert_tf, cfg.calib, cfg.n_windows, cfg.ctx,
@@ -109,6 +123,9 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             writer.add_string("moeq2gguf.method", "imatrix-file" if imatrix else method)
             writer.add_string("moeq2gguf.type", type_name)
+        if rotation is not None:
+            writer.add_string("moeq2gguf.rotation", rotation.kind)
+            writer.add_uint64("moeq2gguf.rotation_seed", rotation.seed)
         adapter.add_arch_metadata(writer)
         if add_expert_metadata is not None:
             add_expert_metadata(writer)

@@ -101,6 +101,9 @@ class InspectResult:
                  f"{len(self.tensors)} tensors, {self.n_elements / 1e6:.2f} M weights, {self.n_bytes / 2**20:.2f} MiB, "
                  f"{self.bits_per_weight:.2f} bits per weight", "",
                  f"{'type':<8} {'tensors':>8} {'M weights':>10} {'MiB':>10} {'bpw':>6}"]
+        if "moeq2gguf.rotation" in self.metadata:
+            lines.insert(3, f"residual stream rotated: {self.metadata['moeq2gguf.rotation']}, seed "
+                            f"{self.metadata.get('moeq2gguf.rotation_seed')} (norms folded; float outputs unchanged)")
         for s in self.by_type():
             lines.append(f"{s.type:<8} {s.n_tensors:>8} {s.n_elements / 1e6:>10.3f} {s.n_bytes / 2**20:>10.3f} "
                          f"{s.bits_per_weight:>6.2f}")
