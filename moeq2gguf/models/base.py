@@ -200,6 +200,8 @@ class FamilyAdapter:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     family: ClassVar[str]
     default_pre_tokenizer: ClassVar[str] = "default"
+    # llama.cpp's graph for the arch loads output.weight unconditionally (no fallback to token_embd)
+    requires_output: ClassVar[bool] = False
 
     def __init__(self, reader: CheckpointReader):
         self.reader = reader
@@ -364,7 +366,7 @@ class FamilyAdapter:
 
     def tied_output(self) -> TensorSource:
         """`output` made from the embeddings, for graphs that require an output tensor even when the
-        checkpoint ties it (llama.cpp's olmoe and gpt-oss)."""
+        checkpoint ties it (requires_output)."""
         src = self.tensor("model.embed_tokens.weight", T.OUTPUT, "output")
         src.inputs = ()  # the embedding is accounted for by token_embd
         return src
@@ -375,6 +377,8 @@ class FamilyAdapter:
             out.append(self.tensor("lm_head.weight", T.OUTPUT, "output"))
         elif not self.spec.tie_embeddings:
             raise CheckpointError("lm_head.weight is missing and tie_word_embeddings is false; the checkpoint is incomplete")
+        elif self.requires_output:
+            out.append(self.tied_output())
         return out
 
     def all_tensors(self) -> list[TensorSource]:

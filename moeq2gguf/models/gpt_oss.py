@@ -65,6 +65,7 @@ class GptOssAdapter(FamilyAdapter):
     gguf_arch = gguf.MODEL_ARCH.GPT_OSS
     family = "gpt-oss"
     default_pre_tokenizer = "gpt-4o"
+    requires_output = True
 
     def make_spec(self, config: dict) -> ModelSpec:
         alpha = float(config.get("swiglu_alpha", LLAMA_SWIGLU_ALPHA))
@@ -126,11 +127,6 @@ class GptOssAdapter(FamilyAdapter):
             *self._experts(bid),
         ]
         return out
-
-    def tail_tensors(self) -> list[TensorSource]:
-        if self.reader.has("lm_head.weight") or not self.spec.tie_embeddings:
-            return super().tail_tensors()
-        return [self.tensor("model.norm.weight", T.OUTPUT_NORM, "norm"), self.tied_output()]  # gpt-oss requires output
 
     def _experts(self, bid: int) -> list[TensorSource]:
         p = f"model.layers.{bid}.mlp.experts."

@@ -15,7 +15,6 @@ from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import FamilyAdapter, ModelSpec, Routing, TensorSource, config_value, rope_theta_of
 from moeq2gguf.models.registry import register
 
-T = gguf.MODEL_TENSOR
 
 
 @register
@@ -24,6 +23,7 @@ class OlmoeAdapter(FamilyAdapter):
     gguf_arch = gguf.MODEL_ARCH.OLMOE
     family = "olmoe"
     default_pre_tokenizer = "olmo"
+    requires_output = True
 
     def make_spec(self, config: dict) -> ModelSpec:
         n_heads = config_value(config, "num_attention_heads")
@@ -61,7 +61,3 @@ class OlmoeAdapter(FamilyAdapter):
     def layer_tensors(self, bid: int) -> list[TensorSource]:
         return [*self.llama_attention(bid, qk_norm=True), *self.hf_routed_experts(bid)]
 
-    def tail_tensors(self) -> list[TensorSource]:
-        if self.reader.has("lm_head.weight") or not self.spec.tie_embeddings:
-            return super().tail_tensors()
-        return [self.tensor("model.norm.weight", T.OUTPUT_NORM, "norm"), self.tied_output()]

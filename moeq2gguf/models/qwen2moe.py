@@ -21,6 +21,7 @@ class Qwen2MoeAdapter(FamilyAdapter):
     gguf_arch = gguf.MODEL_ARCH.QWEN2MOE
     family = "qwen2moe"
     default_pre_tokenizer = "qwen2"
+    requires_output = True
 
     def make_spec(self, config: dict) -> ModelSpec:
         n_layers = config_value(config, "num_hidden_layers")

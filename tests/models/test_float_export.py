@@ -23,6 +23,8 @@ RANDOM_SHAPES = {
     "qwen2moe-padded-vocab": ("qwen2moe", dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=3,
                                                vocab_size=600, num_experts=12, num_experts_per_tok=4)),
     "qwen2moe-no-bias": ("qwen2moe", dict(qkv_bias=False, num_hidden_layers=3)),
+    # llama.cpp's qwen2moe graph requires output.weight: a tied checkpoint gets one made from the embeddings
+    "qwen2moe-tied": ("qwen2moe", dict(num_hidden_layers=2, tie_word_embeddings=True)),
 }
 
 
