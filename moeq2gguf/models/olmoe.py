@@ -16,7 +16,6 @@ from moeq2gguf.models.base import FamilyAdapter, ModelSpec, Routing, TensorSourc
 from moeq2gguf.models.registry import register
 
 
-
 @register
 class OlmoeAdapter(FamilyAdapter):
     hf_architectures = ("OlmoeForCausalLM",)
