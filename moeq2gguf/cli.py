@@ -121,9 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", action="store_true", help="fold the norms and rotate the residual stream by a seeded "
                    "randomized Hadamard (or orthogonal) matrix: exact in float, runs on stock llama.cpp, spreads outliers")
     p.add_argument("--rotate-seed", type=int, default=None, metavar="N", help="seed of --rotate's matrix (default 0)")
-    p.add_argument("--smooth", default=None, choices=["per-expert"],
-                   help="per-expert: scale each expert's gate/up input channels by s_e measured on the calibration text "
-                        "(EAQuant, alpha 0.6); the file then needs the patched llama.cpp (moeq2gguf runtime build)")
+    p.add_argument("--smooth", default=None, metavar="KIND[,KIND]",
+                   help="EAQuant smoothing (alpha 0.6) measured on the calibration text, exact in float. aggregate: one "
+                        "s per layer folded into the FFN norm and the columns of every FFN reader; down: each expert's "
+                        "up rows / s, down columns * s; aggregate,down: both (these run on stock llama.cpp). "
+                        "per-expert: each expert's gate/up input by its own s_e; the file then needs the patched "
+                        "llama.cpp (moeq2gguf runtime build)")
     p.add_argument("--expert-hadamard", action="store_true",
                    help="rotate each expert's down-projection input by a blockwise Hadamard that the patched llama.cpp "
                         "applies at run time (moeq2gguf runtime build)")

@@ -23,6 +23,7 @@ from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.mixes import parse_override
 from moeq2gguf.models.registry import open_model
 from moeq2gguf.quant.engine import CALIBRATED, QuantConfig, QuantReport, quantized_stream
+from moeq2gguf.transforms import smoothing
 from moeq2gguf.transforms.rotate import check_seed, random_rotation, rotate_sources
 from moeq2gguf.vocab import load_vocab
 
@@ -66,6 +67,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file;
     rotate: fold the norms and rotate the residual stream by a seeded orthogonal Q (transforms/rotate.py),
     exact in float, with any type and method; rotate_seed: its seed (default 0);
+    smooth='aggregate' / 'down' / 'aggregate,down': EAQuant's smoothing aggregation into the FFN norm / per-expert
+    down-projection scaling (transforms/smoothing.py), exact in float, stock llama.cpp, from a float calibration pass;
     smooth='per-expert' / expert_hadamard: per-expert input smoothing / the expert Hadamard (transforms/patched.py),
     exact in float; the file then needs the patched llama.cpp (`moeq2gguf runtime build`)."""
     t0 = time.time()
@@ -82,10 +85,16 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     if rotate and imatrix:
         raise Moeq2ggufError("--imatrix FILE holds statistics of the unrotated model, which do not apply to rotated "
                              "weights; with --rotate use --method imatrix (statistics collected on the rotated model)")
+    stock_smooth, patched_smooth = smoothing.parse(smooth)
+    if stock_smooth and expert_hadamard:
+        raise Moeq2ggufError(f"--smooth {smooth} does not combine with --expert-hadamard in this version; choose one")
+    if stock_smooth and imatrix:
+        raise Moeq2ggufError(f"--imatrix FILE holds statistics of the unsmoothed model, which do not apply to the "
+                             f"weights --smooth {smooth} scales; use --method imatrix (statistics of the smoothed model)")
     expert_tf = None
-    if smooth is not None or expert_hadamard:   # files for the patched llama.cpp (runtime_patches/)
+    if patched_smooth or expert_hadamard:   # files for the patched llama.cpp (runtime_patches/)
         from moeq2gguf.transforms import patched
-        expert_tf = patched.ExpertTransforms(smooth=smooth, hadamard=expert_hadamard)
+        expert_tf = patched.ExpertTransforms(smooth=next(iter(patched_smooth), None), hadamard=expert_hadamard)
     if expert_tf is not None and imatrix:
         raise Moeq2ggufError("--smooth per-expert / --expert-hadamard change the expert weights and inputs: an --imatrix "
                              "FILE (statistics of the untransformed model) or a size target does not apply; use --method "
@@ -105,6 +114,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     if rotate:
         rotation = random_rotation(spec.hidden_size, seed)
         sources = rotate_sources(sources, spec, rotation)
+    if stock_smooth:   # after the rotation, whose norm folding would cancel aggregate's 1/s (transforms/smoothing.py)
+        sources = smoothing.apply(adapter, sources, stock_smooth, cfg.calib, cfg.n_windows, cfg.ctx, device)
     add_expert_metadata = None
     if expert_tf is not None:   # after the rotation: smoothing is measured on the rotated model
         sources, add_expert_metadata = patched.apply(adapter, sources, expert_tf, cfg.calib, cfg.n_windows, cfg.ctx,
@@ -126,6 +137,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         if rotation is not None:
             writer.add_string("moeq2gguf.rotation", rotation.kind)
             writer.add_uint64("moeq2gguf.rotation_seed", rotation.seed)
+        if stock_smooth:
+            smoothing.add_metadata(writer, stock_smooth)
         adapter.add_arch_metadata(writer)
         if add_expert_metadata is not None:
             add_expert_metadata(writer)

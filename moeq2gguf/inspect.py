@@ -104,6 +104,11 @@ class InspectResult:
         if "moeq2gguf.rotation" in self.metadata:
             lines.insert(3, f"residual stream rotated: {self.metadata['moeq2gguf.rotation']}, seed "
                             f"{self.metadata.get('moeq2gguf.rotation_seed')} (norms folded; float outputs unchanged)")
+        if "moeq2gguf.smoothing" in self.metadata:
+            m = self.metadata
+            lines.insert(4 if "moeq2gguf.rotation" in m else 3,
+                         f"smoothed: {m['moeq2gguf.smoothing']}, alpha {float(m.get('moeq2gguf.smoothing_alpha', 0)):.2f} "
+                         "(EAQuant, folded into the weights; float outputs unchanged)")
         for s in self.by_type():
             lines.append(f"{s.type:<8} {s.n_tensors:>8} {s.n_elements / 1e6:>10.3f} {s.n_bytes / 2**20:>10.3f} "
                          f"{s.bits_per_weight:>6.2f}")

@@ -68,32 +68,43 @@ def _split(name: str) -> tuple[int | None, str]:
     return (int(parts[1]), ".".join(parts[2:])) if parts[0] == "blk" else (None, name)
 
 
-def expert_input_absmax(sources: list[TensorSource], spec: ModelSpec, windows: torch.Tensor, batch: int = 8,
-                        device: str = "cpu", progress: Callable[[int], None] | None = None) -> dict[int, ExpertAbsMax]:
-    """A float pass of the model given by `sources` over token windows [N, L]: per MoE layer, the
-    max |x| of every expert's input over the tokens routed to it."""
+def calibration_pass(sources: list[TensorSource], spec: ModelSpec, windows: torch.Tensor,
+                     make_observer: Callable[[int, dict[str, torch.Tensor]], nn.Observer | None], purpose: str,
+                     batch: int = 8, device: str = "cpu",
+                     progress: Callable[[int], None] | None = None) -> dict[int, nn.Observer]:
+    """A float pass of the model given by `sources` over token windows [N, L], one layer resident at a time:
+    make_observer(bid, layer weights) gives the layer's observer (None: not observed); returns them by layer.
+    purpose names the option that needs the pass, for the error when the forward cannot run the family."""
     reason = nn.unsupported_reason(spec)
     if reason:
-        raise Moeq2ggufError(f"--smooth per-expert needs the calibration forward, which cannot run {spec.family} "
-                             f"({reason})")
+        raise Moeq2ggufError(f"{purpose} needs the calibration forward, which cannot run {spec.family} ({reason})")
     by_layer: dict[int | None, list[TensorSource]] = {}
     for s in sources:
         by_layer.setdefault(s.layer, []).append(s)
     embd = next(s for s in sources if s.name == "token_embd.weight")
     dev = torch.device(device)
     x = nn.embed(windows, embd.load().reshape(embd.shape).to(dev))
-    stats: dict[int, ExpertAbsMax] = {}
+    observers: dict[int, nn.Observer] = {}
     with torch.no_grad():
         for bid in range(spec.n_layers):
             w = {s.name.split(".", 2)[2]: s.load().reshape(s.shape).to(dev) for s in by_layer[bid]}
-            observer = ExpertAbsMax(spec.n_experts, spec.hidden_size) if "ffn_gate_inp.weight" in w else None
+            observer = make_observer(bid, w)
             x = torch.cat([nn.decoder_layer(chunk, w, spec, observer, bid=bid)[0] for chunk in x.split(batch)])
             if observer is not None:
-                stats[bid] = observer
+                observers[bid] = observer
             del w
             if progress:
                 progress(bid)
-    return stats
+    return observers
+
+
+def expert_input_absmax(sources: list[TensorSource], spec: ModelSpec, windows: torch.Tensor, batch: int = 8,
+                        device: str = "cpu", progress: Callable[[int], None] | None = None) -> dict[int, ExpertAbsMax]:
+    """A float pass of the model given by `sources` over token windows [N, L]: per MoE layer, the
+    max |x| of every expert's input over the tokens routed to it."""
+    def make(bid: int, w: dict[str, torch.Tensor]) -> ExpertAbsMax | None:
+        return ExpertAbsMax(spec.n_experts, spec.hidden_size) if "ffn_gate_inp.weight" in w else None
+    return calibration_pass(sources, spec, windows, make, "--smooth per-expert", batch, device, progress)
 
 
 def smooth_sources(sources: list[TensorSource], spec: ModelSpec, stats: dict[int, ExpertAbsMax],
