@@ -216,9 +216,10 @@ def main() -> None:
     if args.write:
         path = REPO / "BENCHMARKS.md"
         old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table is the printed output of the command above it.\n\n"
-        if MARK_BEGIN in old:
-            old = old[:old.index(MARK_BEGIN)] + old[old.index(MARK_END) + len(MARK_END) + 1:]
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        if MARK_BEGIN in old:  # replace the table in place, keeping the sections around it
+            path.write_text(old[:old.index(MARK_BEGIN)] + text + old[old.index(MARK_END) + len(MARK_END) + 1:])
+        else:
+            path.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 if __name__ == "__main__":
