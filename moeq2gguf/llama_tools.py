@@ -65,10 +65,13 @@ def llama_perplexity_kld(base: str | os.PathLike[str], quant: str | os.PathLike[
     import re
     tool = llama_tool("llama-perplexity")
     kld_file = Path(workdir) / "base.kld"
-    common = ["-f", text_file, "-c", ctx, "--chunks", chunks, "-t", os.cpu_count() or 1, "-ctk", "f32", "-ctv", "f32",
+    # Its results are printed by a logging thread that exit() can kill before it has written them
+    # (llama.cpp's common_log is never destroyed): leave that thread a core of its own.
+    threads = max(1, (os.cpu_count() or 2) - 1)
+    common = ["-f", text_file, "-c", ctx, "--chunks", chunks, "-t", threads, "-ctk", "f32", "-ctv", "f32",
               "-fa", "off", "--kl-divergence-base", kld_file]
     run_tool([tool, "-m", base, *common])
-    for _ in range(3):  # its output is sometimes cut short at exit: run again rather than guess
+    for _ in range(5):  # its output is sometimes cut short at exit: run again rather than guess
         log = run_tool([tool, "-m", quant, *common, "--kl-divergence"])
         ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", log)
         kld = re.search(r"Mean\s+KLD:\s*([0-9.]+)", log)
@@ -77,4 +80,4 @@ def llama_perplexity_kld(base: str | os.PathLike[str], quant: str | os.PathLike[
         rows = re.findall(r"^\s*(\d+)\s+([0-9.]+)\s+±\s+[0-9.]+\s+-?[0-9.]+\s+±\s+[0-9.]+\s+([0-9.]+)\s+±", log, re.M)
         if rows and int(rows[-1][0]) == chunks:  # running values after the last window
             return float(rows[-1][1]), float(rows[-1][2])
-    raise Moeq2ggufError(f"llama-perplexity printed neither its summary nor all {chunks} per-window lines (3 tries)")
+    raise Moeq2ggufError(f"llama-perplexity printed neither its summary nor all {chunks} per-window lines (5 tries)")
