@@ -13,8 +13,10 @@ def _convert(args: argparse.Namespace) -> None:
     result = convert(args.model_dir, args.output, type=args.type, method=args.method, calib=args.calib,
                      device=args.device, tensor_types=tuple(args.tensor_type), imatrix=args.imatrix,
                      calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, rotate=args.rotate,
-                     rotate_seed=args.rotate_seed, smooth=args.smooth,
-                     expert_hadamard=args.expert_hadamard, progress=not args.quiet)
+                     rotate_seed=args.rotate_seed, target_size=args.target_size, target_bpw=args.target_bpw,
+                     smooth=args.smooth, expert_hadamard=args.expert_hadamard, progress=not args.quiet)
+    if result.allocation:
+        print(result.allocation.table())
     if result.report and any("recon_error" in t for t in result.report.tensors.values()):
         print(reconstruction_summary(result.report))
     print(f"wrote {result.output} ({result.n_bytes / 2**20:.1f} MiB, {result.n_tensors} tensors) in "
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="override a tensor's type, as llama-quantize's --tensor-type (repeatable)")
     p.add_argument("--imatrix", default=None, help="a llama-imatrix GGUF file to use as importance (with --method rtn)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-size", default=None, metavar="SIZE",
+                        help="instead of --type: choose each tensor's type so the file fits SIZE (6GiB, 3.5GB, bytes) "
+                             "with the least predicted loss, measured with --method's quantizer on the calibration text")
+    target.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
+                        help="as --target-size, for bits per weight as llama.cpp prints them")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rotate", action="store_true", help="fold the norms and rotate the residual stream by a seeded "
                    "randomized Hadamard (or orthogonal) matrix: exact in float, runs on stock llama.cpp, spreads outliers")

@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from moeq2gguf import plan
+from moeq2gguf import alloc, plan
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.mixes import parse_override
 from moeq2gguf.models.registry import open_model
@@ -38,6 +38,7 @@ class ConvertResult:
     seconds: float
     peak_rss_mib: float
     report: QuantReport | None = None
+    allocation: alloc.Allocation | None = None   # the recipe chosen for a size target
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -58,8 +59,9 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
 def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], type: str = "F16",
             method: str = "rtn", calib: str | None = None, device: str = "cpu", tensor_types: tuple[str, ...] = (),
             imatrix: str | None = None, calib_windows: int = 32, calib_ctx: int = 512,
-            rotate: bool = False, rotate_seed: int | None = None,
-            smooth: str | None = None, expert_hadamard: bool = False, progress: bool = True) -> ConvertResult:
+            rotate: bool = False, rotate_seed: int | None = None, target_size: str | int | None = None,
+            target_bpw: float | None = None, smooth: str | None = None, expert_hadamard: bool = False,
+            progress: bool = True) -> ConvertResult:
     """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs.
 
     type: F32 | F16 | BF16, or a llama.cpp mix (Q4_K_M, Q3_K_M, Q2_K, Q4_0, Q8_0, IQ4_XS, ...)
@@ -67,11 +69,16 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file;
     rotate: fold the norms and rotate the residual stream by a seeded orthogonal Q (transforms/rotate.py),
     exact in float, with any type and method; rotate_seed: its seed (default 0);
+    target_size ('6GiB', '3.5GB', bytes) / target_bpw: instead of --type, choose every tensor's type to fit the
+    file (or llama.cpp's bits per weight) in that budget with the least predicted loss (alloc.py);
     smooth='aggregate' / 'down' / 'aggregate,down': EAQuant's smoothing aggregation into the FFN norm / per-expert
     down-projection scaling (transforms/smoothing.py), exact in float, stock llama.cpp, from a float calibration pass;
     smooth='per-expert' / expert_hadamard: per-expert input smoothing / the expert Hadamard (transforms/patched.py),
     exact in float; the file then needs the patched llama.cpp (`moeq2gguf runtime build`)."""
     t0 = time.time()
+    targeted = target_size is not None or target_bpw is not None
+    if targeted:
+        type = alloc.check_request(type, target_size, target_bpw, imatrix)
     type_name = plan.validate_type(type)
     cfg = QuantConfig(method=method, calib=calib or "calib", device=device, imatrix_file=imatrix,
                       n_windows=calib_windows, ctx=calib_ctx)
@@ -95,7 +102,7 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     if patched_smooth or expert_hadamard:   # files for the patched llama.cpp (runtime_patches/)
         from moeq2gguf.transforms import patched
         expert_tf = patched.ExpertTransforms(smooth=next(iter(patched_smooth), None), hadamard=expert_hadamard)
-    if expert_tf is not None and imatrix:
+    if expert_tf is not None and (imatrix or targeted):
         raise Moeq2ggufError("--smooth per-expert / --expert-hadamard change the expert weights and inputs: an --imatrix "
                              "FILE (statistics of the untransformed model) or a size target does not apply; use --method "
                              "with --type")
@@ -123,6 +130,10 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     vocab = load_vocab(adapter.reader.model_dir, spec.vocab_size, adapter.config, adapter.default_pre_tokenizer)
     has_imatrix = method in CALIBRATED or imatrix is not None
     types = plan.assign(sources, type_name, spec, has_imatrix, overrides)
+    budget = alloc.make_budget(sources, target_size, target_bpw) if targeted else None
+    if budget is not None:
+        type_name = alloc.nearest_mix(sources, spec, budget)  # general.file_type: llama.cpp only displays it
+    allocation = None
     report = QuantReport()
 
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
@@ -133,7 +144,7 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         if not plan.is_float(type_name):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             writer.add_string("moeq2gguf.method", "imatrix-file" if imatrix else method)
-            writer.add_string("moeq2gguf.type", type_name)
+            writer.add_string("moeq2gguf.type", type_name if budget is None else f"target {budget.label}")
         if rotation is not None:
             writer.add_string("moeq2gguf.rotation", rotation.kind)
             writer.add_uint64("moeq2gguf.rotation_seed", rotation.seed)
@@ -143,6 +154,9 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         if add_expert_metadata is not None:
             add_expert_metadata(writer)
         vocab.add_to(writer)
+        if budget is not None:  # every other key is in the writer now: the file size is exact
+            allocation = alloc.allocate(writer, adapter, sources, overrides, cfg, budget, progress)
+            types = allocation.types
         n_bytes = 0
         for source, qtype in zip(sources, types):
             if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -163,6 +177,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
             n_written += 1
         assert n_written == len(sources)
         writer.close()
+        if allocation is not None:
+            alloc.check_written(tmp, allocation, n_bytes)
         os.replace(tmp, output)
     except BaseException:
         writer.close()
@@ -172,7 +188,7 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         adapter.reader.close()
     if report.coverage:
         _write_json(Path(f"{output}.coverage.json"), report.coverage)
-    result = ConvertResult(output, len(sources), n_bytes, time.time() - t0, _peak_rss_mib(), report)
+    result = ConvertResult(output, len(sources), n_bytes, time.time() - t0, _peak_rss_mib(), report, allocation)
     log.info("wrote %s: %d tensors, %.1f MiB in %.1f s, peak RSS %.0f MiB", output, result.n_tensors,
              n_bytes / 2**20, result.seconds, result.peak_rss_mib)
     return result
