@@ -15,14 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import gguf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,15 +27,9 @@ from moeq2gguf.eval import evaluate_many  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
 import moeq2gguf.alloc, moeq2gguf.quant.sensitivity, moeq2gguf.quant.grid, moeq2gguf.calib_data  # noqa: E402,E401,F401
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe  # noqa: E402,E401,F401
+from bench_quality import bits_per_weight, machine  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 MARK_BEGIN, MARK_END = "<!-- bench_alloc:begin -->", "<!-- bench_alloc:end -->"
-
-
-def bits_per_weight(path: Path) -> tuple[int, float]:
-    """As tools/bench_quality.py (and llama.cpp's loader) count them: tensor data bytes over all weights."""
-    reader = gguf.GGUFReader(path)
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    return n_bytes, 8 * n_bytes / sum(int(t.n_elements) for t in reader.tensors)
 
 
 def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, ctx: int, calib_windows: int,
@@ -92,12 +82,6 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['fixed_bpw']:.3f} | {r['kld']:.5f} | {r['predicted']:.5f} | {fixed:.5f} | {r['llama_imatrix_kld']:.5f} | "
                      f"{r['kld'] / fixed:.3f} | {r['kld'] / r['llama_imatrix_kld']:.3f} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), no GPU"
 
 
 def main() -> None:
