@@ -109,6 +109,38 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = 
     return out_dir
 
 
+
+def save_mxfp4_gpt_oss(model, tokenizer, out_dir: str | Path, seed: int = 1) -> dict[tuple[int, str], tuple]:
+    """Save a random GPT-OSS `model` as released checkpoints ship it: experts as HF MXFP4 blocks and
+    scales (random, exponents 2^-5 .. 2^-3), the rest float. The model's expert weights are set to
+    exactly the MXFP4 values, so it is the reference. Returns {(layer, "gate_up_proj" | "down_proj"):
+    (blocks, scales)}."""
+    from safetensors.torch import save_file
+
+    from moeq2gguf.models.gpt_oss import mxfp4_dequantize
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    packed = {}
+    for i, layer in enumerate(model.model.layers):
+        p, experts = f"model.layers.{i}.mlp.experts.", layer.mlp.experts
+        e, n_in, two_ff = experts.gate_up_proj.shape
+        for stem, rows, cols in (("gate_up_proj", two_ff, n_in), ("down_proj", n_in, two_ff // 2)):
+            blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
+            scales = torch.randint(122, 125, (e, rows, cols // 32), dtype=torch.uint8, generator=gen)
+            with torch.no_grad():  # HF's float layout is [E, in, out]
+                getattr(experts, stem).copy_(mxfp4_dequantize(blocks, scales).transpose(1, 2))
+            del state[p + stem]
+            state[p + stem + "_blocks"], state[p + stem + "_scales"] = blocks, scales
+            packed[(i, stem)] = (blocks, scales)
+    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    model.config.architectures = ["GptOssForCausalLM"]
+    model.config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return packed
+
 # --- DeepSeekMoE-16B (DeepseekForCausalLM) ----------------------------------------------------
 # transformers has no class for it (the hub checkpoint deepseek-ai/deepseek-moe-16b-base runs remote
 # code), so tests build the hub's on-disk layout and config keys here and compare llama.cpp with this

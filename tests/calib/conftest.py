@@ -7,12 +7,8 @@ from moeq2gguf.testing import random_model, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two, and much faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every calibration test runs on one thread (tests/conftest.py's one_thread)."""
 
 
 def biased_mixtral(strength: float = 1.0, seed: int = 0):

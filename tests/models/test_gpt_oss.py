@@ -6,12 +6,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from moeq2gguf import Moeq2ggufError, convert
 from moeq2gguf.models.gpt_oss import mxfp4_dequantize, mxfp4_to_ggml
 from moeq2gguf.models.registry import open_model
-from moeq2gguf.testing import random_model, save_checkpoint
+from moeq2gguf.testing import random_model, save_checkpoint, save_mxfp4_gpt_oss
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
 SHAPES = {
@@ -67,26 +66,8 @@ def test_mxfp4_checkpoint(tmp_path, small_tokenizers, eval_text):
     export is exact) and offers the GGML MXFP4 blocks for a writer that keeps the format."""
     model = random_model("gpt_oss")
     tok = small_tokenizers["qwen2moe"]
-    gen = torch.Generator().manual_seed(1)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}.mlp.experts."
-        experts = layer.mlp.experts
-        e, n_in, two_ff = experts.gate_up_proj.shape
-        gu_blocks, gu_scales = _random_mxfp4((e, two_ff, n_in // 32), gen)
-        d_blocks, d_scales = _random_mxfp4((e, n_in, two_ff // 2 // 32), gen)
-        with torch.no_grad():  # the float reference holds exactly the MXFP4 values, in HF's [E, in, out] layout
-            experts.gate_up_proj.copy_(mxfp4_dequantize(gu_blocks, gu_scales).transpose(1, 2))
-            experts.down_proj.copy_(mxfp4_dequantize(d_blocks, d_scales).transpose(1, 2))
-        del state[p + "gate_up_proj"], state[p + "down_proj"]
-        state.update({p + "gate_up_proj_blocks": gu_blocks, p + "gate_up_proj_scales": gu_scales,
-                      p + "down_proj_blocks": d_blocks, p + "down_proj_scales": d_scales})
     path = tmp_path / "mxfp4"
-    path.mkdir()
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    model.config.architectures = ["GptOssForCausalLM"]
-    model.config.save_pretrained(path)
-    tok.save_pretrained(path)
+    save_mxfp4_gpt_oss(model, tok, path)
 
     adapter = open_model(path)
     experts = [s for s in adapter.all_tensors() if s.name.endswith("_exps.weight")]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-import torch
 
 from moeq2gguf import convert
 from moeq2gguf.eval.perplexity import evaluate_many
 from moeq2gguf.llama_tools import llama_quantize
-from moeq2gguf.testing import random_deepseek_moe, random_model, save_checkpoint
+from moeq2gguf.testing import random_deepseek_moe, random_model, save_checkpoint, save_mxfp4_gpt_oss
 
 FAMILIES = {
     "qwen3moe": dict(hidden_size=256),
@@ -36,15 +35,6 @@ def test_rtn_is_byte_identical_to_llama_quantize(checkpoint, mix, tmp_path):
     b = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(theirs).tensors}
     assert a.keys() == b.keys()
     assert [n for n in a if a[n] != b[n]] == []
-
-
-@pytest.fixture()
-def one_thread():
-    """Tiny models: one thread is faster than two, and much faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # every family's calibration forward: dense leading layers (deepseek, V2-Lite), MLA with per-head
@@ -86,32 +76,13 @@ def test_moequant_calibrates_every_family(family, tmp_path, small_tokenizers, ev
 def test_moequant_keeps_mxfp4_experts(tmp_path, small_tokenizers, eval_text, one_thread):
     """Released GPT-OSS ships MXFP4 experts: calibration copies their blocks byte for byte (as the
     float and rtn paths do), computes with their exact values, and quantizes everything else."""
-    from safetensors.torch import save_file
-
-    from moeq2gguf.models.gpt_oss import mxfp4_dequantize, mxfp4_to_ggml
+    from moeq2gguf.models.gpt_oss import mxfp4_to_ggml
     from util import eval_tokens, llama_logits
 
     model = random_model("gpt_oss", hidden_size=256)
-    gen = torch.Generator().manual_seed(1)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    raw = {}
-    for i, layer in enumerate(model.model.layers):
-        p, experts = f"model.layers.{i}.mlp.experts.", layer.mlp.experts
-        e, n_in, two_ff = experts.gate_up_proj.shape
-        for stem, rows, cols in (("gate_up_proj", two_ff, n_in), ("down_proj", n_in, two_ff // 2)):
-            blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
-            scales = torch.randint(122, 125, (e, rows, cols // 32), dtype=torch.uint8, generator=gen)
-            state[p + stem + "_blocks"], state[p + stem + "_scales"] = blocks, scales
-            del state[p + stem]
-            with torch.no_grad():   # the float model holds exactly the MXFP4 values, in HF's [E, in, out] layout
-                getattr(experts, stem).copy_(mxfp4_dequantize(blocks, scales).transpose(1, 2))
-            raw[(i, stem)] = mxfp4_to_ggml(blocks, scales)
     path = tmp_path / "mxfp4"
-    path.mkdir()
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    model.config.architectures = ["GptOssForCausalLM"]
-    model.config.save_pretrained(path)
-    small_tokenizers["qwen2moe"].save_pretrained(path)
+    raw = {key: mxfp4_to_ggml(*blocks_scales) for key, blocks_scales in
+           save_mxfp4_gpt_oss(model, small_tokenizers["qwen2moe"], path).items()}
     calib = tmp_path / "calib.txt"
     calib.write_text(eval_text[-40_000:])
 

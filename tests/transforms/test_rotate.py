@@ -5,14 +5,11 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from moeq2gguf import Moeq2ggufError, convert, corpus
 from moeq2gguf.cli import main
-from moeq2gguf.models.gpt_oss import mxfp4_dequantize
 from moeq2gguf.models.registry import open_model
-from moeq2gguf.testing import random_deepseek_moe, random_model, save_checkpoint
+from moeq2gguf.testing import random_deepseek_moe, random_model, save_checkpoint, save_mxfp4_gpt_oss
 from moeq2gguf.transforms.rotate import random_rotation, rotate_sources
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
@@ -98,30 +95,8 @@ def _mxfp4_checkpoint(tmp_path, tok):
     """A GPT-OSS checkpoint with its experts in HF's MXFP4 blocks/scales, and the float model
     holding exactly those values."""
     model = random_model("gpt_oss")
-    gen = torch.Generator().manual_seed(1)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-
-    def mxfp4(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, generator=gen),
-                torch.randint(122, 125, shape, dtype=torch.uint8, generator=gen))
-
-    for i, layer in enumerate(model.model.layers):
-        p, experts = f"model.layers.{i}.mlp.experts.", layer.mlp.experts
-        e, n_in, two_ff = experts.gate_up_proj.shape
-        (gu_b, gu_s), (d_b, d_s) = mxfp4(e, two_ff, n_in // 32), mxfp4(e, n_in, two_ff // 2 // 32)
-        with torch.no_grad():
-            experts.gate_up_proj.copy_(mxfp4_dequantize(gu_b, gu_s).transpose(1, 2))
-            experts.down_proj.copy_(mxfp4_dequantize(d_b, d_s).transpose(1, 2))
-        del state[p + "gate_up_proj"], state[p + "down_proj"]
-        state.update({p + "gate_up_proj_blocks": gu_b, p + "gate_up_proj_scales": gu_s,
-                      p + "down_proj_blocks": d_b, p + "down_proj_scales": d_s})
-    path = tmp_path / "mxfp4"
-    path.mkdir()
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    model.config.architectures = ["GptOssForCausalLM"]
-    model.config.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, model
+    save_mxfp4_gpt_oss(model, tok, tmp_path / "mxfp4")
+    return tmp_path / "mxfp4", model
 
 
 def test_rotated_mxfp4_experts_are_reencoded(tmp_path, small_tokenizers, eval_text):
