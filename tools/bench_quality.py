@@ -11,7 +11,8 @@ usage: python tools/bench_quality.py [--models mixtral-tiny qwen2moe-tiny] [--mi
                                      [--methods rtn imatrix gptq moequant moequant+ebss] [--chunks 32] [--write] [--reuse]
 
 A method may carry "+" options: +ebss (calibrate on EBSS data the model generates, cached),
-+rotate (residual rotation), +smooth (EAQuant smoothing aggregation), +smoothdown (down-projection scaling).
++rotate (residual rotation), +smooth (EAQuant's smoothing: aggregation and down-projection scaling), +smoothagg or
++smoothdown (one of the two).
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def compare_digests(a: Path, b: Path) -> str:
 
 
 # "+" options of a --methods entry (e.g. moequant+ebss, gptq+rotate) -> keyword arguments of convert()
-METHOD_OPTIONS = {"ebss": {"calib": "ebss"}, "rotate": {"rotate": True}, "smooth": {"smooth": "aggregate"},
-                  "smoothdown": {"smooth": "down"}}
+METHOD_OPTIONS = {"ebss": {"calib": "ebss"}, "rotate": {"rotate": True}, "smooth": {"smooth": "aggregate,down"},
+                  "smoothagg": {"smooth": "aggregate"}, "smoothdown": {"smooth": "down"}}
 
 
 def convert_kwargs(method: str) -> dict:

@@ -36,20 +36,20 @@ def train_tokenizer(family: str):
     return train_bpe_tokenizer(corpus.iter_split("train"), VOCAB_SIZE, family)
 
 
-def build_model(family: str, tokenizer):
+def build_model(family: str, tokenizer, aux_coef: float):
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     common = dict(vocab_size=VOCAB_SIZE, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
     if family == "mixtral":
         cfg = MixtralConfig(**common, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
-                            rms_norm_eps=1e-5, router_aux_loss_coef=0.01, output_router_logits=True,
+                            rms_norm_eps=1e-5, router_aux_loss_coef=aux_coef, output_router_logits=True,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
         return MixtralForCausalLM(cfg)
     cfg = Qwen2MoeConfig(**common, intermediate_size=512, moe_intermediate_size=128, shared_expert_intermediate_size=512,
                          num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, rms_norm_eps=1e-6,
-                         router_aux_loss_coef=0.01, output_router_logits=True, qkv_bias=True,
+                         router_aux_loss_coef=aux_coef, output_router_logits=True, qkv_bias=True,
                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     return Qwen2MoeForCausalLM(cfg)
@@ -83,6 +83,18 @@ def eval_loss(model, stream: np.ndarray, bos: int | None, n: int = 64) -> float:
     return float(np.mean(losses))
 
 
+def least_used_share(router_logits, config) -> str:
+    """Per MoE layer, the least-selected expert's share of this batch's top-k picks, times n_expert
+    (1.00 = perfectly balanced, 0.00 = an expert nothing routes to)."""
+    k = config.num_experts_per_tok
+    shares = []
+    for logits in router_logits:
+        n = logits.shape[-1]
+        counts = torch.bincount(logits.detach().topk(k, dim=-1).indices.flatten(), minlength=n)
+        shares.append(f"{counts.min().item() * n / counts.sum().item():.2f}")
+    return " ".join(shares)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("family", choices=["mixtral", "qwen2moe"])
@@ -94,6 +106,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--aux-coef", type=float, default=0.01,
+                    help="weight of transformers' router load-balancing loss (Switch/Mixtral); at 0.01 "
+                         "mixtral-tiny kept experts that no calibration token reaches")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -106,7 +121,7 @@ def main() -> None:
     bos = tokenizer.bos_token_id if args.family == "mixtral" else None
     print(f"tokenizer + data: {time.time() - t0:.0f} s, train {len(train_ids)} tokens, eval {len(eval_ids)} tokens", flush=True)
 
-    model = build_model(args.family, tokenizer)
+    model = build_model(args.family, tokenizer, args.aux_coef)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.family}: {n_params / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -136,7 +151,8 @@ def main() -> None:
         opt.step()
         if step % 50 == 0:
             rate = (step + 1) * args.batch * SEQ_LEN / (time.time() - t_train)
-            print(f"step {step:5d} loss {out.loss.item():.3f} lr {lr_at(step):.2e} {rate:.0f} tok/s", flush=True)
+            print(f"step {step:5d} loss {out.loss.item():.3f} lr {lr_at(step):.2e} {rate:.0f} tok/s "
+                  f"least-used expert share per layer {least_used_share(out.router_logits, model.config)}", flush=True)
         step += 1
 
     train_minutes = (time.time() - t_train) / 60
