@@ -8,6 +8,10 @@ over from one row to the next (the OS page cache does: a warm file loads faster)
 greedy tokens continue it one llama_decode each. Timings are medians of --repeats runs after one
 warm-up run; llama.cpp settings are llama_cpp.Llama's defaults (mmap, F16 KV cache, flash attention
 off) with n_batch = n_ubatch = ctx.
+
+The worker runs llama-cpp-python's own (stock) llama.cpp, or the patched one (runtime_patches/, `moeq2gguf
+runtime build`) with patched=True; by default the patched one exactly when the file needs it (--smooth
+per-expert, --expert-hadamard). The row says which one ran (`runtime`, from the library the worker bound).
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ class BenchRow:
     pp_runs: tuple[float, ...]
     tg_runs: tuple[float, ...]
     peak_rss_mib: float            # VmHWM of the worker process
+    runtime: str = "stock"         # "stock" or "patched" llama.cpp
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,9 +115,17 @@ def _file_type_name(value: str | None) -> str | None:
         return value
 
 
-def run_worker(path: Path, threads: int, ctx: int, gen: int, repeats: int, text: str) -> dict:
+def worker_env(patched: bool) -> dict[str, str]:
+    """Environment of a worker bound to the patched llama.cpp, or to llama-cpp-python's own."""
+    if patched:
+        from moeq2gguf.runtime_build import patched_env
+        return patched_env()
+    return {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+
+
+def run_worker(path: Path, threads: int, ctx: int, gen: int, repeats: int, text: str, patched: bool = False) -> dict:
     proc = subprocess.run(worker_command(), input=worker_request(path, threads, ctx, gen, repeats, text),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=worker_env(patched))
     try:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -123,25 +136,37 @@ def run_worker(path: Path, threads: int, ctx: int, gen: int, repeats: int, text:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
         raise Moeq2ggufError(f"the benchmark of {path} at {threads} threads stopped with exit code {proc.returncode} "
                              f"({last}); llama.cpp could not run this file")
+    from moeq2gguf.runtime_build import STAMP
+    if patched != (Path(result["library"]).parent / STAMP).is_file():
+        raise Moeq2ggufError(f"the benchmark worker bound {result['library']}, not the {'patched' if patched else 'stock'} "
+                             "llama.cpp it was started for")
     return result
 
 
 def bench_file(path: str | os.PathLike[str], threads: Sequence[int] = (1, 2), ctx: int = 512, gen: int = 64,
-               repeats: int = 3) -> list[BenchRow]:
-    """One BenchRow per thread count, each measured in a fresh process."""
+               repeats: int = 3, patched: bool | None = None) -> list[BenchRow]:
+    """One BenchRow per thread count, each measured in a fresh process. patched: run the patched llama.cpp
+    (runtime_patches/) or the stock one; None: the patched one if the file needs it."""
     path = check_gguf(path)
     threads = tuple(threads)
     _check_counts(threads, ctx, gen, repeats)
+    if patched is None:
+        from moeq2gguf.runtime import patched_features
+        try:
+            patched = bool(patched_features(path))
+        except (ValueError, OSError, KeyError, IndexError):   # unreadable here: llama.cpp's loader says why
+            patched = False
     text = prompt_text(ctx)
     rows = []
     for n in threads:
-        r = run_worker(path, n, ctx, gen, repeats, text)
+        r = run_worker(path, n, ctx, gen, repeats, text, patched)
         rows.append(BenchRow(
             file=str(path), file_bytes=path.stat().st_size, architecture=r["architecture"] or "?",
             file_type=_file_type_name(r["file_type"]), moeq2gguf_type=r["moeq2gguf_type"], description=r["description"],
             n_params=r["n_params"], threads=n, ctx=ctx, gen=gen, repeats=repeats, prompt=r["prompt"],
             load_s=r["load_s"], context_s=r["context_s"], pp_tok_s=r["pp_tok_s"], tg_tok_s=r["tg_tok_s"],
-            pp_runs=tuple(r["pp_runs"]), tg_runs=tuple(r["tg_runs"]), peak_rss_mib=r["peak_rss_bytes"] / 2**20))
+            pp_runs=tuple(r["pp_runs"]), tg_runs=tuple(r["tg_runs"]), peak_rss_mib=r["peak_rss_bytes"] / 2**20,
+            runtime="patched" if patched else "stock"))
     return rows
 
 

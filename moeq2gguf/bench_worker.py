@@ -123,6 +123,7 @@ def measure(path: str, threads: int, ctx: int, gen: int, repeats: int, text: str
             "load_s": load_s, "context_s": context_s, "pp_tok_s": statistics.median(pp), "tg_tok_s": statistics.median(tg),
             "pp_runs": pp, "tg_runs": tg, "llama_cpp_python": llama_cpp.__version__,
             "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+            "library": llama_cpp.llama_cpp._lib._name,     # the libllama bound: stock or patched (LLAMA_CPP_LIB_PATH)
             "peak_rss_bytes": peak_rss_bytes()}
 
 

@@ -4,12 +4,20 @@ Windows follow llama-perplexity: the text is tokenized once (with BOS when the v
 cut into non-overlapping windows of ctx tokens, each window's first token replaced by BOS when the
 vocabulary adds one, and positions ctx/2 .. ctx-2 scored against the next token. Both models are
 loaded at once and each window is run through both, so memory does not grow with the number of windows.
+
+A quant made with --smooth per-expert or --expert-hadamard needs the patched llama.cpp, and a process binds
+one llama.cpp for good (runtime.py): unless this process already runs the patched one, such an evaluation
+runs whole (base and every quant) in a new process bound to it (perplexity._worker). The
+patched llama.cpp gives a stock file the stock logits (tests/test_runtime_patched.py).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,6 +96,8 @@ def evaluate_many(quants: list[str | os.PathLike[str]], base: str | os.PathLike[
         raise Moeq2ggufError(f"--ctx {ctx} must be an even number >= 4")
     for q in quants:
         check_comparable(q, base)
+    if any(runtime.patched_features(q) for q in quants) and not runtime.is_patched():
+        return _evaluate_in_patched_process(quants, base, text, ctx, chunks, progress)
     content = corpus.read_text(text)
     with contextlib.ExitStack() as stack:
         base_llm = stack.enter_context(runtime.load(base, n_ctx=ctx))
@@ -112,3 +122,38 @@ def evaluate_many(quants: list[str | os.PathLike[str]], base: str | os.PathLike[
     seconds = time.time() - t0
     return [EvalResult(quant=str(q), base=str(base), ctx=ctx, windows=n_windows, seconds=seconds, **acc.summary())
             for q, acc in zip(quants, accs)]
+
+
+def _evaluate_in_patched_process(quants: list[Path], base: Path, text: str | os.PathLike[str], ctx: int,
+                                 chunks: int | None, progress: bool) -> list[EvalResult]:
+    """evaluate_many in a new process bound to the patched llama.cpp (its progress bar on this stderr)."""
+    from moeq2gguf.runtime_build import patched_env
+    request = {"quants": [str(q) for q in quants], "base": str(base), "text": str(text), "ctx": ctx, "chunks": chunks,
+               "progress": progress}
+    with tempfile.TemporaryDirectory(prefix="moeq2gguf-eval-") as tmp:
+        out = Path(tmp) / "results.json"
+        code = "import sys; from moeq2gguf.eval.perplexity import _worker; sys.exit(_worker(sys.argv[1:]))"
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(request), str(out)], env=patched_env(),
+                              stdout=subprocess.DEVNULL)
+        doc = json.loads(out.read_text()) if out.is_file() else {}
+    if "error" in doc:
+        raise Moeq2ggufError(doc["error"])
+    if proc.returncode != 0 or "results" not in doc:
+        raise Moeq2ggufError(f"the evaluation on the patched llama.cpp stopped with exit code {proc.returncode} "
+                             "(its error is on stderr above)")
+    return [EvalResult(**r) for r in doc["results"]]
+
+
+def _worker(argv: list[str]) -> int:
+    """REQUEST_JSON OUT_JSON: evaluate_many in a process started with patched_env()."""
+    request, out = json.loads(argv[0]), Path(argv[1])
+    try:
+        import llama_cpp  # noqa: F401  (binds LLAMA_CPP_LIB_PATH of the environment this process was given)
+        runtime._bind(patched=True)   # checks that it is the patched one
+        results = evaluate_many(request["quants"], request["base"], request["text"], request["ctx"], request["chunks"],
+                                request["progress"])
+    except Moeq2ggufError as exc:
+        out.write_text(json.dumps({"error": str(exc)}))
+        return 2
+    out.write_text(json.dumps({"results": [asdict(r) for r in results]}))
+    return 0
