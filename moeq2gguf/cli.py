@@ -80,6 +80,17 @@ def _runtime_build(args: argparse.Namespace) -> None:
     print(f"patched llama.cpp ({how}): {result.lib_dir}")
 
 
+def _runtime_cuda_check(args: argparse.Namespace) -> None:
+    import time
+    from moeq2gguf.runtime_build import cuda_compile_check
+    t0 = time.perf_counter()
+    results = cuda_compile_check(arch=args.arch, files=args.file or None, jobs=args.jobs)
+    for name, seconds in results:
+        print(f"{name:<24} {seconds:6.1f} s")
+    print(f"compiled {len(results)} patched ggml-cuda files for sm_{args.arch} with nvcc: "
+          f"{sum(s for _, s in results):.1f} s of compiles, {time.perf_counter() - t0:.1f} s in all")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from moeq2gguf.demo import demo
     demo(workdir=args.workdir)
@@ -205,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-j", "--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
     b.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
     b.set_defaults(func=_runtime_build)
+    c = rsub.add_parser("cuda-check", help="compile (nvcc -c, no GPU, nothing linked) the ggml-cuda sources that "
+                                           "runtime_patches/ change, with a CMake configure's flags; fails on any error")
+    c.add_argument("--arch", default="90", help="CUDA architecture, as CMAKE_CUDA_ARCHITECTURES (default 90)")
+    c.add_argument("--file", action="append", metavar="NAME",
+                   help="a ggml-cuda source to compile instead of the patched ones, e.g. mmid.cu (repeatable)")
+    c.add_argument("-j", "--jobs", type=int, default=None, help="parallel nvcc jobs (default: all cores)")
+    c.set_defaults(func=_runtime_cuda_check)
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
     p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")

@@ -10,7 +10,11 @@ copies of those ggml libraries.
 
 `build(cuda=True)` is for an installation whose libggml has no CUDA: it builds ggml with GGML_CUDA from the
 same vendored tree next to the patched libllama, in .cache/llama-patched-cuda/ (a full ggml-cuda build is
-20 to 30 minutes on 2 cores; ENVIRONMENT.md).
+20 to 30 minutes on 2 cores; ENVIRONMENT.md). Only this build applies the patches that change ggml (0003, the
+CUDA fusion of the smoothing); the CPU build applies those outside ggml/ and links the stock libggml.
+
+`cuda_compile_check()` compiles, with nvcc and no GPU, the ggml-cuda sources that those patches touch, with the
+flags a CMake configure of the patched tree gives them (cuBLAS headers from the nvidia-cublas wheel).
 
 A build is cached under a key over the llama-cpp-python version, the patch files, the build options and
 the stock ggml libraries; a second call with the same key returns at once.
@@ -23,13 +27,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +71,35 @@ def patch_files(patch_dir: Path = PATCH_DIR) -> list[Path]:
         raise Moeq2ggufError(f"no *.patch files in {patch_dir}; the patched runtime is built from the repository's "
                              "runtime_patches/ folder")
     return patches
+
+
+def patch_targets(patch: Path) -> list[str]:
+    """The paths (from the tree's root) that a `patch -p1` file creates, changes or deletes."""
+    targets: list[str] = []
+    lines = patch.read_text().splitlines()
+    for old, new in zip(lines, lines[1:]):
+        if not (old.startswith("--- ") and new.startswith("+++ ")):   # a file's header, not a hunk's line
+            continue
+        for line in (old, new):
+            path = line[4:].split("\t")[0].strip()
+            if path != "/dev/null" and path.split("/", 1)[1] not in targets:
+                targets.append(path.split("/", 1)[1])
+    return targets
+
+
+def patches_ggml(patch: Path) -> bool:
+    """Whether the patch changes ggml (then only a build that compiles ggml can apply it)."""
+    in_ggml = [t.startswith("ggml/") for t in patch_targets(patch)]
+    if any(in_ggml) and not all(in_ggml):
+        raise Moeq2ggufError(f"{patch.name} changes both ggml/ and the rest of llama.cpp; split it in two: the CPU "
+                             "build links the stock libggml and applies only the patches outside ggml/")
+    return any(in_ggml)
+
+
+def build_patches(cuda: bool, patch_dir: Path = PATCH_DIR) -> list[Path]:
+    """The patches a build applies: all of them when it compiles ggml (cuda), else those outside ggml/."""
+    patches = patch_files(patch_dir)
+    return patches if cuda else [p for p in patches if not patches_ggml(p)]
 
 
 def stock_lib_dir() -> Path:
@@ -134,7 +172,7 @@ def cached_lib_dir(cuda: bool = False) -> Path | None:
     if not stamp.is_file():
         return None
     try:
-        key = cache_key(cuda, stamp.read_text().split("\n")[1] or None, patch_files(),
+        key = cache_key(cuda, stamp.read_text().split("\n")[1] or None, build_patches(cuda),
                         None if cuda else stock_lib_dir())
     except (Moeq2ggufError, IndexError):
         return None
@@ -177,10 +215,20 @@ set(ggml_FOUND TRUE)
 """)
 
 
+def _patched_tree(src: Path, patches: list[Path]) -> None:
+    """A fresh copy of the vendored tree (less what no build reads) at src, with the patches applied."""
+    source = vendored_source()
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(source, src, ignore=lambda d, names: SKIP_DIRS & set(names) if Path(d) == source else set(),
+                    symlinks=True)
+    for p in patches:
+        _run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(p)], f"applying {p.name}", cwd=src)
+
+
 def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False) -> BuildResult:
     """Build (or find cached) the patched llama.cpp libraries; returns their folder."""
     t0 = time.perf_counter()
-    patches = patch_files()
+    patches = build_patches(cuda)
     stock = None if cuda else stock_lib_dir()
     key = cache_key(cuda, cuda_arch, patches, stock)
     out = build_dir(cuda)
@@ -193,14 +241,9 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
             raise Moeq2ggufError(f"{tool} is not installed; the patched runtime build needs cmake, patch and a C++17 "
                                  "compiler")
 
-    source = vendored_source()
     src, bld = out / "src", out / "build"
-    shutil.rmtree(src, ignore_errors=True)
     # the build folder is kept: an unchanged tree compiles incrementally; changed patches rewrite the sources
-    shutil.copytree(source, src, ignore=lambda d, names: SKIP_DIRS & set(names) if Path(d) == source else set(),
-                    symlinks=True)
-    for p in patches:
-        _run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(p)], f"applying {p.name}", cwd=src)
+    _patched_tree(src, patches)
 
     args = ["cmake", "-S", str(src), "-B", str(bld), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
             "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -246,6 +289,137 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
     seconds = time.perf_counter() - t0
     log.info("patched llama.cpp built in %.0f s: %s", seconds, lib)
     return BuildResult(lib, seconds, cached=False)
+
+
+# cuBLAS headers for nvcc 13 (ggml-cuda's common.cuh includes cublas_v2.h); the configure needs no cuBLAS library.
+# This version is the CUDA 13 wheel that this project's machines can install from their package index.
+CUBLAS_WHEEL = ("nvidia-cublas", "13.1.1.3")
+CUDA_CHECK_DIR = "llama-patched-cudacheck"
+
+
+def cublas_include_dir(download: bool = True) -> Path:
+    """The include/ folder of the nvidia-cublas wheel under .cache (fetched with pip, headers only kept)."""
+    name, version = CUBLAS_WHEEL
+    inc = CACHE / f"cublas-{version}" / "include"
+    if (inc / "cublas_v2.h").is_file():
+        return inc
+    if not download:
+        raise Moeq2ggufError(f"no cuBLAS headers in {inc}; run tools/setup_env.sh (or cuda_compile_check()), which "
+                             f"fetches the {name}=={version} wheel")
+    tmp = inc.parent.with_name(inc.parent.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log.info("downloading the %s %s wheel for its headers", name, version)
+    _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", f"{name}=={version}",
+          "-d", str(tmp)], f"pip download {name}=={version}", quiet=True)
+    wheels = list(tmp.glob("*.whl"))
+    if len(wheels) != 1:
+        raise Moeq2ggufError(f"pip download {name}=={version} left {len(wheels)} wheels in {tmp}, expected one")
+    with zipfile.ZipFile(wheels[0]) as whl:
+        headers = [m for m in whl.namelist() if re.fullmatch(r"nvidia/[^/]+/include/[^/]+\.h", m)]
+        if not any(h.endswith("/cublas_v2.h") for h in headers):
+            raise Moeq2ggufError(f"{wheels[0].name} holds no include/cublas_v2.h")
+        (tmp / "include").mkdir()
+        for h in headers:
+            (tmp / "include" / Path(h).name).write_bytes(whl.read(h))
+    wheels[0].unlink()   # ~400 MB of libraries that a compile check never links
+    shutil.rmtree(inc.parent, ignore_errors=True)
+    tmp.rename(inc.parent)
+    return inc
+
+
+def cuda_check_files(patches: list[Path], cuda_dir: Path) -> list[str]:
+    """ggml-cuda translation units to compile for the ggml patches: the .cu files they change, and those of the
+    folder's own .cu files that include a header they change (template-instances/ only when a patch changes them)."""
+    rel = "ggml/src/ggml-cuda/"
+    touched = [t[len(rel):] for p in patches if patches_ggml(p) for t in patch_targets(p) if t.startswith(rel)]
+    units = {t for t in touched if t.endswith(".cu")}
+    headers = [t for t in touched if t.endswith(".cuh") and "/" not in t]
+    for cu in sorted(cuda_dir.glob("*.cu")):
+        text = cu.read_text(errors="replace")
+        if any(f'#include "{h}"' in text or f'#include "ggml-cuda/{h}"' in text for h in headers):
+            units.add(cu.name)
+    return sorted(units)
+
+
+def _configure_cuda_check(src: Path, bld: Path, arch: str, include: Path) -> Path:
+    """CMake configure of the patched tree with GGML_CUDA (no build): the compile commands CMake would run."""
+    stub = bld.parent / "placeholder"
+    stub.mkdir(parents=True, exist_ok=True)
+    for lib in ("libcuda.so", "libcublas.so", "libcublasLt.so"):
+        (stub / lib).touch()   # found by the configure, never linked: nothing is linked here
+    args = ["cmake", "-S", str(src), "-B", str(bld), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+            "-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", "-DGGML_CCACHE=OFF",
+            "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+            "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+            f"-DCUDA_cuda_driver_LIBRARY={stub / 'libcuda.so'}", f"-DCUDA_cublas_LIBRARY={stub / 'libcublas.so'}",
+            f"-DCUDA_cublasLt_LIBRARY={stub / 'libcublasLt.so'}", f"-DCMAKE_CUDA_FLAGS=-I{include}"]
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    _run(args, "cmake configure (GGML_CUDA=ON)", quiet=True)
+    commands = bld / "compile_commands.json"
+    if not commands.is_file():
+        raise Moeq2ggufError(f"the configure wrote no {commands}")
+    return commands
+
+
+def _compile_one(entry: dict) -> tuple[float, int, str]:
+    """Run one compile_commands.json entry (its output folder made first); (seconds, exit code, output)."""
+    cwd = Path(entry["directory"])
+    argv = entry.get("arguments") or shlex.split(entry["command"])
+    out = cwd / argv[argv.index("-o") + 1]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)   # an object left by an earlier check proves nothing
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return time.perf_counter() - t0, proc.returncode, proc.stdout
+
+
+def cuda_compile_check(arch: str = "90", files: list[str] | None = None,
+                       jobs: int | None = None) -> list[tuple[str, float]]:
+    """Compile (nvcc -c, no GPU, nothing linked) the ggml-cuda sources that the ggml patches change, from the tree
+    with every patch applied, with the include paths, defines and flags of a CMake configure for CUDA architecture
+    `arch`. Returns (file, seconds) per translation unit; raises Moeq2ggufError naming each one that fails."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise Moeq2ggufError("nvcc is not on PATH; the CUDA compile check needs the CUDA toolkit (no GPU)")
+    for tool in ("cmake", "patch"):
+        if shutil.which(tool) is None:
+            raise Moeq2ggufError(f"{tool} is not installed; the CUDA compile check needs cmake and patch")
+    include = cublas_include_dir()
+    patches = build_patches(cuda=True)
+    out = CACHE / CUDA_CHECK_DIR
+    src, bld = out / "src", out / "build"
+    _patched_tree(src, patches)
+    cuda_dir = src / "ggml" / "src" / "ggml-cuda"
+    files = files or cuda_check_files(patches, cuda_dir)
+    if not files:
+        raise Moeq2ggufError("no runtime patch changes ggml-cuda; name the files to compile")
+    commands = _configure_cuda_check(src, bld, arch, include)
+    entries = {}
+    for entry in json.loads(commands.read_text()):
+        path = Path(entry["directory"], entry["file"]).resolve()
+        if path.parent == cuda_dir.resolve() or path.parent.parent == cuda_dir.resolve():
+            entries[str(path.relative_to(cuda_dir.resolve()))] = entry
+    missing = [f for f in files if f not in entries]
+    if missing:
+        raise Moeq2ggufError(f"no compile command for {', '.join(missing)} in {commands}; known: ggml-cuda's "
+                             f"{len(entries)} sources, e.g. {', '.join(sorted(entries)[:4])}")
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(files)))
+    log.info("compiling %s for sm_%s with %d jobs", ", ".join(files), arch, jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda f: (f, *_compile_one(entries[f])), files))
+    failed = []
+    for f, seconds, code, output in results:
+        if code != 0:
+            failed.append(f"{f} (exit {code}):\n{output[-4000:]}")
+        elif "warning" in output:
+            log.warning("nvcc warnings in %s:\n%s", f, output[-4000:])
+    if failed:
+        raise Moeq2ggufError(f"nvcc ({nvcc}) failed for sm_{arch} on {len(failed)} of {len(files)} patched ggml-cuda "
+                             "files:\n" + "\n".join(failed))
+    return [(f, seconds) for f, seconds, _, _ in results]
 
 
 def patched_env(lib_dir: Path | None = None, base: dict[str, str] | None = None) -> dict[str, str]:

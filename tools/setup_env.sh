@@ -17,4 +17,9 @@ stage "llama.cpp + llama-cpp-python" tools/build_llama.sh "$PY"
   || { stage "moeq2gguf and its dependencies" pip_quiet -e ".[dev]" && touch .venv/.moeq2gguf-installed; }
 # libllama with runtime_patches/ applied, linked to the stock libggml above (cached under .cache/llama-patched)
 stage "patched llama.cpp (runtime_patches/)" .venv/bin/moeq2gguf runtime build
+# cuBLAS headers (nvidia-cublas wheel, headers kept in .cache) for the nvcc compile check of the CUDA patch
+# (tests/test_runtime_cuda_compile.py); only where nvcc is installed, no GPU needed
+if command -v nvcc >/dev/null; then
+  stage "cuBLAS headers for nvcc" "$PY" -c "from moeq2gguf.runtime_build import cublas_include_dir; cublas_include_dir()"
+fi
 "$PY" -c "import llama_cpp, moeq2gguf, torch" || { echo "[setup] the environment is incomplete"; exit 1; }

@@ -1,0 +1,63 @@
+"""runtime_patches/0003 (the CUDA fusion of the per-expert smoothing into MMQ/MMVQ's activation quantization) changes
+ggml-cuda: only builds that compile ggml apply it, and its sources compile with nvcc for sm_90.
+
+The compile check needs nvcc (no GPU, no libcuda, nothing linked) and the cuBLAS headers, which
+tools/setup_env.sh fetches into .cache where nvcc is installed (runtime_build.cublas_include_dir). It compiles the
+four translation units that 0003 touches (ggml-cuda.cu, mmq.cu, mmvq.cu, quantize.cu; mmq.cuh and so the mmq
+template instances are unchanged) with the flags of a CMake configure. Measured on this project's 2-core machine
+with other jobs running (load average 4 to 5): ggml-cuda.cu 39 s, mmq.cu 48 s, mmvq.cu 115 s, quantize.cu 23 s
+at -j2, 2 min 47 s wall in all, of which about 20 s copy, patch and configure the tree (runtime_patches/README.md).
+A compile is no run: nothing here executes the kernels on a GPU.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moeq2gguf import Moeq2ggufError, runtime_build
+
+CUDA_PATCH = "0003-cuda-fused-expert-smoothing.patch"
+PATCHED_UNITS = ["ggml-cuda.cu", "mmq.cu", "mmvq.cu", "quantize.cu"]
+
+
+def test_ggml_patches_apply_only_where_ggml_is_built(tmp_path):
+    """The CPU build links the stock libggml: it applies (and keys its cache on) the patches outside ggml/ alone."""
+    cuda_patch = runtime_build.PATCH_DIR / CUDA_PATCH
+    assert all(t.startswith("ggml/src/ggml-cuda/") for t in runtime_build.patch_targets(cuda_patch))
+    cpu, cuda = runtime_build.build_patches(cuda=False), runtime_build.build_patches(cuda=True)
+    assert cuda_patch in cuda and cuda_patch not in cpu
+    assert cpu == [p for p in runtime_build.patch_files() if p != cuda_patch]
+
+    # a patch over both ggml/ and src/ could not be split between the two builds
+    for p in cpu:
+        shutil.copy(p, tmp_path)
+    mixed = tmp_path / "0009-mixed.patch"
+    mixed.write_text(cuda_patch.read_text() + cpu[0].read_text())
+    with pytest.raises(Moeq2ggufError, match="changes both ggml/ and the rest"):
+        runtime_build.build_patches(cuda=False, patch_dir=tmp_path)
+    mixed.unlink()
+    shutil.copy(cuda_patch, tmp_path)
+    assert [p.name for p in runtime_build.build_patches(cuda=False, patch_dir=tmp_path)] == [p.name for p in cpu]
+
+
+def test_cuda_check_compiles_the_touched_units():
+    """The files to compile follow from the patch: the .cu files it changes and those including a header it changes."""
+    cuda_dir = runtime_build.vendored_source() / "ggml" / "src" / "ggml-cuda"
+    assert runtime_build.cuda_check_files(runtime_build.build_patches(cuda=True), cuda_dir) == PATCHED_UNITS
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None,
+                    reason="nvcc is not on PATH: the compile check of the CUDA patch needs the CUDA toolkit (no GPU)")
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("patch") is None,
+                    reason="cmake and patch are needed to configure the patched llama.cpp tree")
+def test_patched_ggml_cuda_compiles_for_sm90():
+    """Every translation unit that 0003 changes compiles for sm_90 (cuda_compile_check raises on any nvcc error)."""
+    results = runtime_build.cuda_compile_check(arch="90")
+    for name, seconds in results:
+        print(f"{name}: {seconds:.1f} s")
+    assert [name for name, _ in results] == PATCHED_UNITS
+    objects = Path(runtime_build.CACHE / runtime_build.CUDA_CHECK_DIR / "build")
+    for name in PATCHED_UNITS:
+        assert len(list(objects.rglob(f"{name}.o"))) == 1, name
