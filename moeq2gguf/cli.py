@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
                         help="as --target-size, for bits per weight as llama.cpp prints them")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--rotate", action="store_true", help="fold the norms and rotate the residual stream by a seeded "
-                   "randomized Hadamard (or orthogonal) matrix: exact in float, runs on stock llama.cpp, spreads outliers")
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="fold the norms and rotate the residual stream by a seeded randomized Hadamard (or orthogonal) "
+                   "matrix: exact in float, runs on stock llama.cpp, spreads outliers. Default: on for --method moequant "
+                   "(except MXFP4 checkpoints), off otherwise")
     p.add_argument("--rotate-seed", type=int, default=None, metavar="N", help="seed of --rotate's matrix (default 0)")
     p.add_argument("--smooth", default=None, metavar="KIND[,KIND]",
                    help="EAQuant smoothing (alpha 0.6) measured on the calibration text, exact in float. aggregate: one "

@@ -56,10 +56,24 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
     return (*shape[:-1], shape[-1] // block * type_size)
 
 
+# --method moequant rotates the residual stream unless told not to: on the bundled reference models it had the
+# lowest mean KLD ratio to llama.cpp imatrix of {gptq, moequant} x {none, rotate, smooth, rotate+smooth}
+# (BENCHMARKS.md, "moequant's default recipe").
+METHODS_ROTATED_BY_DEFAULT = frozenset({"moequant"})
+
+
+def default_rotate(method: str, type_name: str, imatrix: str | None, sources: list) -> bool:
+    """Whether a conversion that did not say --rotate / --no-rotate rotates. Not where rotation would lose
+    something: a checkpoint holding GGML blocks (GPT-OSS MXFP4 experts, otherwise copied bit for bit), or an
+    --imatrix FILE (statistics of the unrotated model)."""
+    return (method in METHODS_ROTATED_BY_DEFAULT and not plan.is_float(type_name) and imatrix is None
+            and not any(s.raw_qtype is not None for s in sources))
+
+
 def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], type: str = "F16",
             method: str = "rtn", calib: str | None = None, device: str = "cpu", tensor_types: tuple[str, ...] = (),
             imatrix: str | None = None, calib_windows: int = 32, calib_ctx: int = 512,
-            rotate: bool = False, rotate_seed: int | None = None, target_size: str | int | None = None,
+            rotate: bool | None = None, rotate_seed: int | None = None, target_size: str | int | None = None,
             target_bpw: float | None = None, smooth: str | None = None, expert_hadamard: bool = False,
             progress: bool = True) -> ConvertResult:
     """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs.
@@ -68,7 +82,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     method: rtn | imatrix | gptq | moequant; calib: a split name (default calib) or a .txt/.jsonl path;
     tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file;
     rotate: fold the norms and rotate the residual stream by a seeded orthogonal Q (transforms/rotate.py),
-    exact in float, with any type and method; rotate_seed: its seed (default 0);
+    exact in float, with any type and method; None: the method's default (on for moequant, see default_rotate);
+    rotate_seed: its seed (default 0);
     target_size ('6GiB', '3.5GB', bytes) / target_bpw: instead of --type, choose every tensor's type to fit the
     file (or llama.cpp's bits per weight) in that budget with the least predicted loss (alloc.py);
     smooth='aggregate' / 'down' / 'aggregate,down': EAQuant's smoothing aggregation into the FFN norm / per-expert
@@ -86,7 +101,7 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
         raise Moeq2ggufError(f"--method {method} / --imatrix quantize weights; pick a quantized --type such as Q4_K_M")
     if imatrix and method != "rtn":
         raise Moeq2ggufError("--imatrix FILE replaces our statistics; use it with --method rtn (the default)")
-    if rotate_seed is not None and not rotate:
+    if rotate_seed is not None and rotate is False:
         raise Moeq2ggufError("--rotate-seed has no effect without --rotate; add --rotate or drop the seed")
     seed = check_seed(0 if rotate_seed is None else rotate_seed)
     if rotate and imatrix:
@@ -117,6 +132,11 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     spec = adapter.spec
     sources = adapter.all_tensors()
     adapter.check_all_used(sources)
+    if rotate is None:
+        rotate = default_rotate(method, type_name, imatrix, sources)
+        if rotate_seed is not None and not rotate:
+            raise Moeq2ggufError(f"--rotate-seed has no effect without --rotate (--method {method} does not rotate "
+                                 f"by default here); add --rotate or drop the seed")
     rotation = None
     if rotate:
         rotation = random_rotation(spec.hidden_size, seed)

@@ -66,9 +66,9 @@ METHOD_OPTIONS = {"ebss": {"calib": "ebss"}, "rotate": {"rotate": True}, "smooth
 
 
 def convert_kwargs(method: str) -> dict:
-    """'moequant+ebss' -> {'method': 'moequant', 'calib': 'ebss'}"""
+    """'moequant+ebss' -> {'method': 'moequant', 'rotate': False, 'calib': 'ebss'}"""
     base, *options = method.split("+")
-    kwargs = {"method": base}
+    kwargs = {"method": base, "rotate": False}  # a row says its transforms: not moequant's default rotation
     for o in options:
         if o not in METHOD_OPTIONS:
             raise SystemExit(f"--methods {method}: unknown option +{o}; known: {', '.join(METHOD_OPTIONS)}")
@@ -174,13 +174,24 @@ def format_transform_table(rows: list[dict]) -> str:
         return ""
     head = "| model | mix | " + " | ".join(f"{b}{t or ' (none)'}" for b, t in cells) + " |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    def line(model: str, mix: str, ratios: list[float | None]) -> str:
+        best = min((x for x in ratios if x is not None), default=None)
+        return f"| {model} | {mix} | " + " | ".join(
+            "-" if x is None else f"{x:.3f}{'*' if x == best else ''}" for x in ratios) + " |"
+
+    table: dict[tuple[str, str], list[float | None]] = {}
     for model, mix in dict.fromkeys((r["model"], r["mix"]) for r in rows):
         ref = by.get((model, mix, "llama.cpp imatrix"))
-        ratios = [by[(model, mix, f"moeq2gguf {b}{t}")]["kld"] / ref["kld"]
-                  if ref and (model, mix, f"moeq2gguf {b}{t}") in by else None for b, t in cells]
-        best = min((x for x in ratios if x is not None), default=None)
-        lines.append(f"| {model} | {mix} | " + " | ".join(
-            "-" if x is None else f"{x:.3f}{'*' if x == best else ''}" for x in ratios) + " |")
+        table[(model, mix)] = [by[(model, mix, f"moeq2gguf {b}{t}")]["kld"] / ref["kld"]
+                               if ref and (model, mix, f"moeq2gguf {b}{t}") in by else None for b, t in cells]
+        lines.append(line(model, mix, table[(model, mix)]))
+    # the recipe is chosen per mix over both models: the mean of the ratios where every model has the cell
+    for mix in dict.fromkeys(mix for _, mix in table):
+        per_model = [v for (_, m), v in table.items() if m == mix]
+        if len(per_model) > 1:
+            lines.append(line("mean of models", mix, [None if any(v[i] is None for v in per_model)
+                                                      else sum(v[i] for v in per_model) / len(per_model)
+                                                      for i in range(len(cells))]))
     return "\n".join(lines)
 
 

@@ -173,3 +173,26 @@ def test_rotation_errors(tmp_path, small_tokenizers):
     with pytest.raises(Moeq2ggufError, match="unrotated model"):
         convert(path, tmp_path / "m.gguf", type="Q4_K_M", rotate=True, imatrix=str(tmp_path / "i.gguf"), progress=False)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_moequant_rotates_by_default(tmp_path, small_tokenizers):
+    """--method moequant's default recipe includes the rotation (BENCHMARKS.md); --no-rotate / rotate=False turns
+    it off, other methods stay unrotated unless asked, and an explicit seed is honoured."""
+    path, _, _ = _checkpoint("mixtral", tmp_path, small_tokenizers)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("def f(x):\n    return x + 1\n" * 200)
+
+    def rotation_seed(*argv):
+        out = tmp_path / "q.gguf"
+        assert main(["convert", str(path), "-o", str(out), "--type", "Q4_K_M", "--calib", str(calib),
+                     "--calib-windows", "2", "--calib-ctx", "64", "-q", *argv]) == 0
+        field = gguf.GGUFReader(out).fields.get("moeq2gguf.rotation_seed")
+        return None if field is None else field.contents()
+
+    assert rotation_seed("--method", "moequant") == 0
+    assert rotation_seed("--method", "moequant", "--rotate-seed", "4") == 4
+    assert rotation_seed("--method", "moequant", "--no-rotate") is None
+    assert rotation_seed("--method", "gptq") is None
+    assert rotation_seed("--method", "gptq", "--rotate") == 0
+    with pytest.raises(Moeq2ggufError, match="--rotate-seed has no effect without --rotate"):
+        convert(path, tmp_path / "m.gguf", type="Q4_K_M", method="moequant", rotate=False, rotate_seed=1, progress=False)
