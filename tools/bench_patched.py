@@ -1,15 +1,16 @@
 """Quality and CPU speed of the patched-runtime features (--smooth per-expert, --expert-hadamard) against moequant.
 
-Quality: for each bundled model and type mix, tools/bench_quality.py's own bench_model() converts
---method moequant (the stock-compatible reference), moequant + --smooth per-expert (+perexpert), moequant +
---expert-hadamard (+ehadamard) and both, next to llama.cpp imatrix (llama-imatrix on the calib split, then
-llama-quantize), all at this commit in --workdir, and judges them in one evaluate_many pass against the F32
+Quality: for each bundled model and type mix, tools/bench_quality.py's own bench_model() converts each --bases
+method (moequant: the stock-compatible reference, without rotation; moequant+rotate: with the residual rotation
+that --method moequant applies by default), and each base + --smooth per-expert (+perexpert), + --expert-hadamard
+(+ehadamard) and + both, next to llama.cpp imatrix (llama-imatrix on the calib split, then llama-quantize), all
+with this checkout's code in --workdir, and judges them in one evaluate_many pass against the F32
 GGUF exactly as bench_quality does (--chunks windows of --ctx tokens of the eval split). That pass runs on
 the patched llama.cpp (evaluate_many moves to it when a file needs it); the stock files are evaluated
 again on the stock llama.cpp to show that the patch leaves their figures unchanged, and the llama.cpp imatrix
 and moequant figures are compared with bench_quality's results.json (read only) where it has them.
 
-Speed: for each model and mix, moeq2gguf.bench (one fresh worker process per measurement: --ctx-tokens prompt in
+Speed: for each model and mix, on the first base's files, moeq2gguf.bench (one fresh worker process per measurement: --ctx-tokens prompt in
 one llama_decode, --gen greedy tokens) of (a) the stock llama.cpp on the moequant file, (b) the patched
 llama.cpp on the same file, (c) the patched llama.cpp on the +perexpert, +ehadamard and +both files, at each
 --threads count, interleaved: --rounds rounds, each running every configuration once (--repeats timed runs
@@ -17,7 +18,8 @@ after a warm-up) in an order rotated by one per round. tok/s: median of all time
 over rounds of the round's medians divided by (a)'s of the same round (range over rounds in brackets).
 
 usage: python tools/bench_patched.py [--models mixtral-tiny qwen2moe-tiny] [--mixes Q4_K_M Q3_K_M Q2_K]
-                                     [--threads 1 2] [--rounds 5] [--repeats 3] [--write] [--reuse] [--no-speed]
+                                     [--bases moequant moequant+rotate] [--threads 1 2] [--rounds 5] [--repeats 3]
+                                     [--write] [--reuse] [--no-speed]
 """
 from __future__ import annotations
 
@@ -35,22 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 import bench_quality  # noqa: E402  (imports every module a conversion needs, as its long runs want)
-from bench_quality import bench_model, bits_per_weight, compare_digests, machine  # noqa: E402,F401
+from bench_quality import bench_model, compare_digests, machine  # noqa: E402
 from moeq2gguf import runtime, runtime_build  # noqa: E402
 from moeq2gguf.bench import bench_file, machine_info  # noqa: E402
 from moeq2gguf.eval import evaluate_many  # noqa: E402
 import moeq2gguf.transforms.patched, moeq2gguf.transforms.expert_smoothing  # noqa: E402,E401,F401
 import moeq2gguf.transforms.expert_hadamard  # noqa: E402,F401
-
-MARK_BEGIN, MARK_END = "<!-- bench_patched:begin -->", "<!-- bench_patched:end -->"
-# the patched-runtime features as "+" options of bench_quality's --methods entries
-bench_quality.METHOD_OPTIONS.update({"perexpert": {"smooth": "per-expert"}, "ehadamard": {"expert_hadamard": True}})
-METHODS = ["moequant", "moequant+perexpert", "moequant+ehadamard", "moequant+perexpert+ehadamard"]
-REFERENCE, IMATRIX = "moeq2gguf moequant", "llama.cpp imatrix"
-# speed configurations: (label, runtime, file method)
-CONFIGS = [("(a) stock", False, "moequant"), ("(b) patched", True, "moequant")] + \
-          [("(c) patched", True, m) for m in METHODS[1:]]
-
 
 def git_commit() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
@@ -59,28 +51,60 @@ def git_commit() -> str:
     return commit + (" (with uncommitted changes)" if dirty else "")
 
 
-def quality(model: str, mixes: list[str], chunks: int, calib_windows: int, ctx: int, work: Path, quality_dir: Path,
-            reuse: bool) -> tuple[list[dict], list[str]]:
+# the code this run converts with: the modules imported above, i.e. the checkout as the run started
+START_COMMIT = git_commit()
+MARK_BEGIN, MARK_END = "<!-- bench_patched:begin -->", "<!-- bench_patched:end -->"
+# the patched-runtime features as "+" options of bench_quality's --methods entries
+bench_quality.METHOD_OPTIONS.update({"perexpert": {"smooth": "per-expert"}, "ehadamard": {"expert_hadamard": True}})
+FEATURES = ["+perexpert", "+ehadamard", "+perexpert+ehadamard"]
+IMATRIX = "llama.cpp imatrix"
+
+
+def variants(base: str) -> list[str]:
+    """bench_quality --methods entries: the base and the base with each feature"""
+    return [base] + [base + f for f in FEATURES]
+
+
+def base_of(label: str) -> str:
+    """'moeq2gguf moequant+rotate+perexpert' -> 'moeq2gguf moequant+rotate'"""
+    for f in sorted(FEATURES, key=len, reverse=True):
+        if label.endswith(f):
+            return label[: -len(f)]
+    return label
+
+
+def configs(base: str) -> list[tuple[str, bool, str]]:
+    """speed configurations: (label, patched runtime, file method)"""
+    return [("(a) stock", False, base), ("(b) patched", True, base)] + [("(c) patched", True, m) for m in variants(base)[1:]]
+
+
+def quality(model: str, mixes: list[str], bases: list[str], chunks: int, calib_windows: int, ctx: int, work: Path,
+            quality_dir: Path, reuse: bool) -> tuple[list[dict], list[str]]:
+    methods = [m for b in bases for m in variants(b)]
+    labels = [IMATRIX] + [f"moeq2gguf {m}" for m in methods]
     saved = json.loads((work / "results.json").read_text()) if reuse and (work / "results.json").is_file() else {}
-    saved_rows = [r for r in saved.get("rows", []) if r["mix"] in mixes]
+    saved_rows = [r for r in saved.get("rows", []) if r["mix"] in mixes and r["method"] in labels]
     done = {(mix, "llama.cpp rtn") for mix in mixes} | {(r["mix"], r["method"]) for r in saved_rows}
-    rows, notes = bench_model(model, mixes, METHODS, chunks, calib_windows, ctx, work, done)
+    rows, notes = bench_model(model, mixes, methods, chunks, calib_windows, ctx, work, done)
     if rows:
-        notes.append(f"{model}: rows {', '.join(sorted({r['method'] for r in rows}))} computed at commit {git_commit()}, "
-                     f"evaluated in one pass on the {'patched' if any('+' in r['method'] for r in rows) else 'stock'} llama.cpp")
-    notes = [n for n in saved.get("notes", []) if n not in notes] + notes
-    order = {(mix, label): i for i, (mix, label) in enumerate(
-        (mix, label) for mix in mixes for label in [IMATRIX] + [f"moeq2gguf {m}" for m in METHODS])}
+        notes.append(f"{model}: rows {', '.join(sorted({r['method'] for r in rows}))} computed with the code of commit "
+                     f"{START_COMMIT} (as this run started), evaluated in one pass on the "
+                     f"{'patched' if any(base_of(r['method']) != r['method'] for r in rows) else 'stock'} llama.cpp")
+    notes = [n for n in saved.get("notes", []) if n not in notes and "evaluated again on the" not in n
+             and "results.json" not in n] + notes
+    order = {(mix, label): i for i, (mix, label) in enumerate((mix, label) for mix in mixes for label in labels)}
     rows = sorted(saved_rows + rows, key=lambda r: order[(r["mix"], r["method"])])
 
     # the stock files once more, on the llama.cpp this process runs (stock unless LLAMA_CPP_LIB_PATH says otherwise)
-    stock_files = [(r, work / (f"{r['mix']}-llama-imatrix.gguf" if r["method"] == IMATRIX else f"{r['mix']}-moequant.gguf"))
-                   for r in rows if r["method"] in (IMATRIX, REFERENCE)]
+    stock_labels = [IMATRIX] + [f"moeq2gguf {b}" for b in bases]
+    stock_files = [(r, work / (f"{r['mix']}-llama-imatrix.gguf" if r["method"] == IMATRIX
+                               else f"{r['mix']}-{r['method'].removeprefix('moeq2gguf ')}.gguf"))
+                   for r in rows if r["method"] in stock_labels]
     again = evaluate_many([p for _, p in stock_files], work / "f32.gguf", "eval", ctx, chunks, progress=True)
     same = sum(a.kld_mean == r["kld"] and a.ppl_quant == r["ppl"] and a.same_top1_pct == r["top1"]
                for (r, _), a in zip(stock_files, again))
     worst = max(abs(a.kld_mean / r["kld"] - 1) for (r, _), a in zip(stock_files, again))
-    notes.append(f"{model}: the {len(stock_files)} stock files (llama.cpp imatrix, moequant) evaluated again on the "
+    notes.append(f"{model}: the {len(stock_files)} stock files ({', '.join(stock_labels)}) evaluated again on the "
                  f"{'patched' if runtime.is_patched() else 'stock'} llama.cpp: PPL, mean KLD and same top-1 identical for "
                  f"{same} of {len(stock_files)} (largest relative mean-KLD difference {worst:.1e})")
 
@@ -88,7 +112,7 @@ def quality(model: str, mixes: list[str], chunks: int, calib_windows: int, ctx: 
     theirs_path = quality_dir / "results.json"
     theirs = {(r["mix"], r["method"]): r for r in json.loads(theirs_path.read_text())["rows"]} if theirs_path.is_file() else {}
     same_f32 = (quality_dir / "f32.gguf").is_file() and compare_digests(work / "f32.gguf", quality_dir / "f32.gguf")
-    for label in (IMATRIX, REFERENCE):
+    for label in stock_labels:
         pairs = [(r, theirs[(r["mix"], label)]) for r in rows if r["method"] == label and (r["mix"], label) in theirs]
         if pairs:
             notes.append(f"{model}: {label} mean KLD here vs tools/bench_quality.py's results.json: " + ", ".join(
@@ -98,8 +122,9 @@ def quality(model: str, mixes: list[str], chunks: int, calib_windows: int, ctx: 
     return rows, notes
 
 
-def speed(model: str, mixes: list[str], work: Path, threads: list[int], rounds: int, repeats: int, ctx: int,
+def speed(model: str, mixes: list[str], base: str, work: Path, threads: list[int], rounds: int, repeats: int, ctx: int,
           gen: int) -> list[dict]:
+    CONFIGS = configs(base)
     runs: dict[tuple, dict[str, list]] = {}
     t_start = time.time()
     for rnd in range(rounds):
@@ -136,7 +161,7 @@ def speed(model: str, mixes: list[str], work: Path, threads: list[int], rounds: 
 
 def quality_table(rows: list[dict]) -> str:
     head = ("| model | mix | method | bytes | bpw | PPL | PPL ratio | mean KLD | KLD 99.9% | same top-1 | time (s) | "
-            "KLD / moequant | KLD / llama.cpp imatrix |")
+            "KLD / base | KLD / llama.cpp imatrix |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         def kld_of(label: str) -> float:
@@ -144,20 +169,21 @@ def quality_table(rows: list[dict]) -> str:
             return ref["kld"] if ref and ref["kld"] > 0 else float("nan")
         lines.append(f"| {r['model']} | {r['mix']} | {r['method']} | {r['bytes']} | {r['bpw']:.3f} | {r['ppl']:.4f} | "
                      f"{r['ppl_ratio']:.4f} | {r['kld']:.5f} | {r['kld999']:.4f} | {r['top1']:.2f}% | {r['seconds']:.1f} | "
-                     f"{r['kld'] / kld_of(REFERENCE):.3f} | {r['kld'] / kld_of(IMATRIX):.3f} |")
+                     f"{r['kld'] / kld_of(base_of(r['method'])):.3f} | {r['kld'] / kld_of(IMATRIX):.3f} |")
     return "\n".join(lines)
 
 
-def quality_summary(rows: list[dict]) -> list[str]:
+def quality_summary(rows: list[dict], bases: list[str]) -> list[str]:
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        ref = {r["mix"]: r["kld"] for r in rows if r["model"] == model and r["method"] == REFERENCE}
-        for method in METHODS[1:]:
-            mine = [r for r in rows if r["model"] == model and r["method"] == f"moeq2gguf {method}" and r["mix"] in ref]
-            if mine:
-                wins = sum(r["kld"] < ref[r["mix"]] for r in mine)
-                out.append(f"{model} {method}: mean KLD below moequant's at {wins} of {len(mine)} mixes (ratios "
-                           + ", ".join(f"{r['mix']} {r['kld'] / ref[r['mix']]:.3f}" for r in mine) + ")")
+        for base in bases:
+            ref = {r["mix"]: r["kld"] for r in rows if r["model"] == model and r["method"] == f"moeq2gguf {base}"}
+            for method in variants(base)[1:]:
+                mine = [r for r in rows if r["model"] == model and r["method"] == f"moeq2gguf {method}" and r["mix"] in ref]
+                if mine:
+                    wins = sum(r["kld"] < ref[r["mix"]] for r in mine)
+                    out.append(f"{model} {method}: mean KLD below {base}'s at {wins} of {len(mine)} mixes (ratios "
+                               + ", ".join(f"{r['mix']} {r['kld'] / ref[r['mix']]:.3f}" for r in mine) + ")")
     return out
 
 
@@ -175,14 +201,15 @@ def speed_table(rows: list[dict]) -> str:
 def speed_summary(rows: list[dict]) -> list[str]:
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        for label, _, method in CONFIGS[1:]:
+        for label, _, method in dict.fromkeys((r["config"], r["runtime"] == "patched", r["method"]) for r in rows
+                                              if r["model"] == model and not r["config"].startswith("(a)")):
             for n in dict.fromkeys(r["threads"] for r in rows):
                 sel = [r for r in rows if r["model"] == model and r["config"] == label and r["method"] == method
                        and r["threads"] == n]
                 if sel:
                     out.append(f"{model} {label} {method}, {n} thread{'s' if n > 1 else ''}: median over mixes pp "
                                f"{statistics.median(r['pp_ratio'] for r in sel):.3f}, tg "
-                               f"{statistics.median(r['tg_ratio'] for r in sel):.3f} x stock on moequant")
+                               f"{statistics.median(r['tg_ratio'] for r in sel):.3f} x (a)")
     return out
 
 
@@ -190,6 +217,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mixtral-tiny", "qwen2moe-tiny"])
     ap.add_argument("--mixes", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument("--bases", nargs="+", default=["moequant", "moequant+rotate"],
+                    help="bench_quality --methods entries the features are added to; speed runs on the first one's files")
     ap.add_argument("--chunks", type=int, default=32, help="eval windows of --ctx tokens (as bench_quality)")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=512, help="eval and calibration window (as bench_quality)")
@@ -213,15 +242,15 @@ def main() -> None:
     rows, notes, speed_rows = [], [], []
     for model in args.models:
         work = Path(args.workdir) / model
-        r, n = quality(model, args.mixes, args.chunks, args.calib_windows, args.ctx, work, Path(args.quality_dir) / model,
+        r, n = quality(model, args.mixes, args.bases, args.chunks, args.calib_windows, args.ctx, work, Path(args.quality_dir) / model,
                        args.reuse)
         rows += r
         notes += n
         saved = json.loads((work / "results.json").read_text())
         if args.no_speed:
-            speed_rows += [s for s in saved.get("speed", []) if s["mix"] in args.mixes]
+            speed_rows += [s for s in saved.get("speed", []) if s["mix"] in args.mixes and s["method"] in variants(args.bases[0])]
             continue
-        s = speed(model, args.mixes, work, args.threads, args.rounds, args.repeats, args.ctx_tokens, args.gen)
+        s = speed(model, args.mixes, args.bases[0], work, args.threads, args.rounds, args.repeats, args.ctx_tokens, args.gen)
         (work / "results.json").write_text(json.dumps({**saved, "speed": s}, indent=1))
         speed_rows += s
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
@@ -229,23 +258,26 @@ def main() -> None:
     info = machine_info()
     text = (f"{MARK_BEGIN}\n## Patched-runtime features: per-expert smoothing and the expert Hadamard against moequant\n\n"
             f"Command: `{command}`  \nDate: {datetime.date.today()}  \nMachine: {machine()}, load average "
-            f"{os.getloadavg()[0]:.1f} at the end (shared with other jobs)  \nCommit: {git_commit()}  \n"
+            f"{os.getloadavg()[0]:.1f} at the end (shared with other jobs), this run at nice {os.nice(0)}  \n"
+            f"Commit: {START_COMMIT}{f' (HEAD at the end: {end})' if (end := git_commit()) != START_COMMIT else ''}  \n"
             f"Patched llama.cpp: {lib} (runtime_patches/), stock: llama-cpp-python {info['llama_cpp_python']}'s own. "
             f"Wall time of this run: {time.time() - t0:.0f} s.\n\n"
             f"Quality: eval {args.chunks} windows of {args.ctx} tokens of the eval split, second half scored, against the F32 "
             f"GGUF, F32 KV cache, as tools/bench_quality.py (its bench_model() converts and evaluates). Calibration: "
             f"{args.calib_windows} windows of {args.ctx} tokens of the calib split for every method, llama-imatrix and the "
             f"per-expert smoothing statistics included. +perexpert: `--smooth per-expert`; +ehadamard: `--expert-hadamard` "
-            f"(files only the patched llama.cpp runs). Time: conversion (llama.cpp imatrix includes llama-imatrix).\n\n"
-            f"{quality_table(rows)}\n\n" + "\n".join(f"- {n}" for n in quality_summary(rows) + notes) + "\n")
+            f"(files only the patched llama.cpp runs); +rotate: `--rotate` (every other row: `--no-rotate`). KLD / base: "
+            f"against the row's method without +perexpert / +ehadamard. Time: conversion wall time (llama.cpp imatrix "
+            f"includes llama-imatrix), which other jobs on the machine stretch.\n\n"
+            f"{quality_table(rows)}\n\n" + "\n".join(f"- {n}" for n in quality_summary(rows, args.bases) + notes) + "\n")
     if speed_rows:
         text += (f"\nSpeed on CPU (moeq2gguf.bench, a fresh worker process per measurement): prompt {args.ctx_tokens} tokens "
                  f"of the eval split in one llama_decode (pp), then {args.gen} greedy tokens (tg); {args.rounds} interleaved "
                  f"rounds, each running every configuration once ({args.repeats} timed runs after a warm-up), in an order "
                  f"rotated by one per round. tok/s: median of all {args.rounds * args.repeats} timed runs; ratio: median over "
                  f"rounds of the configuration's round median over (a)'s of the same round, [min-max over rounds]. "
-                 f"(a) stock llama.cpp on the moequant file, (b) patched llama.cpp on the same file, (c) patched llama.cpp on "
-                 f"the transformed files. The machine's 2 cores were shared with other jobs: the 2-thread rows measure "
+                 f"(a) stock llama.cpp on the {args.bases[0]} file, (b) patched llama.cpp on the same file, (c) patched "
+                 f"llama.cpp on the {args.bases[0]} files with the features. The machine's 2 cores were shared with other jobs: the 2-thread rows measure "
                  f"contention as much as scaling.\n\n{speed_table(speed_rows)}\n\n"
                  + "\n".join(f"- {n}" for n in speed_summary(speed_rows)) + "\n")
     text += f"{MARK_END}\n"
