@@ -75,7 +75,8 @@ def _runtime_build(args: argparse.Namespace) -> None:
     from moeq2gguf.runtime_build import build
     if args.cuda_arch and not args.cuda:
         raise Moeq2ggufError("--cuda-arch applies to --cuda builds; add --cuda")
-    result = build(cuda=args.cuda, cuda_arch=args.cuda_arch, jobs=args.jobs, force=args.force)
+    result = build(cuda=args.cuda, cuda_arch=args.cuda_arch, jobs=args.jobs, force=args.force,
+                   cmake_args=tuple(args.cmake_arg or ()))
     how = "cached" if result.cached else f"built in {result.seconds:.0f} s"
     print(f"patched llama.cpp ({how}): {result.lib_dir}")
 
@@ -84,7 +85,7 @@ def _runtime_cuda_check(args: argparse.Namespace) -> None:
     import time
     from moeq2gguf.runtime_build import cuda_compile_check
     t0 = time.perf_counter()
-    results = cuda_compile_check(arch=args.arch, files=args.file or None, jobs=args.jobs)
+    results = cuda_compile_check(arch=args.arch, files=args.file or None, jobs=args.jobs, force=args.force)
     for name, seconds in results:
         print(f"{name:<24} {seconds:6.1f} s")
     print(f"compiled {len(results)} patched ggml-cuda files for sm_{args.arch} with nvcc: "
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-arch", default=None, metavar="ARCHS", help="CMAKE_CUDA_ARCHITECTURES with --cuda, e.g. 90")
     b.add_argument("-j", "--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
     b.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
+    b.add_argument("--cmake-arg", action="append", metavar="-DNAME=VALUE",
+                   help="an extra CMake configure option, e.g. -DGGML_CUDA_FA=OFF (repeatable; part of the cache key)")
     b.set_defaults(func=_runtime_build)
     c = rsub.add_parser("cuda-check", help="compile (nvcc -c, no GPU, nothing linked) the ggml-cuda sources that "
                                            "runtime_patches/ change, with a CMake configure's flags; fails on any error")
@@ -224,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--file", action="append", metavar="NAME",
                    help="a ggml-cuda source to compile instead of the patched ones, e.g. mmid.cu (repeatable)")
     c.add_argument("-j", "--jobs", type=int, default=None, help="parallel nvcc jobs (default: all cores)")
+    c.add_argument("--force", action="store_true",
+                   help="compile even when the check passed before with the same patches, sources and nvcc")
     c.set_defaults(func=_runtime_cuda_check)
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")

@@ -150,9 +150,12 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cache_key(cuda: bool, cuda_arch: str | None, patches: list[Path], stock: Path | None) -> str:
+def cache_key(cuda: bool, cuda_arch: str | None, patches: list[Path], stock: Path | None,
+              cmake_args: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256()
     h.update(f"recipe {RECIPE} llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} cuda={cuda} arch={cuda_arch}\n".encode())
+    if cmake_args:
+        h.update(("cmake " + json.dumps(list(cmake_args)) + "\n").encode())
     for p in patches:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     if stock is not None:
@@ -171,12 +174,13 @@ def cached_lib_dir(cuda: bool = False) -> Path | None:
     stamp = out / "lib" / STAMP
     if not stamp.is_file():
         return None
+    lines = stamp.read_text().split("\n")
     try:
-        key = cache_key(cuda, stamp.read_text().split("\n")[1] or None, build_patches(cuda),
-                        None if cuda else stock_lib_dir())
-    except (Moeq2ggufError, IndexError):
+        extra = tuple(json.loads(lines[2])) if len(lines) > 2 and lines[2] else ()
+        key = cache_key(cuda, lines[1] or None, build_patches(cuda), None if cuda else stock_lib_dir(), extra)
+    except (Moeq2ggufError, IndexError, ValueError):
         return None
-    return out / "lib" if stamp.read_text().split("\n")[0] == key else None
+    return out / "lib" if lines[0] == key else None
 
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict[str, str] | None = None,
@@ -225,12 +229,15 @@ def _patched_tree(src: Path, patches: list[Path]) -> None:
         _run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(p)], f"applying {p.name}", cwd=src)
 
 
-def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False) -> BuildResult:
-    """Build (or find cached) the patched llama.cpp libraries; returns their folder."""
+def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False,
+          cmake_args: tuple[str, ...] = ()) -> BuildResult:
+    """Build (or find cached) the patched llama.cpp libraries; returns their folder. cmake_args: extra
+    configure options (e.g. where cuBLAS is, -DGGML_CUDA_FA=OFF), part of the cache key."""
     t0 = time.perf_counter()
     patches = build_patches(cuda)
     stock = None if cuda else stock_lib_dir()
-    key = cache_key(cuda, cuda_arch, patches, stock)
+    cmake_args = tuple(cmake_args)
+    key = cache_key(cuda, cuda_arch, patches, stock, cmake_args)
     out = build_dir(cuda)
     lib = out / "lib"
     stamp = lib / STAMP
@@ -270,6 +277,7 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
         _copy_libs(stock, staged, "libggml*.so*")
         _ggml_import_config(out / "ggml-cmake", staged, src / "ggml" / "include")
         args += ["-DLLAMA_USE_SYSTEM_GGML=ON", f"-Dggml_DIR={out / 'ggml-cmake'}"]
+    args += cmake_args
     log.info("configuring the patched llama.cpp in %s", bld)
     _run(args, "cmake configure", env=env, quiet=True)
     jobs = jobs or os.cpu_count() or 1
@@ -283,7 +291,7 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
     _copy_libs(bld / "bin" if cuda else out / "ggml-stock", tmp, "libggml*.so*")
     if not (tmp / "libllama.so").exists():
         raise Moeq2ggufError(f"the patched build left no libllama.so in {bld / 'bin'}")
-    (tmp / STAMP).write_text(f"{key}\n{cuda_arch or ''}\n")
+    (tmp / STAMP).write_text(f"{key}\n{cuda_arch or ''}\n{json.dumps(list(cmake_args)) if cmake_args else ''}\n")
     shutil.rmtree(lib, ignore_errors=True)
     tmp.rename(lib)
     seconds = time.perf_counter() - t0
@@ -376,11 +384,24 @@ def _compile_one(entry: dict) -> tuple[float, int, str]:
     return time.perf_counter() - t0, proc.returncode, proc.stdout
 
 
-def cuda_compile_check(arch: str = "90", files: list[str] | None = None,
-                       jobs: int | None = None) -> list[tuple[str, float]]:
+def cuda_check_key(arch: str, files: list[str] | None, patches: list[Path], nvcc: str, include: Path) -> str:
+    """What a passed compile check depends on: the vendored sources (llama-cpp-python version), every patch, the
+    architecture and files, nvcc's version and the cuBLAS headers' version."""
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256(f"cuda-check {RECIPE} {LLAMA_CPP_PYTHON_VERSION} sm_{arch} {files} {include.parent.name}\n"
+                       f"{version}".encode())
+    for p in patches:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def cuda_compile_check(arch: str = "90", files: list[str] | None = None, jobs: int | None = None,
+                       force: bool = False) -> list[tuple[str, float]]:
     """Compile (nvcc -c, no GPU, nothing linked) the ggml-cuda sources that the ggml patches change, from the tree
     with every patch applied, with the include paths, defines and flags of a CMake configure for CUDA architecture
-    `arch`. Returns (file, seconds) per translation unit; raises Moeq2ggufError naming each one that fails."""
+    `arch`. Returns (file, seconds) per translation unit; raises Moeq2ggufError naming each one that fails.
+    A check that passed is remembered under cuda_check_key (out/.passed): the same patches, sources, nvcc and
+    files return its times without compiling again, unless force."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise Moeq2ggufError("nvcc is not on PATH; the CUDA compile check needs the CUDA toolkit (no GPU)")
@@ -390,6 +411,14 @@ def cuda_compile_check(arch: str = "90", files: list[str] | None = None,
     include = cublas_include_dir()
     patches = build_patches(cuda=True)
     out = CACHE / CUDA_CHECK_DIR
+    key = cuda_check_key(arch, files, patches, nvcc, include)
+    passed = out / ".passed"
+    if not force and passed.is_file():
+        record = json.loads(passed.read_text())
+        if record.get("key") == key:
+            log.info("the CUDA compile check passed before with these patches, sources and nvcc (%s)", passed)
+            return [(f, float(t)) for f, t in record["results"]]
+    passed.unlink(missing_ok=True)
     src, bld = out / "src", out / "build"
     _patched_tree(src, patches)
     cuda_dir = src / "ggml" / "src" / "ggml-cuda"
@@ -419,6 +448,7 @@ def cuda_compile_check(arch: str = "90", files: list[str] | None = None,
     if failed:
         raise Moeq2ggufError(f"nvcc ({nvcc}) failed for sm_{arch} on {len(failed)} of {len(files)} patched ggml-cuda "
                              "files:\n" + "\n".join(failed))
+    passed.write_text(json.dumps({"key": key, "results": [(f, seconds) for f, seconds, _, _ in results]}))
     return [(f, seconds) for f, seconds, _, _ in results]
 
 

@@ -7,7 +7,9 @@ four translation units that 0003 touches (ggml-cuda.cu, mmq.cu, mmvq.cu, quantiz
 template instances are unchanged) with the flags of a CMake configure. Measured on this project's 2-core machine
 with other jobs running (load average 4 to 5): ggml-cuda.cu 39 s, mmq.cu 48 s, mmvq.cu 115 s, quantize.cu 23 s
 at -j2, 2 min 47 s wall in all, of which about 20 s copy, patch and configure the tree (runtime_patches/README.md).
-A compile is no run: nothing here executes the kernels on a GPU.
+A compile is no run: nothing here executes the kernels on a GPU (tools/check_cuda_fusion.py does, on a GPU machine).
+A pass is remembered under a key over the patches, sources, nvcc and files (runtime_build.cuda_check_key), so a
+warm `make test` compiles only after one of those changed.
 """
 from __future__ import annotations
 
@@ -61,3 +63,20 @@ def test_patched_ggml_cuda_compiles_for_sm90():
     objects = Path(runtime_build.CACHE / runtime_build.CUDA_CHECK_DIR / "build")
     for name in PATCHED_UNITS:
         assert len(list(objects.rglob(f"{name}.o"))) == 1, name
+
+
+def test_a_passed_compile_check_is_remembered_only_for_the_same_inputs(tmp_path):
+    """The remembered pass (cuda_compile_check's .passed) is keyed on every patch's bytes, the architecture, the
+    files and nvcc's version: changing any of them compiles again."""
+    for p in runtime_build.build_patches(cuda=True):
+        shutil.copy(p, tmp_path)
+    patches = sorted(tmp_path.glob("*.patch"))
+    nvcc, include = shutil.which("echo"), tmp_path / "cublas-1" / "include"   # echo: a stand-in with a "version"
+    key = runtime_build.cuda_check_key("90", None, patches, nvcc, include)
+    assert key == runtime_build.cuda_check_key("90", None, patches, nvcc, include)
+    assert key != runtime_build.cuda_check_key("89", None, patches, nvcc, include)
+    assert key != runtime_build.cuda_check_key("90", ["mmq.cu"], patches, nvcc, include)
+    assert key != runtime_build.cuda_check_key("90", None, patches, shutil.which("true"), include)
+    assert key != runtime_build.cuda_check_key("90", None, patches, nvcc, tmp_path / "cublas-2" / "include")
+    patches[-1].write_text(patches[-1].read_text() + "\n")
+    assert key != runtime_build.cuda_check_key("90", None, patches, nvcc, include)

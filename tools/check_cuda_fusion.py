@@ -1,0 +1,488 @@
+"""The GPU half of issue 9: does the CUDA fusion of the per-expert smoothing (runtime_patches/0003) compute
+what the graph-level path (0002) computes, and what does it cost?
+
+Two steps, on two machines:
+
+  python tools/check_cuda_fusion.py prepare DIR
+      here (CPU, the project's .venv): converts the bundled models into the files the check runs (moeq2gguf's
+      default moequant recipe, with and without --smooth per-expert, Q4_K_M and Q8_0, and one with
+      --expert-hadamard too), their logits on the patched CPU llama.cpp, the benchmark prompt and
+      DIR/manifest.json.
+
+  python tools/check_cuda_fusion.py check DIR --out OUT [--jobs N]
+      on a machine with an NVIDIA GPU and nvcc: builds the patched llama.cpp with CUDA (runtime_build.build(
+      cuda=True): 0001-0003 on the vendored tree of the pinned llama-cpp-python, every layer offloaded), then
+      (a) for every smoothed file, logits of 64 tokens with the fusion and with
+          GGML_CUDA_DISABLE_EXPERT_SMOOTH_FUSION=1 (0002's graph as built), once one token per llama_decode
+          (MMVQ) and once all 64 in one llama_decode (MMQ); the fused run must report fusions
+          (GGML_CUDA_EXPERT_SMOOTH_FUSION_LOG=1) and the unfused one none; max|fused - graph| / max|graph|
+          and argmax agreement, and the same against the CPU logits from `prepare` (a different activation
+          quantizer, q8_K vs q8_1: for information);
+      (b) prompt and generation tok/s (moeq2gguf/bench_worker.py, all layers on the GPU) of the plain file,
+          the smoothed file with the fusion and the smoothed file without it, interleaved over --rounds
+          rounds: ratios to the plain file, median over rounds.
+      OUT/cuda_fusion.json holds everything; the table is printed.
+
+The check imports from moeq2gguf only runtime_build (standard library), and otherwise llama_cpp and numpy, so
+that it runs in a GPU machine's Python that lacks the converter's dependencies; llama_cpp's Python files can
+come from any installation (LLAMA_CPP_LIB_PATH binds the libraries built here).
+
+--engine probe runs the logits and the timings through tools/cuda_fusion_probe.cpp (llama.h alone, compiled with g++
+against the build) instead of llama-cpp-python, then tries llama-cpp-python once and prints a debugger's backtrace
+if it crashes: on the H200 of 2026-12-04 it did (BENCHMARKS.md), so the results there are the probe's. Both engines
+offload every layer and run with flash attention off. --lib-dir runs the check on an existing build (the CPU one
+too, to try the script without a GPU: then nothing fuses and every smoothed file is reported as failed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+N_TOKENS = 64
+FUSION_LINE = "fused the expert smoothing of"
+DISABLE = "GGML_CUDA_DISABLE_EXPERT_SMOOTH_FUSION"
+LOG = "GGML_CUDA_EXPERT_SMOOTH_FUSION_LOG"
+GPU_LAYERS, VERBOSE = "CHECK_CUDA_FUSION_GPU_LAYERS", "CHECK_CUDA_FUSION_VERBOSE"   # for the smoke test
+
+
+def _runtime_build():
+    """moeq2gguf.runtime_build without running moeq2gguf/__init__ (which imports the converter: torch,
+    transformers, gguf, numba), whatever of those the GPU machine's Python has."""
+    if "moeq2gguf" not in sys.modules:
+        pkg = types.ModuleType("moeq2gguf")
+        pkg.__path__ = [str(REPO / "moeq2gguf")]
+        sys.modules["moeq2gguf"] = pkg
+    from moeq2gguf import runtime_build
+    return runtime_build
+
+
+# ---------------------------------------------------------------- prepare (CPU, full package)
+
+PREPARED = [
+    # (name, model, type, convert options)
+    ("qwen2moe-tiny-Q4_K_M", "qwen2moe-tiny", "Q4_K_M", {}),
+    ("qwen2moe-tiny-Q4_K_M-smooth", "qwen2moe-tiny", "Q4_K_M", {"smooth": "per-expert"}),
+    ("qwen2moe-tiny-Q4_K_M-smooth-ehad", "qwen2moe-tiny", "Q4_K_M", {"smooth": "per-expert", "expert_hadamard": True}),
+    ("qwen2moe-tiny-Q8_0-smooth", "qwen2moe-tiny", "Q8_0", {"smooth": "per-expert"}),
+    ("mixtral-tiny-Q4_K_M", "mixtral-tiny", "Q4_K_M", {}),
+    ("mixtral-tiny-Q4_K_M-smooth", "mixtral-tiny", "Q4_K_M", {"smooth": "per-expert"}),
+]
+
+
+def prepare(out_dir: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from moeq2gguf import convert, runtime
+    from moeq2gguf.bench import prompt_text
+    fixtures = REPO / "moeq2gguf" / "fixtures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = prompt_text(512)
+    (out_dir / "prompt.txt").write_text(text)
+    files = []
+    for name, model, type_name, options in PREPARED:
+        path = out_dir / f"{name}.gguf"
+        if not path.is_file():
+            convert(fixtures / model, path, type_name, method="moequant", progress=False, **options)
+        patched = bool(runtime.patched_features(path))
+        tokens = np.random.default_rng(0).integers(3, 2000, N_TOKENS).tolist()
+        cpu = runtime.run_logits(path, tokens, patched=patched, n_ctx=128)
+        np.save(out_dir / f"{name}.cpu.npy", cpu)
+        files.append({"name": name, "file": path.name, "model": model, "type": type_name, "options": options,
+                      "patched": patched, "tokens": tokens, "cpu_logits": f"{name}.cpu.npy",
+                      "plain": f"{model}-{type_name}" if options.get("smooth") == "per-expert" else None})
+        print(f"{name}: {path.stat().st_size / 2**20:.1f} MiB, needs the patch: {patched}")
+    (out_dir / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
+
+
+# ---------------------------------------------------------------- check (GPU machine)
+
+def find_cublas() -> tuple[list[str], list[str]]:
+    """CMake options and library folders for cuBLAS: the CUDA toolkit's when it has one, else the nvidia-cublas
+    wheel's of this Python (a GPU image with PyTorch has it), whose libraries have no unversioned name."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    root = Path(nvcc).resolve().parents[1]
+    for lib in (root / "lib64", root / "targets" / "x86_64-linux" / "lib"):
+        if (lib / "libcublas.so").exists():
+            return [f"-DCMAKE_CUDA_COMPILER={nvcc}"], []
+    import site
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        for sub in ("nvidia/cu13", "nvidia/cublas", "nvidia/cu12"):
+            lib, inc = Path(base) / sub / "lib", Path(base) / sub / "include"
+            blas = sorted(lib.glob("libcublas.so*"))
+            blas_lt = sorted(lib.glob("libcublasLt.so*"))
+            if blas and blas_lt and (inc / "cublas_v2.h").is_file():
+                return ([f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDA_cublas_LIBRARY={blas[0]}",
+                         f"-DCUDA_cublasLt_LIBRARY={blas_lt[0]}", f"-DCMAKE_CUDA_FLAGS=-I{inc}",
+                         f"-DCMAKE_CXX_FLAGS=-I{inc}"], [str(lib)])
+    raise SystemExit(f"no cuBLAS: neither the CUDA toolkit at {root} nor an nvidia-cublas wheel of {sys.executable}")
+
+
+def _env(lib_dir: Path, extra_lib: list[str], fused: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(lib_dir), *extra_lib, env.get("LD_LIBRARY_PATH", "")])
+    env[LOG] = "1"
+    env.pop(DISABLE, None)
+    if not fused:
+        env[DISABLE] = "1"
+    return env
+
+
+def logits_worker(path: str, tokens_file: str, out_file: str, batch: int) -> None:
+    """Run in a child process: logits of every position, `batch` tokens per llama_decode, all layers on the GPU,
+    F32 KV cache (as runtime.load), flash attention off."""
+    import llama_cpp
+    tokens = np.load(tokens_file).tolist()
+    llm = llama_cpp.Llama(model_path=path, n_gpu_layers=int(os.environ.get(GPU_LAYERS, "-1")), n_ctx=128,
+                          n_batch=batch, n_ubatch=batch, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32, verbose=bool(os.environ.get(VERBOSE)))
+    llm.eval(tokens)
+    np.save(out_file, np.array(llm.scores[: len(tokens)], dtype=np.float32))
+    print(json.dumps({"gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+                      "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()}))
+    llm.close()
+
+
+# the C++ probe (tools/cuda_fusion_probe.cpp) when the check runs without llama-cpp-python (see smoke())
+PROBE: Path | None = None
+ENGINE = "auto"   # --engine: auto (llama-cpp-python, else the probe), or probe
+
+
+def compile_probe(src: Path, lib_dir: Path, out: Path) -> Path:
+    """tools/cuda_fusion_probe.cpp against the libllama just built (g++, llama.h of the patched tree)."""
+    cmd = ["g++", "-O2", "-std=c++17", str(REPO / "tools" / "cuda_fusion_probe.cpp"), "-I", str(src / "include"),
+           "-I", str(src / "ggml" / "include"), "-L", str(lib_dir), "-lllama", "-lggml", "-lggml-base",
+           f"-Wl,-rpath,{lib_dir}", "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling the probe failed: {proc.stderr[-3000:]}")
+    return out
+
+
+def _probe_logits(path: Path, tokens: list[int], batch: int, env: dict[str, str], tmp: Path) -> dict:
+    np.asarray(tokens, dtype=np.int32).tofile(tmp / "tokens.i32")
+    out = tmp / "logits.f32"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([str(PROBE), str(path), "logits", str(tmp / "tokens.i32"), str(batch),
+                           env.get(GPU_LAYERS, "99"), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe logits of {path.name} (batch {batch}) failed with exit code {proc.returncode}: "
+                           f"{proc.stdout[-1000:]} {proc.stderr[-4000:]}")
+    return {"gpu_offload": env.get(GPU_LAYERS, "99") != "0", "system_info": "C++ probe (llama.h)",
+            "fusions": sum(FUSION_LINE in line for line in proc.stderr.splitlines()),
+            "logits": np.fromfile(out, dtype=np.float32).reshape(len(tokens), -1)}
+
+
+def run_logits(path: Path, tokens: list[int], batch: int, env: dict[str, str], tmp: Path) -> dict:
+    if PROBE is not None:
+        return _probe_logits(path, tokens, batch, env, tmp)
+    np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.int64))
+    out = tmp / "logits.npy"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "_logits", str(path),
+                           str(tmp / "tokens.npy"), str(out), str(batch)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"logits of {path.name} (batch {batch}) failed with exit code {proc.returncode}: "
+                           f"{proc.stdout[-1000:]} {proc.stderr[-4000:]}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info["fusions"] = sum(FUSION_LINE in line for line in proc.stderr.splitlines())
+    info["logits"] = np.load(out)
+    return info
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    return {"max_rel": float(np.abs(a - b).max() / np.abs(b).max()), "identical": bool(np.array_equal(a, b)),
+            "same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()), "n": int(len(a))}
+
+
+def run_bench(path: Path, env: dict[str, str], ctx: int, gen: int, repeats: int, text: str) -> dict:
+    if PROBE is not None:
+        proc = subprocess.run([str(PROBE), str(path), "bench", str(ctx), str(gen), str(repeats), "99"], env=env,
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"probe bench of {path.name} failed with exit code {proc.returncode}: "
+                               f"{proc.stdout[-1000:]} {proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["fusions"] = sum(FUSION_LINE in line for line in proc.stderr.splitlines())
+        result["prompt"] = "deterministic token ids"
+        return result
+    request = json.dumps({"path": str(path), "threads": os.cpu_count() or 1, "ctx": ctx, "gen": gen,
+                          "repeats": repeats, "text": text})
+    # as moeq2gguf.bench runs it: through runpy, so that moeq2gguf/ (its inspect.py) is not sys.path[0]
+    worker = REPO / "moeq2gguf" / "bench_worker.py"
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", f"import runpy; runpy.run_path({str(worker)!r}, run_name='__main__')"],
+                          input=request, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench of {path.name} failed with exit code {proc.returncode}: {proc.stdout[-2000:]} "
+                           f"{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["fusions"] = sum(FUSION_LINE in line for line in proc.stderr.splitlines())
+    return result
+
+
+def _logits_row(f: dict, path: Path, cpu: np.ndarray, batch: int, path_name: str, fused_env: dict[str, str],
+                graph_env: dict[str, str], tmp: Path, failures: list[str]) -> dict:
+    fused = run_logits(path, f["tokens"], batch, fused_env, tmp)
+    row = {"file": f["name"], "batch": batch, "kernel": path_name, "fusions": fused["fusions"],
+           "gpu_offload": fused["gpu_offload"], "vs_cpu": compare(fused["logits"], cpu)}
+    if f["patched"] and f["options"].get("smooth") == "per-expert":
+        graph = run_logits(path, f["tokens"], batch, graph_env, tmp)
+        row["graph_fusions"] = graph["fusions"]
+        row["fused_vs_graph"] = compare(fused["logits"], graph["logits"])
+        ok = (row["fused_vs_graph"]["max_rel"] <= 1e-3 and row["fused_vs_graph"]["same_argmax"] == N_TOKENS
+              and fused["fusions"] > 0 and graph["fusions"] == 0)
+        row["ok"] = ok
+        if not ok:
+            failures.append(f"{f['name']} batch {batch}")
+    fv = row.get("fused_vs_graph")
+    print(f"{f['name']:<34} batch {batch:>2} ({path_name:<4}) fusions {row['fusions']:>4}"
+          + (f" | graph fusions {row['graph_fusions']}, fused vs graph max rel {fv['max_rel']:.2e} "
+             f"identical {fv['identical']} argmax {fv['same_argmax']}/{fv['n']}" if fv else "")
+          + f" | vs CPU max rel {row['vs_cpu']['max_rel']:.2e} argmax {row['vs_cpu']['same_argmax']}/"
+            f"{row['vs_cpu']['n']}", flush=True)
+    row["system_info"] = fused["system_info"]
+    return row
+
+
+def backtrace(cmd: list[str], env: dict[str, str]) -> str:
+    """The C stack of a crashing command, from cuda-gdb (a GPU image has it; it debugs host code too)."""
+    gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if gdb is None:
+        return "no debugger"
+    try:
+        proc = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 30", "--args", *cmd], env=env,
+                              capture_output=True, text=True, timeout=90)
+    except subprocess.SubprocessError as exc:
+        return f"debugger: {exc}"
+    lines = proc.stdout.splitlines()
+    start = next((i for i, ln in enumerate(lines) if "SIGSEGV" in ln or "signal" in ln.lower()), max(0, len(lines) - 60))
+    return "\n".join(lines[start:start + 60])
+
+
+def smoke(path: Path, tokens: list[int], env: dict[str, str], tmp: Path, report: dict,
+          probe: Path | None = None) -> dict[str, str] | None:
+    """One file, verbose, in a few set-ups: the first that runs on the GPU is used for the check (reported), and
+    each failure's output is printed, so that one call to a GPU machine says what went wrong. "probe": the C++
+    probe instead of llama-cpp-python (tried when the bindings crash; then a debugger's backtrace of the crash)."""
+    global PROBE
+    variants = [{}, {"probe": "1"}, {"probe": "1", "GGML_CUDA_DISABLE_GRAPHS": "1"}, {"probe": "1", GPU_LAYERS: "0"}]
+    report["smoke"] = []
+    chosen = None
+    for extra in variants:
+        if ("probe" in extra and probe is None) or ("probe" not in extra and ENGINE == "probe"):
+            continue
+        PROBE = probe if "probe" in extra else None
+        run_env = {**env, VERBOSE: "1", "PROBE_VERBOSE": "1", **{k: v for k, v in extra.items() if k != "probe"}}
+        try:
+            info = run_logits(path, tokens, N_TOKENS, run_env, tmp)
+            report["smoke"].append({"env": extra, "ok": True})
+            print(f"smoke {extra}: ran; system info: {info['system_info']}", flush=True)
+            if chosen is None and GPU_LAYERS not in extra:
+                chosen = extra
+                break
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            report["smoke"].append({"env": extra, "ok": False, "error": str(exc)[-3000:]})
+            print(f"smoke {extra}: FAILED\n{str(exc)[-2500:]}", flush=True)
+            if extra in ({}, {"probe": "1"}):
+                np.asarray(tokens, dtype=np.int32).tofile(tmp / "tokens.i32")
+                np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.int64))
+                cmd = ([str(probe), str(path), "logits", str(tmp / "tokens.i32"), str(N_TOKENS), "99",
+                        str(tmp / "bt.f32")] if extra else
+                       [sys.executable, __file__, "_logits", str(path), str(tmp / "tokens.npy"), str(tmp / "bt.npy"),
+                        str(N_TOKENS)])
+                bt = backtrace(cmd, run_env)
+                report["smoke"][-1]["backtrace"] = bt
+                print(f"backtrace ({'probe' if extra else 'python'}):\n{bt}", flush=True)
+    PROBE = probe if chosen is not None and "probe" in chosen else None
+    if chosen is None:
+        lib = Path(env["LLAMA_CPP_LIB_PATH"])
+        for so in sorted(lib.glob("lib*.so")):
+            ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True, env=env).stdout
+            print(f"ldd {so.name}: " + " | ".join(ln.strip() for ln in ldd.splitlines() if "not found" in ln or
+                                                  "cuda" in ln or "cublas" in ln), flush=True)
+        print("no set-up runs the GPU; stopping", flush=True)
+    elif chosen:
+        print(f"the check runs with {chosen}", flush=True)
+    report["workaround"] = chosen
+    return chosen
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check(files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int, gen: int,
+          cmake_args: list[str], lib_dir: Path | None = None) -> int:
+    """Everything that ran is written to OUT/cuda_fusion.json, also when a step fails."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+    try:
+        return _check(report, files_dir, out_dir, jobs, rounds, repeats, ctx, gen, cmake_args, lib_dir)
+    finally:
+        (out_dir / "cuda_fusion.json").write_text(json.dumps(report, indent=1))
+
+
+def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int,
+           gen: int, cmake_args: list[str], lib_dir: Path | None) -> int:
+    global PROBE
+    report["machine"] = {"gpu": gpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                                "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True,
+                                                       text=True).stdout.strip().splitlines()[-1:]}
+    print("machine:", report["machine"], flush=True)
+    if lib_dir is None:
+        rb = _runtime_build()
+        blas_args, extra_lib = find_cublas()
+        args = tuple(blas_args + cmake_args)
+        t0 = time.perf_counter()
+        built = rb.build(cuda=True, cuda_arch="90", jobs=jobs, cmake_args=args)
+        lib_dir = built.lib_dir
+        report["build"] = {"seconds": round(time.perf_counter() - t0, 1), "cached": built.cached,
+                           "cmake_args": list(args), "lib_dir": str(lib_dir)}
+        print(f"patched llama.cpp with CUDA built in {report['build']['seconds']} s: {lib_dir}", flush=True)
+    else:   # a build made earlier (or the CPU one, to try this script without a GPU)
+        extra_lib = []
+
+    manifest = json.loads((files_dir / "manifest.json").read_text())
+    by_name = {f["name"]: f for f in manifest["files"]}
+    tmp = out_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    fused_env, graph_env = _env(lib_dir, extra_lib, True), _env(lib_dir, extra_lib, False)
+    try:
+        src = _runtime_build().build_dir(True) / "src"
+        probe = compile_probe(src, lib_dir, tmp / "cuda_fusion_probe")
+    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        print(f"no C++ probe: {exc}", flush=True)
+        probe = None
+    workaround = smoke(files_dir / manifest["files"][0]["file"], manifest["files"][0]["tokens"], fused_env, tmp, report,
+                       probe)
+    if workaround is None:
+        return 2
+    workaround = {k: v for k, v in workaround.items() if k != "probe"}
+    report["engine"] = "C++ probe" if PROBE is not None else "llama-cpp-python"
+    print(f"engine: {report['engine']}", flush=True)
+    fused_env.update(workaround)
+    graph_env.update(workaround)
+    failures: list[str] = []
+    report["logits"] = []
+    for f in manifest["files"]:
+        path = files_dir / f["file"]
+        cpu = np.load(files_dir / f["cpu_logits"])
+        for batch, path_name in ((1, "MMVQ"), (N_TOKENS, "MMQ")):
+            try:
+                row = _logits_row(f, path, cpu, batch, path_name, fused_env, graph_env, tmp, failures)
+            except (RuntimeError, subprocess.SubprocessError) as exc:
+                row = {"file": f["name"], "batch": batch, "error": str(exc)}
+                failures.append(f"{f['name']} batch {batch}: {exc}")
+                print(f"{f['name']:<34} batch {batch:>2} ERROR {exc}", flush=True)
+            report["logits"].append(row)
+            report["system_info"] = row.pop("system_info", report.get("system_info"))
+
+
+
+    text = (files_dir / "prompt.txt").read_text()
+    report["speed"] = []
+    for f in manifest["files"]:
+        if not f.get("plain") or f["plain"] not in by_name:
+            continue
+        plain, smooth = files_dir / by_name[f["plain"]]["file"], files_dir / f["file"]
+        configs = [("plain", plain, fused_env), ("smooth fused", smooth, fused_env),
+                   ("smooth graph", smooth, graph_env)]
+        runs: dict[str, list[dict]] = {c[0]: [] for c in configs}
+        try:
+            for r in range(rounds):
+                order = configs[r % len(configs):] + configs[: r % len(configs)]
+                for label, path, env in order:
+                    runs[label].append(run_bench(path, env, ctx, gen, repeats, text))
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            report["speed"].append({"smooth": f["name"], "error": str(exc)})
+            failures.append(f"speed of {f['name']}: {exc}")
+            print(f"{f['name']:<34} speed ERROR {exc}", flush=True)
+            continue
+        row = {"plain": f["plain"], "smooth": f["name"], "ctx": ctx, "gen": gen, "rounds": rounds, "repeats": repeats}
+        for label in runs:
+            row[label] = {"pp_tok_s": statistics.median(x for m in runs[label] for x in m["pp_runs"]),
+                          "tg_tok_s": statistics.median(x for m in runs[label] for x in m["tg_runs"]),
+                          "fusions": sum(m["fusions"] for m in runs[label])}
+        for label in ("smooth fused", "smooth graph"):
+            for key in ("pp", "tg"):
+                row[f"{label} {key} ratio"] = statistics.median(
+                    statistics.median(runs[label][i][f"{key}_runs"]) / statistics.median(runs["plain"][i][f"{key}_runs"])
+                    for i in range(rounds))
+        report["speed"].append(row)
+        print(f"{f['name']:<34} pp{ctx} plain {row['plain']['pp_tok_s']:9.0f} tok/s, fused x"
+              f"{row['smooth fused pp ratio']:.3f}, graph x{row['smooth graph pp ratio']:.3f} | tg{gen} plain "
+              f"{row['plain']['tg_tok_s']:7.0f} tok/s, fused x{row['smooth fused tg ratio']:.3f}, graph x"
+              f"{row['smooth graph tg ratio']:.3f} | fusions seen: fused {row['smooth fused']['fusions']}, graph "
+              f"{row['smooth graph']['fusions']}", flush=True)
+    report["failures"] = failures
+    if ENGINE == "probe":   # after the results: does llama-cpp-python run this build, and if not, where does it crash
+        PROBE = None
+        first = manifest["files"][0]
+        run_env = {**fused_env, VERBOSE: "1"}
+        try:
+            run_logits(files_dir / first["file"], first["tokens"], N_TOKENS, run_env, tmp)
+            report["python"] = "llama-cpp-python ran the file"
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            np.save(tmp / "tokens.npy", np.asarray(first["tokens"], dtype=np.int64))
+            bt = backtrace([sys.executable, __file__, "_logits", str(files_dir / first["file"]), str(tmp / "tokens.npy"),
+                            str(tmp / "bt.npy"), str(N_TOKENS)], run_env)
+            report["python"] = {"error": str(exc)[-3000:], "backtrace": bt}
+            print(f"llama-cpp-python: {str(exc)[-1500:]}\nbacktrace:\n{bt}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print("FAILED: " + ", ".join(failures) if failures else "fused == graph within 1e-3 with identical argmax on "
+          "every smoothed file and batch, and the fused runs fused")
+    return 1 if failures else 0
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_logits":
+        logits_worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("dir", type=Path)
+    c = sub.add_parser("check")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--jobs", type=int, default=None)
+    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--ctx", type=int, default=512)
+    c.add_argument("--gen", type=int, default=64)
+    c.add_argument("--engine", choices=["auto", "probe"], default="auto",
+                   help="auto: llama-cpp-python, the C++ probe if that crashes; probe: the probe only")
+    c.add_argument("--lib-dir", type=Path, default=None,
+                   help="use this patched llama.cpp build instead of building (e.g. .cache/llama-patched/lib on a CPU)")
+    c.add_argument("--cmake-arg", action="append", default=[],
+                   help="extra configure option for the CUDA build, e.g. -DGGML_CUDA_FA=OFF")
+    args = parser.parse_args()
+    global ENGINE
+    if args.command == "check":
+        ENGINE = args.engine
+    if args.command == "prepare":
+        prepare(args.dir)
+        return 0
+    return check(args.dir, args.out, args.jobs, args.rounds, args.repeats, args.ctx, args.gen, args.cmake_arg,
+                 args.lib_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
