@@ -150,14 +150,18 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _hash_patches(h, patches: list[Path]) -> None:
+    for p in patches:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+
+
 def cache_key(cuda: bool, cuda_arch: str | None, patches: list[Path], stock: Path | None,
               cmake_args: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256()
     h.update(f"recipe {RECIPE} llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} cuda={cuda} arch={cuda_arch}\n".encode())
     if cmake_args:
         h.update(("cmake " + json.dumps(list(cmake_args)) + "\n").encode())
-    for p in patches:
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    _hash_patches(h, patches)
     if stock is not None:
         for lib in sorted(stock.glob("libggml*.so")):
             h.update(lib.name.encode() + b"\0" + _file_digest(lib.resolve()).encode())
@@ -390,8 +394,7 @@ def cuda_check_key(arch: str, files: list[str] | None, patches: list[Path], nvcc
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256(f"cuda-check {RECIPE} {LLAMA_CPP_PYTHON_VERSION} sm_{arch} {files} {include.parent.name}\n"
                        f"{version}".encode())
-    for p in patches:
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    _hash_patches(h, patches)
     return h.hexdigest()
 
 

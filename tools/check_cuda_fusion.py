@@ -36,6 +36,7 @@ too, to try the script without a GPU: then nothing fuses and every smoothed file
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -43,7 +44,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -57,15 +57,14 @@ LOG = "GGML_CUDA_EXPERT_SMOOTH_FUSION_LOG"
 GPU_LAYERS, VERBOSE = "CHECK_CUDA_FUSION_GPU_LAYERS", "CHECK_CUDA_FUSION_VERBOSE"   # for the smoke test
 
 
-def _runtime_build():
-    """moeq2gguf.runtime_build without running moeq2gguf/__init__ (which imports the converter: torch,
-    transformers, gguf, numba), whatever of those the GPU machine's Python has."""
+def _module(name: str):
+    """moeq2gguf.<name> (runtime_build, bench: standard library only) without running moeq2gguf/__init__ (which
+    imports the converter: torch, transformers, gguf, numba), whatever of those the GPU machine's Python has."""
     if "moeq2gguf" not in sys.modules:
         pkg = types.ModuleType("moeq2gguf")
         pkg.__path__ = [str(REPO / "moeq2gguf")]
         sys.modules["moeq2gguf"] = pkg
-    from moeq2gguf import runtime_build
-    return runtime_build
+    return importlib.import_module(f"moeq2gguf.{name}")
 
 
 # ---------------------------------------------------------------- prepare (CPU, full package)
@@ -133,6 +132,7 @@ def _env(lib_dir: Path, extra_lib: list[str], fused: bool) -> dict[str, str]:
     env["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
     env["LD_LIBRARY_PATH"] = os.pathsep.join([str(lib_dir), *extra_lib, env.get("LD_LIBRARY_PATH", "")])
     env[LOG] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"   # a Python child that crashes in llama.cpp says where
     env.pop(DISABLE, None)
     if not fused:
         env[DISABLE] = "1"
@@ -170,36 +170,34 @@ def compile_probe(src: Path, lib_dir: Path, out: Path) -> Path:
     return out
 
 
-def _probe_logits(path: Path, tokens: list[int], batch: int, env: dict[str, str], tmp: Path) -> dict:
-    np.asarray(tokens, dtype=np.int32).tofile(tmp / "tokens.i32")
-    out = tmp / "logits.f32"
-    out.unlink(missing_ok=True)
-    proc = subprocess.run([str(PROBE), str(path), "logits", str(tmp / "tokens.i32"), str(batch),
-                           env.get(GPU_LAYERS, "99"), str(out)], env=env, capture_output=True, text=True, timeout=300)
+def run_child(cmd: list[str], what: str, env: dict[str, str], timeout: int, stdin: str | None = None) -> dict:
+    """Run a worker (the probe, the logits worker, bench_worker): its last stdout line as JSON, with "fusions",
+    the fusion log lines on its stderr; RuntimeError with its exit code and output tails when it fails."""
+    proc = subprocess.run(cmd, input=stdin, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"probe logits of {path.name} (batch {batch}) failed with exit code {proc.returncode}: "
-                           f"{proc.stdout[-1000:]} {proc.stderr[-4000:]}")
-    return {"gpu_offload": env.get(GPU_LAYERS, "99") != "0", "system_info": "C++ probe (llama.h)",
-            "fusions": sum(FUSION_LINE in line for line in proc.stderr.splitlines()),
-            "logits": np.fromfile(out, dtype=np.float32).reshape(len(tokens), -1)}
+        raise RuntimeError(f"{what} failed with exit code {proc.returncode}: {proc.stdout[-1000:]} "
+                           f"{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["fusions"] = sum(FUSION_LINE in line for line in proc.stderr.splitlines())
+    return result
 
 
 def run_logits(path: Path, tokens: list[int], batch: int, env: dict[str, str], tmp: Path) -> dict:
+    what = f"logits of {path.name} (batch {batch})"
     if PROBE is not None:
-        return _probe_logits(path, tokens, batch, env, tmp)
+        np.asarray(tokens, dtype=np.int32).tofile(tmp / "tokens.i32")
+        out = tmp / "logits.f32"
+        out.unlink(missing_ok=True)
+        info = run_child([str(PROBE), str(path), "logits", str(tmp / "tokens.i32"), str(batch),
+                          env.get(GPU_LAYERS, "99"), str(out)], "probe " + what, env, 300)
+        return {**info, "gpu_offload": env.get(GPU_LAYERS, "99") != "0", "system_info": "C++ probe (llama.h)",
+                "logits": np.fromfile(out, dtype=np.float32).reshape(len(tokens), -1)}
     np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.int64))
     out = tmp / "logits.npy"
     out.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "_logits", str(path),
-                           str(tmp / "tokens.npy"), str(out), str(batch)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(f"logits of {path.name} (batch {batch}) failed with exit code {proc.returncode}: "
-                           f"{proc.stdout[-1000:]} {proc.stderr[-4000:]}")
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    info["fusions"] = sum(FUSION_LINE in line for line in proc.stderr.splitlines())
-    info["logits"] = np.load(out)
-    return info
+    info = run_child([sys.executable, __file__, "_logits", str(path), str(tmp / "tokens.npy"), str(out), str(batch)],
+                     what, env, 300)
+    return {**info, "logits": np.load(out)}
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict:
@@ -209,28 +207,12 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict:
 
 def run_bench(path: Path, env: dict[str, str], ctx: int, gen: int, repeats: int, text: str) -> dict:
     if PROBE is not None:
-        proc = subprocess.run([str(PROBE), str(path), "bench", str(ctx), str(gen), str(repeats), "99"], env=env,
-                              capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"probe bench of {path.name} failed with exit code {proc.returncode}: "
-                               f"{proc.stdout[-1000:]} {proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        result["fusions"] = sum(FUSION_LINE in line for line in proc.stderr.splitlines())
-        result["prompt"] = "deterministic token ids"
-        return result
-    request = json.dumps({"path": str(path), "threads": os.cpu_count() or 1, "ctx": ctx, "gen": gen,
-                          "repeats": repeats, "text": text})
-    # as moeq2gguf.bench runs it: through runpy, so that moeq2gguf/ (its inspect.py) is not sys.path[0]
-    worker = REPO / "moeq2gguf" / "bench_worker.py"
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", f"import runpy; runpy.run_path({str(worker)!r}, run_name='__main__')"],
-                          input=request, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench of {path.name} failed with exit code {proc.returncode}: {proc.stdout[-2000:]} "
-                           f"{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["fusions"] = sum(FUSION_LINE in line for line in proc.stderr.splitlines())
-    return result
+        result = run_child([str(PROBE), str(path), "bench", str(ctx), str(gen), str(repeats), "99"],
+                           f"probe bench of {path.name}", env, 600)
+        return {**result, "prompt": "deterministic token ids"}
+    bench = _module("bench")   # moeq2gguf bench's own worker and request
+    return run_child(bench.worker_command(), f"bench of {path.name}", env, 600,
+                     stdin=bench.worker_request(path, os.cpu_count() or 1, ctx, gen, repeats, text))
 
 
 def _logits_row(f: dict, path: Path, cpu: np.ndarray, batch: int, path_name: str, fused_env: dict[str, str],
@@ -347,13 +329,11 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
                                                        text=True).stdout.strip().splitlines()[-1:]}
     print("machine:", report["machine"], flush=True)
     if lib_dir is None:
-        rb = _runtime_build()
         blas_args, extra_lib = find_cublas()
         args = tuple(blas_args + cmake_args)
-        t0 = time.perf_counter()
-        built = rb.build(cuda=True, cuda_arch="90", jobs=jobs, cmake_args=args)
+        built = _module("runtime_build").build(cuda=True, cuda_arch="90", jobs=jobs, cmake_args=args)
         lib_dir = built.lib_dir
-        report["build"] = {"seconds": round(time.perf_counter() - t0, 1), "cached": built.cached,
+        report["build"] = {"seconds": round(built.seconds, 1), "cached": built.cached,
                            "cmake_args": list(args), "lib_dir": str(lib_dir)}
         print(f"patched llama.cpp with CUDA built in {report['build']['seconds']} s: {lib_dir}", flush=True)
     else:   # a build made earlier (or the CPU one, to try this script without a GPU)
@@ -365,7 +345,7 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     tmp.mkdir(exist_ok=True)
     fused_env, graph_env = _env(lib_dir, extra_lib, True), _env(lib_dir, extra_lib, False)
     try:
-        src = _runtime_build().build_dir(True) / "src"
+        src = _module("runtime_build").build_dir(True) / "src"
         probe = compile_probe(src, lib_dir, tmp / "cuda_fusion_probe")
     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
         print(f"no C++ probe: {exc}", flush=True)
