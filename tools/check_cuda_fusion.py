@@ -18,10 +18,14 @@ Two steps, on two machines:
           (GGML_CUDA_EXPERT_SMOOTH_FUSION_LOG=1) and the unfused one none; max|fused - graph| / max|graph|
           and argmax agreement, and the same against the CPU logits from `prepare` (a different activation
           quantizer, q8_K vs q8_1: for information);
-      (b) prompt and generation tok/s (moeq2gguf/bench_worker.py, all layers on the GPU) of the plain file,
-          the smoothed file with the fusion and the smoothed file without it, interleaved over --rounds
-          rounds: ratios to the plain file, median over rounds.
+      (b) prompt and generation tok/s (moeq2gguf/bench_worker.py, all layers on the GPU) of the plain file and of
+          each smoothed file beside it with the fusion and without it, interleaved over --rounds rounds: ratios
+          to the plain file, median over rounds.
       OUT/cuda_fusion.json holds everything; the table is printed.
+      --synth SHAPE:LAYERS (repeatable) adds files of a real model's shape (Qwen1.5-MoE-A2.7B, Mixtral-8x7B) with
+      LAYERS blocks and random weights, written on the GPU machine from the prepared Q4_K_M files of the same
+      architecture (tools/synth_moe_gguf.py: a few GiB each, so they never travel): (a) and (b) run on them too,
+      (a) without CPU logits. On the bundled models (n_embd 256) a GPU's launch overheads hide the kernels.
 
 The check imports from moeq2gguf only runtime_build (standard library), and otherwise llama_cpp and numpy, so
 that it runs in a GPU machine's Python that lacks the converter's dependencies; llama_cpp's Python files can
@@ -36,7 +40,6 @@ too, to try the script without a GPU: then nothing fuses and every smoothed file
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -44,10 +47,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import types
+import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import light_import  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_TOKENS = 64
@@ -55,16 +61,6 @@ FUSION_LINE = "fused the expert smoothing of"
 DISABLE = "GGML_CUDA_DISABLE_EXPERT_SMOOTH_FUSION"
 LOG = "GGML_CUDA_EXPERT_SMOOTH_FUSION_LOG"
 GPU_LAYERS, VERBOSE = "CHECK_CUDA_FUSION_GPU_LAYERS", "CHECK_CUDA_FUSION_VERBOSE"   # for the smoke test
-
-
-def _module(name: str):
-    """moeq2gguf.<name> (runtime_build, bench: standard library only) without running moeq2gguf/__init__ (which
-    imports the converter: torch, transformers, gguf, numba), whatever of those the GPU machine's Python has."""
-    if "moeq2gguf" not in sys.modules:
-        pkg = types.ModuleType("moeq2gguf")
-        pkg.__path__ = [str(REPO / "moeq2gguf")]
-        sys.modules["moeq2gguf"] = pkg
-    return importlib.import_module(f"moeq2gguf.{name}")
 
 
 # ---------------------------------------------------------------- prepare (CPU, full package)
@@ -210,16 +206,19 @@ def run_bench(path: Path, env: dict[str, str], ctx: int, gen: int, repeats: int,
         result = run_child([str(PROBE), str(path), "bench", str(ctx), str(gen), str(repeats), "99"],
                            f"probe bench of {path.name}", env, 600)
         return {**result, "prompt": "deterministic token ids"}
-    bench = _module("bench")   # moeq2gguf bench's own worker and request
+    bench = light_import.module("bench")   # moeq2gguf bench's own worker and request
     return run_child(bench.worker_command(), f"bench of {path.name}", env, 600,
                      stdin=bench.worker_request(path, os.cpu_count() or 1, ctx, gen, repeats, text))
 
 
-def _logits_row(f: dict, path: Path, cpu: np.ndarray, batch: int, path_name: str, fused_env: dict[str, str],
+def _logits_row(f: dict, path: Path, cpu: np.ndarray | None, batch: int, path_name: str, fused_env: dict[str, str],
                 graph_env: dict[str, str], tmp: Path, failures: list[str]) -> dict:
+    """cpu: the CPU logits of `prepare`, None for a synthetic file (random weights: only fused vs graph counts)."""
     fused = run_logits(path, f["tokens"], batch, fused_env, tmp)
     row = {"file": f["name"], "batch": batch, "kernel": path_name, "fusions": fused["fusions"],
-           "gpu_offload": fused["gpu_offload"], "vs_cpu": compare(fused["logits"], cpu)}
+           "gpu_offload": fused["gpu_offload"]}
+    if cpu is not None:
+        row["vs_cpu"] = compare(fused["logits"], cpu)
     if f["patched"] and f["options"].get("smooth") == "per-expert":
         graph = run_logits(path, f["tokens"], batch, graph_env, tmp)
         row["graph_fusions"] = graph["fusions"]
@@ -233,8 +232,8 @@ def _logits_row(f: dict, path: Path, cpu: np.ndarray, batch: int, path_name: str
     print(f"{f['name']:<34} batch {batch:>2} ({path_name:<4}) fusions {row['fusions']:>4}"
           + (f" | graph fusions {row['graph_fusions']}, fused vs graph max rel {fv['max_rel']:.2e} "
              f"identical {fv['identical']} argmax {fv['same_argmax']}/{fv['n']}" if fv else "")
-          + f" | vs CPU max rel {row['vs_cpu']['max_rel']:.2e} argmax {row['vs_cpu']['same_argmax']}/"
-            f"{row['vs_cpu']['n']}", flush=True)
+          + (f" | vs CPU max rel {row['vs_cpu']['max_rel']:.2e} argmax {row['vs_cpu']['same_argmax']}/"
+             f"{row['vs_cpu']['n']}" if cpu is not None else ""), flush=True)
     row["system_info"] = fused["system_info"]
     return row
 
@@ -302,6 +301,113 @@ def smoke(path: Path, tokens: list[int], env: dict[str, str], tmp: Path, report:
     return chosen
 
 
+# real-size shapes (tools/synth_moe_gguf.py) and the bundled model whose prepared files are their templates
+SYNTH_TEMPLATES = {"qwen1.5-moe-a2.7b": "qwen2moe-tiny", "mixtral-8x7b": "mixtral-tiny"}
+
+
+def synthesize(files: list[dict], specs: list[str], synth_dir: Path, lib_dir: Path, report: dict) -> list[dict]:
+    """For each SHAPE:LAYERS spec, the prepared Q4_K_M files of its template model (plain, smoothed, ...) rewritten at
+    that shape with random weights (tools/synth_moe_gguf.py, the same data in every file), as manifest entries."""
+    import synth_moe_gguf
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)   # ggml's quantizer for the pools: this build's libggml-base
+    synth_dir.mkdir(parents=True, exist_ok=True)
+    out, report["synth"] = [], []
+    for spec in specs:
+        shape_name, _, layers = spec.partition(":")
+        shape = synth_moe_gguf.SHAPES[shape_name]
+        if layers:
+            shape = synth_moe_gguf.Shape(**{**shape.__dict__, "n_layer": int(layers)})
+        label = f"{shape_name}x{shape.n_layer}"
+        renamed = {f["name"]: f["name"].replace(SYNTH_TEMPLATES[shape_name], label) for f in files
+                   if f["model"] == SYNTH_TEMPLATES[shape_name] and f["type"] == "Q4_K_M"}
+        for f in files:
+            if f["name"] not in renamed:
+                continue
+            path = synth_dir / f"{renamed[f['name']]}.gguf"
+            t0 = time.time()
+            info = synth_moe_gguf.synth(Path(f["path"]), path, shape, "Q4_K_M")
+            report["synth"].append({**info, "seconds": round(time.time() - t0, 1), "template": f["name"]})
+            print(f"synthesized {path.name}: {info['bytes'] / 2**30:.2f} GiB, {info['tensors']} tensors "
+                  f"({', '.join(info['types'])}) in {time.time() - t0:.0f} s", flush=True)
+            out.append({**f, "name": renamed[f["name"]], "model": label, "path": str(path), "cpu_logits": None,
+                        "plain": renamed.get(f["plain"]) if f.get("plain") else None})
+    return out
+
+
+def _speed_group(report: dict, failures: list[str], plain: dict, smoothed: list[dict], fused_env: dict[str, str],
+                 graph_env: dict[str, str], rounds: int, repeats: int, ctx: int, gen: int, text: str) -> None:
+    """Prompt and generation tok/s of a plain file and of each smoothed file beside it, fused and graph-level, all
+    interleaved: every round runs every configuration once, in an order rotated by one per round. A row per smoothed
+    file; its ratios are medians over rounds of the round's median over the plain file's median of that round."""
+    configs = [("plain", Path(plain["path"]), fused_env)]
+    for f in smoothed:
+        configs += [(f"{f['name']} fused", Path(f["path"]), fused_env), (f"{f['name']} graph", Path(f["path"]), graph_env)]
+    runs: dict[str, list[dict]] = {c[0]: [] for c in configs}
+    try:
+        for r in range(rounds):
+            for label, path, env in configs[r % len(configs):] + configs[: r % len(configs)]:
+                runs[label].append(run_bench(path, env, ctx, gen, repeats, text))
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        report["speed"].append({"plain": plain["name"], "error": str(exc)})
+        failures.append(f"speed beside {plain['name']}: {exc}")
+        print(f"{plain['name']:<34} speed ERROR {exc}", flush=True)
+        return
+
+    def summary(label: str) -> dict:
+        return {"pp_tok_s": statistics.median(x for m in runs[label] for x in m["pp_runs"]),
+                "tg_tok_s": statistics.median(x for m in runs[label] for x in m["tg_runs"]),
+                "fusions": sum(m["fusions"] for m in runs[label])}
+
+    def ratios(label: str, key: str) -> list[float]:
+        return [statistics.median(runs[label][i][f"{key}_runs"]) / statistics.median(runs["plain"][i][f"{key}_runs"])
+                for i in range(rounds)]
+
+    for f in smoothed:
+        row = {"plain": plain["name"], "smooth": f["name"], "ctx": ctx, "gen": gen, "rounds": rounds,
+               "repeats": repeats, "plain tok/s": summary("plain")}
+        for path_name in ("fused", "graph"):
+            label = f"{f['name']} {path_name}"
+            row[f"smooth {path_name}"] = summary(label)
+            for key in ("pp", "tg"):
+                r = ratios(label, key)
+                row[f"smooth {path_name} {key} ratio"] = statistics.median(r)
+                row[f"smooth {path_name} {key} ratio range"] = [min(r), max(r)]
+        report["speed"].append(row)
+        print(f"{f['name']:<34} pp{ctx} plain {row['plain tok/s']['pp_tok_s']:9.0f} tok/s, fused x"
+              f"{row['smooth fused pp ratio']:.3f} [{row['smooth fused pp ratio range'][0]:.2f}-"
+              f"{row['smooth fused pp ratio range'][1]:.2f}], graph x{row['smooth graph pp ratio']:.3f} | tg{gen} plain "
+              f"{row['plain tok/s']['tg_tok_s']:7.0f} tok/s, fused x{row['smooth fused tg ratio']:.3f}, graph x"
+              f"{row['smooth graph tg ratio']:.3f} | fusions seen: fused {row['smooth fused']['fusions']}, graph "
+              f"{row['smooth graph']['fusions']}", flush=True)
+
+
+def python_diagnosis(path: Path, tokens: list[int], env: dict[str, str], lib_dir: Path, tmp: Path) -> dict:
+    """Does llama-cpp-python run this build: as is, then with the system's libstdc++ preloaded (so that its
+    definitions come first, as in the C++ probe, which links it). Where it crashes, a debugger's backtrace, and the
+    C++ runtime symbols that each library of the build exports (the crash of 2026-12-04 ended in a libstdc++
+    function bound from libggml-cuda)."""
+    result: dict = {"exports": {}}
+    for so in sorted(lib_dir.glob("lib*.so")):
+        nm = subprocess.run(["nm", "-D", "--defined-only", "-C", str(so)], capture_output=True, text=True).stdout
+        std = [ln.split(" ", 2)[-1] for ln in nm.splitlines() if " std::" in ln]
+        result["exports"][so.name] = {"std_symbols": len(std), "examples": std[:5]}
+    print("C++ runtime symbols exported: " + ", ".join(f"{k} {v['std_symbols']}" for k, v in result["exports"].items()),
+          flush=True)
+    libstdcxx = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    for label, extra in (("as built", {}), ("LD_PRELOAD libstdc++", {"LD_PRELOAD": libstdcxx})):
+        try:
+            run_logits(path, tokens, N_TOKENS, {**env, **extra}, tmp)
+            result[label] = "llama-cpp-python ran the file"
+            print(f"llama-cpp-python, {label}: ran the file", flush=True)
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.int64))
+            bt = backtrace([sys.executable, __file__, "_logits", str(path), str(tmp / "tokens.npy"),
+                            str(tmp / "bt.npy"), str(N_TOKENS)], {**env, **extra})
+            result[label] = {"error": str(exc)[-3000:], "backtrace": bt}
+            print(f"llama-cpp-python, {label}: {str(exc)[-1500:]}\nbacktrace:\n{bt}", flush=True)
+    return result
+
+
 def gpu_name() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
@@ -311,18 +417,20 @@ def gpu_name() -> str:
 
 
 def check(files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int, gen: int,
-          cmake_args: list[str], lib_dir: Path | None = None) -> int:
+          cmake_args: list[str], lib_dir: Path | None = None, synth_specs: list[str] = (),
+          synth_dir: Path = Path("/tmp/moeq2gguf-synth")) -> int:
     """Everything that ran is written to OUT/cuda_fusion.json, also when a step fails."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     try:
-        return _check(report, files_dir, out_dir, jobs, rounds, repeats, ctx, gen, cmake_args, lib_dir)
+        return _check(report, files_dir, out_dir, jobs, rounds, repeats, ctx, gen, cmake_args, lib_dir, list(synth_specs),
+                      synth_dir)
     finally:
         (out_dir / "cuda_fusion.json").write_text(json.dumps(report, indent=1))
 
 
 def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int,
-           gen: int, cmake_args: list[str], lib_dir: Path | None) -> int:
+           gen: int, cmake_args: list[str], lib_dir: Path | None, synth_specs: list[str], synth_dir: Path) -> int:
     global PROBE
     report["machine"] = {"gpu": gpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                                 "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True,
@@ -331,7 +439,7 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     if lib_dir is None:
         blas_args, extra_lib = find_cublas()
         args = tuple(blas_args + cmake_args)
-        built = _module("runtime_build").build(cuda=True, cuda_arch="90", jobs=jobs, cmake_args=args)
+        built = light_import.module("runtime_build").build(cuda=True, cuda_arch="90", jobs=jobs, cmake_args=args)
         lib_dir = built.lib_dir
         report["build"] = {"seconds": round(built.seconds, 1), "cached": built.cached,
                            "cmake_args": list(args), "lib_dir": str(lib_dir)}
@@ -340,18 +448,17 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
         extra_lib = []
 
     manifest = json.loads((files_dir / "manifest.json").read_text())
-    by_name = {f["name"]: f for f in manifest["files"]}
+    files = [{**f, "path": str(files_dir / f["file"])} for f in manifest["files"]]
     tmp = out_dir / "tmp"
     tmp.mkdir(exist_ok=True)
     fused_env, graph_env = _env(lib_dir, extra_lib, True), _env(lib_dir, extra_lib, False)
     try:
-        src = _module("runtime_build").build_dir(True) / "src"
+        src = light_import.module("runtime_build").build_dir(True) / "src"
         probe = compile_probe(src, lib_dir, tmp / "cuda_fusion_probe")
     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
         print(f"no C++ probe: {exc}", flush=True)
         probe = None
-    workaround = smoke(files_dir / manifest["files"][0]["file"], manifest["files"][0]["tokens"], fused_env, tmp, report,
-                       probe)
+    workaround = smoke(Path(files[0]["path"]), files[0]["tokens"], fused_env, tmp, report, probe)
     if workaround is None:
         return 2
     workaround = {k: v for k, v in workaround.items() if k != "probe"}
@@ -359,11 +466,14 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     print(f"engine: {report['engine']}", flush=True)
     fused_env.update(workaround)
     graph_env.update(workaround)
+    if synth_specs:
+        files += synthesize(files, synth_specs, synth_dir, lib_dir, report)
+    by_name = {f["name"]: f for f in files}
     failures: list[str] = []
     report["logits"] = []
-    for f in manifest["files"]:
-        path = files_dir / f["file"]
-        cpu = np.load(files_dir / f["cpu_logits"])
+    for f in files:
+        path = Path(f["path"])
+        cpu = np.load(files_dir / f["cpu_logits"]) if f.get("cpu_logits") else None
         for batch, path_name in ((1, "MMVQ"), (N_TOKENS, "MMQ")):
             try:
                 row = _logits_row(f, path, cpu, batch, path_name, fused_env, graph_env, tmp, failures)
@@ -378,53 +488,14 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
 
     text = (files_dir / "prompt.txt").read_text()
     report["speed"] = []
-    for f in manifest["files"]:
-        if not f.get("plain") or f["plain"] not in by_name:
-            continue
-        plain, smooth = files_dir / by_name[f["plain"]]["file"], files_dir / f["file"]
-        configs = [("plain", plain, fused_env), ("smooth fused", smooth, fused_env),
-                   ("smooth graph", smooth, graph_env)]
-        runs: dict[str, list[dict]] = {c[0]: [] for c in configs}
-        try:
-            for r in range(rounds):
-                order = configs[r % len(configs):] + configs[: r % len(configs)]
-                for label, path, env in order:
-                    runs[label].append(run_bench(path, env, ctx, gen, repeats, text))
-        except (RuntimeError, subprocess.SubprocessError) as exc:
-            report["speed"].append({"smooth": f["name"], "error": str(exc)})
-            failures.append(f"speed of {f['name']}: {exc}")
-            print(f"{f['name']:<34} speed ERROR {exc}", flush=True)
-            continue
-        row = {"plain": f["plain"], "smooth": f["name"], "ctx": ctx, "gen": gen, "rounds": rounds, "repeats": repeats}
-        for label in runs:
-            row[label] = {"pp_tok_s": statistics.median(x for m in runs[label] for x in m["pp_runs"]),
-                          "tg_tok_s": statistics.median(x for m in runs[label] for x in m["tg_runs"]),
-                          "fusions": sum(m["fusions"] for m in runs[label])}
-        for label in ("smooth fused", "smooth graph"):
-            for key in ("pp", "tg"):
-                row[f"{label} {key} ratio"] = statistics.median(
-                    statistics.median(runs[label][i][f"{key}_runs"]) / statistics.median(runs["plain"][i][f"{key}_runs"])
-                    for i in range(rounds))
-        report["speed"].append(row)
-        print(f"{f['name']:<34} pp{ctx} plain {row['plain']['pp_tok_s']:9.0f} tok/s, fused x"
-              f"{row['smooth fused pp ratio']:.3f}, graph x{row['smooth graph pp ratio']:.3f} | tg{gen} plain "
-              f"{row['plain']['tg_tok_s']:7.0f} tok/s, fused x{row['smooth fused tg ratio']:.3f}, graph x"
-              f"{row['smooth graph tg ratio']:.3f} | fusions seen: fused {row['smooth fused']['fusions']}, graph "
-              f"{row['smooth graph']['fusions']}", flush=True)
+    for plain_name in dict.fromkeys(f["plain"] for f in files if f.get("plain") in by_name):
+        _speed_group(report, failures, by_name[plain_name], [f for f in files if f.get("plain") == plain_name],
+                     fused_env, graph_env, rounds, repeats, ctx, gen, text)
     report["failures"] = failures
     if ENGINE == "probe":   # after the results: does llama-cpp-python run this build, and if not, where does it crash
         PROBE = None
-        first = manifest["files"][0]
-        run_env = {**fused_env, VERBOSE: "1"}
-        try:
-            run_logits(files_dir / first["file"], first["tokens"], N_TOKENS, run_env, tmp)
-            report["python"] = "llama-cpp-python ran the file"
-        except (RuntimeError, subprocess.SubprocessError) as exc:
-            np.save(tmp / "tokens.npy", np.asarray(first["tokens"], dtype=np.int64))
-            bt = backtrace([sys.executable, __file__, "_logits", str(files_dir / first["file"]), str(tmp / "tokens.npy"),
-                            str(tmp / "bt.npy"), str(N_TOKENS)], run_env)
-            report["python"] = {"error": str(exc)[-3000:], "backtrace": bt}
-            print(f"llama-cpp-python: {str(exc)[-1500:]}\nbacktrace:\n{bt}", flush=True)
+        report["python"] = python_diagnosis(Path(files[0]["path"]), files[0]["tokens"], {**fused_env, VERBOSE: "1"},
+                                            lib_dir, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     print("FAILED: " + ", ".join(failures) if failures else "fused == graph within 1e-3 with identical argmax on "
           "every smoothed file and batch, and the fused runs fused")
@@ -451,6 +522,12 @@ def main() -> int:
                    help="auto: llama-cpp-python, the C++ probe if that crashes; probe: the probe only")
     c.add_argument("--lib-dir", type=Path, default=None,
                    help="use this patched llama.cpp build instead of building (e.g. .cache/llama-patched/lib on a CPU)")
+    c.add_argument("--synth", action="append", default=[], metavar="SHAPE:LAYERS",
+                   help="also check and time random-weight files of a real model's shape, written to --synth-dir from "
+                        "the prepared Q4_K_M files of the same architecture (tools/synth_moe_gguf.py), e.g. "
+                        "qwen1.5-moe-a2.7b:8 or mixtral-8x7b:4")
+    c.add_argument("--synth-dir", type=Path, default=Path("/tmp/moeq2gguf-synth"),
+                   help="where the synthetic files go (GiB each: not under --out, whose files come back)")
     c.add_argument("--cmake-arg", action="append", default=[],
                    help="extra configure option for the CUDA build, e.g. -DGGML_CUDA_FA=OFF")
     args = parser.parse_args()
@@ -461,7 +538,7 @@ def main() -> int:
         prepare(args.dir)
         return 0
     return check(args.dir, args.out, args.jobs, args.rounds, args.repeats, args.ctx, args.gen, args.cmake_arg,
-                 args.lib_dir)
+                 args.lib_dir, args.synth, args.synth_dir)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +18,12 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 
 def library_path() -> Path:
-    """Path of the libggml-base shared library shipped inside the installed llama_cpp package."""
+    """Path of libggml-base: the one in LLAMA_CPP_LIB_PATH when that folder has it (the libraries llama-cpp-python
+    binds instead of its own, e.g. a CUDA build on a GPU machine), else the one shipped inside the installed
+    llama_cpp package."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override and (Path(override) / "libggml-base.so").exists():
+        return Path(override) / "libggml-base.so"
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         raise RuntimeError("llama_cpp is not installed; the ggml oracle needs llama-cpp-python==0.3.36 "
