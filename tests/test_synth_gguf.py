@@ -68,6 +68,16 @@ def test_synthetic_files_have_the_shape_and_run(templates):
         runtime.run_logits(smooth, tokens)
 
 
+def test_a_skeleton_template_gives_the_same_file(templates):
+    """The GPU check carries skeletons (metadata and names, no weights) where whole files would not fit."""
+    tmp, _, smooth_t = templates
+    skel = synth_moe_gguf.skeleton(smooth_t, tmp / "skeleton.gguf")
+    assert skel.stat().st_size < smooth_t.stat().st_size / 4
+    from_file = synth_moe_gguf.synth(smooth_t, tmp / "from-file.gguf", SHAPE)
+    from_skeleton = synth_moe_gguf.synth(skel, tmp / "from-skeleton.gguf", SHAPE)
+    assert Path(from_file["file"]).read_bytes() == Path(from_skeleton["file"]).read_bytes()
+
+
 def test_a_tensor_without_a_shape_rule_is_named():
     with pytest.raises(SystemExit, match="blk.0.ffn_mystery.weight"):
         synth_moe_gguf.tensor_shape("blk.0.ffn_mystery.weight", SHAPE, 512)

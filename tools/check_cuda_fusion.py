@@ -5,9 +5,10 @@ Two steps, on two machines:
 
   python tools/check_cuda_fusion.py prepare DIR
       here (CPU, the project's .venv): converts the bundled models into the files the check runs (moeq2gguf's
-      default moequant recipe, with and without --smooth per-expert, Q4_K_M and Q8_0, and one with
-      --expert-hadamard too), their logits on the patched CPU llama.cpp, the benchmark prompt and
-      DIR/manifest.json.
+      default moequant recipe at Q4_K_M, plain, with --smooth per-expert, and with --expert-hadamard too), their
+      logits on the patched CPU llama.cpp, the benchmark prompt, every file's skeleton (metadata and tensor names:
+      the templates of --synth) and DIR/manifest.json. Only Qwen2-MoE's files travel whole (PREPARED: the device
+      call carries 64 MiB); Mixtral's come as skeletons, for --synth.
 
   python tools/check_cuda_fusion.py check DIR --out OUT [--jobs N]
       on a machine with an NVIDIA GPU and nvcc: builds the patched llama.cpp with CUDA (runtime_build.build(
@@ -66,37 +67,51 @@ GPU_LAYERS, VERBOSE = "CHECK_CUDA_FUSION_GPU_LAYERS", "CHECK_CUDA_FUSION_VERBOSE
 # ---------------------------------------------------------------- prepare (CPU, full package)
 
 PREPARED = [
-    # (name, model, type, convert options)
-    ("qwen2moe-tiny-Q4_K_M", "qwen2moe-tiny", "Q4_K_M", {}),
-    ("qwen2moe-tiny-Q4_K_M-smooth", "qwen2moe-tiny", "Q4_K_M", {"smooth": "per-expert"}),
-    ("qwen2moe-tiny-Q4_K_M-smooth-ehad", "qwen2moe-tiny", "Q4_K_M", {"smooth": "per-expert", "expert_hadamard": True}),
-    ("qwen2moe-tiny-Q8_0-smooth", "qwen2moe-tiny", "Q8_0", {"smooth": "per-expert"}),
-    ("mixtral-tiny-Q4_K_M", "mixtral-tiny", "Q4_K_M", {}),
-    ("mixtral-tiny-Q4_K_M-smooth", "mixtral-tiny", "Q4_K_M", {"smooth": "per-expert"}),
+    # (name, model, type, convert options, travels: the whole file goes to the GPU machine, else its skeleton only,
+    # the template of --synth; the device call carries 64 MiB with the tracked tree, whose fixtures take 35)
+    ("qwen2moe-tiny-Q4_K_M", "qwen2moe-tiny", "Q4_K_M", {}, True),
+    ("qwen2moe-tiny-Q4_K_M-smooth", "qwen2moe-tiny", "Q4_K_M", {"smooth": "per-expert"}, True),
+    ("qwen2moe-tiny-Q4_K_M-smooth-ehad", "qwen2moe-tiny", "Q4_K_M", {"smooth": "per-expert", "expert_hadamard": True},
+     True),
+    ("mixtral-tiny-Q4_K_M", "mixtral-tiny", "Q4_K_M", {}, False),
+    ("mixtral-tiny-Q4_K_M-smooth", "mixtral-tiny", "Q4_K_M", {"smooth": "per-expert"}, False),
+    ("mixtral-tiny-Q4_K_M-smooth-ehad", "mixtral-tiny", "Q4_K_M", {"smooth": "per-expert", "expert_hadamard": True},
+     False),
 ]
 
 
 def prepare(out_dir: Path) -> None:
+    """Converts every PREPARED file (cached in .cache/check_cuda_fusion), copies those that travel into out_dir with
+    their CPU logits (float16), writes every file's skeleton into out_dir/templates, and out_dir/manifest.json."""
     sys.path.insert(0, str(REPO))
     from moeq2gguf import convert, runtime
     from moeq2gguf.bench import prompt_text
+    import synth_moe_gguf
     fixtures = REPO / "moeq2gguf" / "fixtures"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = prompt_text(512)
-    (out_dir / "prompt.txt").write_text(text)
+    cache = REPO / ".cache" / "check_cuda_fusion"
+    cache.mkdir(parents=True, exist_ok=True)
+    (out_dir / "templates").mkdir(parents=True, exist_ok=True)
+    (out_dir / "prompt.txt").write_text(prompt_text(512))
     files = []
-    for name, model, type_name, options in PREPARED:
-        path = out_dir / f"{name}.gguf"
-        if not path.is_file():
-            convert(fixtures / model, path, type_name, method="moequant", progress=False, **options)
-        patched = bool(runtime.patched_features(path))
+    for name, model, type_name, options, travels in PREPARED:
+        converted = cache / f"{name}.gguf"
+        if not converted.is_file():
+            convert(fixtures / model, converted, type_name, method="moequant", progress=False, **options)
+        patched = bool(runtime.patched_features(converted))
         tokens = np.random.default_rng(0).integers(3, 2000, N_TOKENS).tolist()
-        cpu = runtime.run_logits(path, tokens, patched=patched, n_ctx=128)
-        np.save(out_dir / f"{name}.cpu.npy", cpu)
-        files.append({"name": name, "file": path.name, "model": model, "type": type_name, "options": options,
-                      "patched": patched, "tokens": tokens, "cpu_logits": f"{name}.cpu.npy",
-                      "plain": f"{model}-{type_name}" if options.get("smooth") == "per-expert" else None})
-        print(f"{name}: {path.stat().st_size / 2**20:.1f} MiB, needs the patch: {patched}")
+        entry = {"name": name, "file": None, "model": model, "type": type_name, "options": options,
+                 "patched": patched, "tokens": tokens, "cpu_logits": None,
+                 "template": str(synth_moe_gguf.skeleton(converted, out_dir / "templates" / f"{name}.gguf")
+                                 .relative_to(out_dir)),
+                 "plain": f"{model}-{type_name}" if options.get("smooth") == "per-expert" else None}
+        if travels:
+            shutil.copyfile(converted, out_dir / converted.name)
+            cpu = runtime.run_logits(converted, tokens, patched=patched, n_ctx=128)
+            np.save(out_dir / f"{name}.cpu.npy", cpu.astype(np.float16))
+            entry.update(file=converted.name, cpu_logits=f"{name}.cpu.npy")
+        files.append(entry)
+        print(f"{name}: {converted.stat().st_size / 2**20:.1f} MiB, needs the patch: {patched}, "
+              f"{'travels' if travels else 'skeleton only'}")
     (out_dir / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -305,9 +320,10 @@ def smoke(path: Path, tokens: list[int], env: dict[str, str], tmp: Path, report:
 SYNTH_TEMPLATES = {"qwen1.5-moe-a2.7b": "qwen2moe-tiny", "mixtral-8x7b": "mixtral-tiny"}
 
 
-def synthesize(files: list[dict], specs: list[str], synth_dir: Path, lib_dir: Path, report: dict) -> list[dict]:
+def synthesize(entries: list[dict], specs: list[str], synth_dir: Path, lib_dir: Path, report: dict) -> list[dict]:
     """For each SHAPE:LAYERS spec, the prepared Q4_K_M files of its template model (plain, smoothed, ...) rewritten at
-    that shape with random weights (tools/synth_moe_gguf.py, the same data in every file), as manifest entries."""
+    that shape with random weights from their skeletons (tools/synth_moe_gguf.py, the same data in every file), as
+    manifest entries."""
     import synth_moe_gguf
     os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)   # ggml's quantizer for the pools: this build's libggml-base
     synth_dir.mkdir(parents=True, exist_ok=True)
@@ -318,14 +334,14 @@ def synthesize(files: list[dict], specs: list[str], synth_dir: Path, lib_dir: Pa
         if layers:
             shape = synth_moe_gguf.Shape(**{**shape.__dict__, "n_layer": int(layers)})
         label = f"{shape_name}x{shape.n_layer}"
-        renamed = {f["name"]: f["name"].replace(SYNTH_TEMPLATES[shape_name], label) for f in files
+        renamed = {f["name"]: f["name"].replace(SYNTH_TEMPLATES[shape_name], label) for f in entries
                    if f["model"] == SYNTH_TEMPLATES[shape_name] and f["type"] == "Q4_K_M"}
-        for f in files:
+        for f in entries:
             if f["name"] not in renamed:
                 continue
             path = synth_dir / f"{renamed[f['name']]}.gguf"
             t0 = time.time()
-            info = synth_moe_gguf.synth(Path(f["path"]), path, shape, "Q4_K_M")
+            info = synth_moe_gguf.synth(Path(f["template"]), path, shape, "Q4_K_M")
             report["synth"].append({**info, "seconds": round(time.time() - t0, 1), "template": f["name"]})
             print(f"synthesized {path.name}: {info['bytes'] / 2**30:.2f} GiB, {info['tensors']} tensors "
                   f"({', '.join(info['types'])}) in {time.time() - t0:.0f} s", flush=True)
@@ -448,7 +464,8 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
         extra_lib = []
 
     manifest = json.loads((files_dir / "manifest.json").read_text())
-    files = [{**f, "path": str(files_dir / f["file"])} for f in manifest["files"]]
+    entries = [{**f, "template": str(files_dir / f["template"])} for f in manifest["files"]]
+    files = [{**f, "path": str(files_dir / f["file"])} for f in entries if f.get("file")]
     tmp = out_dir / "tmp"
     tmp.mkdir(exist_ok=True)
     fused_env, graph_env = _env(lib_dir, extra_lib, True), _env(lib_dir, extra_lib, False)
@@ -467,13 +484,13 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     fused_env.update(workaround)
     graph_env.update(workaround)
     if synth_specs:
-        files += synthesize(files, synth_specs, synth_dir, lib_dir, report)
+        files += synthesize(entries, synth_specs, synth_dir, lib_dir, report)
     by_name = {f["name"]: f for f in files}
     failures: list[str] = []
     report["logits"] = []
     for f in files:
         path = Path(f["path"])
-        cpu = np.load(files_dir / f["cpu_logits"]) if f.get("cpu_logits") else None
+        cpu = np.load(files_dir / f["cpu_logits"]).astype(np.float32) if f.get("cpu_logits") else None
         for batch, path_name in ((1, "MMVQ"), (N_TOKENS, "MMQ")):
             try:
                 row = _logits_row(f, path, cpu, batch, path_name, fused_env, graph_env, tmp, failures)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Packs .gpu/: what tools/check_cuda_fusion.py needs on a GPU machine that has neither internet nor this project's
 # .venv (the device tool: carry [".gpu"], at most 64 MiB with the tracked tree; then `bash tools/gpu_check.sh`).
-#   .gpu/files             the prepared files (check_cuda_fusion.py prepare: conversions and CPU logits, ~8 min)
+#   .gpu/files             the prepared files (check_cuda_fusion.py prepare: conversions, cached in
+#                          .cache/check_cuda_fusion, ~8 min the first time; CPU logits; skeletons)
 #   .gpu/llama-src.tar.xz  the vendored llama.cpp of the pinned llama-cpp-python, without the other backends
-#   .gpu/site              pure-Python packages: llama_cpp (without its CPU libraries), diskcache, gguf, yaml
+#   .gpu/site              pure-Python packages the GPU image lacks: llama_cpp (without its CPU libraries),
+#                          diskcache, gguf (the image has numpy, PyYAML, jinja2: device/KINDS.md)
 #   .gpu/bin/patch         in case the machine lacks it (runtime_build applies runtime_patches/ with it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +25,10 @@ tar -C "$VENDOR" -cJf $G/llama-src.tar.xz "${others[@]/#/--exclude=llama.cpp/ggm
     llama.cpp/LICENSE
 
 rm -rf $G/site/*
-for pkg in llama_cpp diskcache gguf yaml; do
+for pkg in llama_cpp diskcache gguf; do
     cp -r "$SITE/$pkg" $G/site/
 done
-rm -rf $G/site/llama_cpp/lib $G/site/yaml/*.so
+rm -rf $G/site/llama_cpp/lib
 find $G/site -name __pycache__ -type d -prune -exec rm -rf {} +
 cp "$(command -v patch)" $G/bin/
 

@@ -4,7 +4,8 @@ cannot make (at n_embd 256 a GPU's launch overheads hide the kernels: issue 9's 
     python tools/synth_moe_gguf.py TEMPLATE.gguf OUT.gguf --shape qwen1.5-moe-a2.7b [--layers 8] [--mix Q4_K_M]
 
 TEMPLATE is a file that moeq2gguf converted from a bundled model of the same architecture, with the options the
-output should have (plain, --smooth per-expert, --expert-hadamard): OUT keeps its metadata (tokenizer, the
+output should have (plain, --smooth per-expert, --expert-hadamard), or its skeleton (skeleton(): the same without
+weights, `--skeleton TEMPLATE OUT` writes one): OUT keeps its metadata (tokenizer, the
 patched-runtime keys) and its tensor names, with the hyperparameters and every tensor's shape of SHAPE and
 --layers blocks (each block has the tensors of the template's block 0). Types follow llama-quantize's rules for
 --mix at the new shapes (moeq2gguf.mixes). Each quantized tensor's rows are drawn from a pool of 64 Gaussian rows
@@ -101,6 +102,39 @@ def hparams(arch: str, s: Shape) -> dict[str, int]:
     }.items()}
 
 
+def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, uint32: dict[str, int] | None = None) -> list[str]:
+    """Every metadata field of reader into writer, those named in uint32 with that value; returns the keys replaced."""
+    uint32, replaced = uint32 or {}, []
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key in uint32:
+            writer.add_uint32(key, uint32[key])
+            replaced.append(key)
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    return replaced
+
+
+def skeleton(src: Path, dst: Path) -> Path:
+    """A template of a few hundred KiB: src's metadata and tensor names, each tensor a single F32 zero. synth() reads
+    nothing else of a template; llama.cpp cannot load it. (What the prepared files leave on the GPU machine when their
+    weights would not fit its 64 MiB transfer.)"""
+    reader = gguf.GGUFReader(src)
+    part = dst.with_name(dst.name + ".part")
+    writer = gguf.GGUFWriter(part, reader.fields["general.architecture"].contents())
+    copy_fields(reader, writer)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.zeros(1, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    part.replace(dst)
+    return dst
+
+
 def tensor_data(name: str, shape: tuple[int, ...], qtype: Q, seed: int, pools: dict) -> np.ndarray:
     """The bytes (quantized: uint8 [rows, row bytes]) or floats of one tensor, from seed and name alone."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -138,19 +172,9 @@ def synth(template: Path, out: Path, s: Shape, mix: str = "Q4_K_M", seed: int = 
     shapes = {n: tensor_shape(n, s, n_vocab) for n in names}
     qtypes = mixes.assign_types([(n, shapes[n][::-1]) for n in names], mix, n_layer=s.n_layer, n_expert=s.n_expert,
                                 n_head=s.n_head, n_head_kv=s.n_head_kv)
-    keys = hparams(arch, s)
-    replaced = []
     part = out.with_name(out.name + ".part")
     writer = gguf.GGUFWriter(part, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        if key in keys:
-            writer.add_uint32(key, keys[key])
-            replaced.append(key)
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    replaced = copy_fields(reader, writer, hparams(arch, s))
     block_size = {q: gguf.GGML_QUANT_SIZES[q] for q in set(qtypes)}
     for n, q in zip(names, qtypes):
         ne = shapes[n]
@@ -177,11 +201,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("template", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--skeleton", action="store_true", help="write TEMPLATE's skeleton to OUT instead")
+    ap.add_argument("--shape", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="blocks (default: the model's own count)")
     ap.add_argument("--mix", default="Q4_K_M")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.skeleton:
+        print(skeleton(args.template, args.out))
+        return 0
+    if args.shape is None:
+        ap.error("--shape is required (or --skeleton)")
     s = SHAPES[args.shape]
     if args.layers:
         s = Shape(**{**s.__dict__, "n_layer": args.layers})
