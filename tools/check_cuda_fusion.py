@@ -399,17 +399,24 @@ def _speed_group(report: dict, failures: list[str], plain: dict, smoothed: list[
 
 def python_diagnosis(path: Path, tokens: list[int], env: dict[str, str], lib_dir: Path, tmp: Path) -> dict:
     """Does llama-cpp-python run this build: as is, then with the system's libstdc++ preloaded (so that its
-    definitions come first, as in the C++ probe, which links it). Where it crashes, a debugger's backtrace, and the
-    C++ runtime symbols that each library of the build exports (the crash of 2026-12-04 ended in a libstdc++
-    function bound from libggml-cuda)."""
-    result: dict = {"exports": {}}
-    for so in sorted(lib_dir.glob("lib*.so")):
-        nm = subprocess.run(["nm", "-D", "--defined-only", "-C", str(so)], capture_output=True, text=True).stdout
-        std = [ln.split(" ", 2)[-1] for ln in nm.splitlines() if " std::" in ln]
-        result["exports"][so.name] = {"std_symbols": len(std), "examples": std[:5]}
-    print("C++ runtime symbols exported: " + ", ".join(f"{k} {v['std_symbols']}" for k, v in result["exports"].items()),
-          flush=True)
+    definitions come first, as in the C++ probe, which links it). Where it crashes, a debugger's backtrace; and, for
+    each library of the build, the dynamic symbols it defines that libstdc++.so.6 defines too (the crash of
+    2026-12-04 ended in std::ostream::_M_insert<long> bound from libggml-cuda; on the CPU build only libllama has
+    any: 6 inline instantiations such as std::ctype<char>::do_widen)."""
     libstdcxx = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+
+    def defined(so: str) -> set[str]:
+        out = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True).stdout
+        return {ln.split()[-1].split("@")[0] for ln in out.splitlines() if ln.strip()}
+
+    runtime_symbols = defined(libstdcxx)
+    result: dict = {"libstdc++": libstdcxx, "also_in_libstdc++": {}}
+    for so in sorted(lib_dir.glob("lib*.so")):
+        both = sorted(defined(str(so)) & runtime_symbols)
+        names = subprocess.run(["c++filt"], input="\n".join(both[:8]), capture_output=True, text=True).stdout.split("\n")
+        result["also_in_libstdc++"][so.name] = {"count": len(both), "examples": [n for n in names if n]}
+    print("symbols each library defines that libstdc++ defines too: " + ", ".join(
+        f"{k} {v['count']}" for k, v in result["also_in_libstdc++"].items()), flush=True)
     for label, extra in (("as built", {}), ("LD_PRELOAD libstdc++", {"LD_PRELOAD": libstdcxx})):
         try:
             run_logits(path, tokens, N_TOKENS, {**env, **extra}, tmp)
