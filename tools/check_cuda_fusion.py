@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -442,14 +443,20 @@ def gpu_name() -> str:
 def check(files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int, gen: int,
           cmake_args: list[str], lib_dir: Path | None = None, synth_specs: list[str] = (),
           synth_dir: Path = Path("/tmp/moeq2gguf-synth")) -> int:
-    """Everything that ran is written to OUT/cuda_fusion.json, also when a step fails."""
+    """Everything that ran is written to OUT/cuda_fusion.json, after each step and also when a step fails or a
+    `timeout` stops the check (SIGTERM ends it through the same path)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {}
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return _check(report, files_dir, out_dir, jobs, rounds, repeats, ctx, gen, cmake_args, lib_dir, list(synth_specs),
                       synth_dir)
     finally:
-        (out_dir / "cuda_fusion.json").write_text(json.dumps(report, indent=1))
+        save_report(report, out_dir)
+
+
+def save_report(report: dict, out_dir: Path) -> None:
+    (out_dir / "cuda_fusion.json").write_text(json.dumps(report, indent=1))
 
 
 def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int,
@@ -492,12 +499,15 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     graph_env.update(workaround)
     if synth_specs:
         files += synthesize(entries, synth_specs, synth_dir, lib_dir, report)
+        save_report(report, out_dir)
     by_name = {f["name"]: f for f in files}
     failures: list[str] = []
     report["logits"] = []
     for f in files:
         path = Path(f["path"])
         cpu = np.load(files_dir / f["cpu_logits"]).astype(np.float32) if f.get("cpu_logits") else None
+        if cpu is None and not f["patched"]:
+            continue   # a synthetic plain file: nothing to compare its logits with (its speed is measured below)
         for batch, path_name in ((1, "MMVQ"), (N_TOKENS, "MMQ")):
             try:
                 row = _logits_row(f, path, cpu, batch, path_name, fused_env, graph_env, tmp, failures)
@@ -507,14 +517,17 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
                 print(f"{f['name']:<34} batch {batch:>2} ERROR {exc}", flush=True)
             report["logits"].append(row)
             report["system_info"] = row.pop("system_info", report.get("system_info"))
-
-
+            save_report(report, out_dir)
 
     text = (files_dir / "prompt.txt").read_text()
     report["speed"] = []
-    for plain_name in dict.fromkeys(f["plain"] for f in files if f.get("plain") in by_name):
+    # the synthetic files first: they are what the device time is for when a time limit cuts the check short
+    plains = sorted(dict.fromkeys(f["plain"] for f in files if f.get("plain") in by_name),
+                    key=lambda name: by_name[name].get("cpu_logits") is not None)
+    for plain_name in plains:
         _speed_group(report, failures, by_name[plain_name], [f for f in files if f.get("plain") == plain_name],
                      fused_env, graph_env, rounds, repeats, ctx, gen, text)
+        save_report(report, out_dir)
     report["failures"] = failures
     if ENGINE == "probe":   # after the results: does llama-cpp-python run this build, and if not, where does it crash
         PROBE = None
