@@ -13,7 +13,9 @@ patched-runtime keys) and its tensor names, with the hyperparameters and every t
 LLAMA_CPP_LIB_PATH, else llama-cpp-python's), so every block is a valid block of its type; norms are 1, biases and
 routers Gaussian, smoothing vectors uniform in [0.5, 2], the Hadamard block what the converter would write. The
 same --seed gives every tensor name the same data in every file, so two templates that differ by a feature give
-two files that differ by that feature only. The output is written to OUT.part and renamed when complete.
+two files that differ by that feature only. The vocabulary stays the template's (2048 tokens for the bundled
+models), so the output matmul is smaller than the real model's: a speed ratio then weighs the expert layers more, which
+overstates a per-expert overhead slightly. The output is written to OUT.part and renamed when complete.
 
 Needs numpy and gguf-py (and gguf's own dependency PyYAML) only, so that it runs on a GPU machine without the
 converter's dependencies (tools/check_cuda_fusion.py check --synth).
