@@ -13,8 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def module(name: str):
-    """moeq2gguf.<name>, e.g. module("formats.ggml_ref")."""
-    parts = ["moeq2gguf", *name.split(".")[:-1]]
+    """moeq2gguf.<name>, e.g. module("formats.ggml_ref"). In a process that imported the real moeq2gguf (tests, the
+    .venv), its packages are imported as they are: a stand-in there would hide the real subpackage's contents."""
+    real = getattr(sys.modules.get("moeq2gguf"), "__file__", None) is not None
+    parts = [] if real else ["moeq2gguf", *name.split(".")[:-1]]
     for i in range(len(parts)):
         pkg_name = ".".join(parts[: i + 1])
         if pkg_name not in sys.modules:
