@@ -28,13 +28,15 @@ Two steps, on two machines:
       architecture (tools/synth_moe_gguf.py: a few GiB each, so they never travel): (a) and (b) run on them too,
       (a) without CPU logits. On the bundled models (n_embd 256) a GPU's launch overheads hide the kernels.
 
-The check imports from moeq2gguf only runtime_build (standard library), and otherwise llama_cpp and numpy, so
-that it runs in a GPU machine's Python that lacks the converter's dependencies; llama_cpp's Python files can
-come from any installation (LLAMA_CPP_LIB_PATH binds the libraries built here).
+The check imports from moeq2gguf only runtime_build and bench (standard library), and for --synth mixes and
+formats.ggml_ref (numpy, gguf) through tools/light_import.py, and otherwise llama_cpp and numpy, so that it runs in a
+GPU machine's Python that lacks the converter's dependencies; llama_cpp's Python files can come from any installation
+(LLAMA_CPP_LIB_PATH binds the libraries built here). tools/gpu_bundle.sh packs what that machine lacks, and
+tools/gpu_check.sh runs the check there.
 
 --engine probe runs the logits and the timings through tools/cuda_fusion_probe.cpp (llama.h alone, compiled with g++
-against the build) instead of llama-cpp-python, then tries llama-cpp-python once and prints a debugger's backtrace
-if it crashes: on the H200 of 2026-12-04 it did (BENCHMARKS.md), so the results there are the probe's. Both engines
+against the build) instead of llama-cpp-python, then tries llama-cpp-python as built and with libstdc++ preloaded,
+listing the symbols each library defines that libstdc++ defines too, with a debugger's backtrace where it crashes: on the H200 of 2026-12-04 it did (BENCHMARKS.md), so the results there are the probe's. Both engines
 offload every layer and run with flash attention off. --lib-dir runs the check on an existing build (the CPU one
 too, to try the script without a GPU: then nothing fuses and every smoothed file is reported as failed).
 """
