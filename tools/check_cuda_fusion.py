@@ -271,6 +271,13 @@ def backtrace(cmd: list[str], env: dict[str, str]) -> str:
     return "\n".join(lines[start:start + 60])
 
 
+def python_backtrace(path: Path, tokens: list[int], env: dict[str, str], tmp: Path) -> str:
+    """backtrace() of this script's llama-cpp-python logits worker on path."""
+    np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.int64))
+    return backtrace([sys.executable, __file__, "_logits", str(path), str(tmp / "tokens.npy"), str(tmp / "bt.npy"),
+                      str(N_TOKENS)], env)
+
+
 def smoke(path: Path, tokens: list[int], env: dict[str, str], tmp: Path, report: dict,
           probe: Path | None = None) -> dict[str, str] | None:
     """One file, verbose, in a few set-ups: the first that runs on the GPU is used for the check (reported), and
@@ -296,13 +303,12 @@ def smoke(path: Path, tokens: list[int], env: dict[str, str], tmp: Path, report:
             report["smoke"].append({"env": extra, "ok": False, "error": str(exc)[-3000:]})
             print(f"smoke {extra}: FAILED\n{str(exc)[-2500:]}", flush=True)
             if extra in ({}, {"probe": "1"}):
-                np.asarray(tokens, dtype=np.int32).tofile(tmp / "tokens.i32")
-                np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.int64))
-                cmd = ([str(probe), str(path), "logits", str(tmp / "tokens.i32"), str(N_TOKENS), "99",
-                        str(tmp / "bt.f32")] if extra else
-                       [sys.executable, __file__, "_logits", str(path), str(tmp / "tokens.npy"), str(tmp / "bt.npy"),
-                        str(N_TOKENS)])
-                bt = backtrace(cmd, run_env)
+                if extra:
+                    np.asarray(tokens, dtype=np.int32).tofile(tmp / "tokens.i32")
+                    bt = backtrace([str(probe), str(path), "logits", str(tmp / "tokens.i32"), str(N_TOKENS), "99",
+                                    str(tmp / "bt.f32")], run_env)
+                else:
+                    bt = python_backtrace(path, tokens, run_env, tmp)
                 report["smoke"][-1]["backtrace"] = bt
                 print(f"backtrace ({'probe' if extra else 'python'}):\n{bt}", flush=True)
     PROBE = probe if chosen is not None and "probe" in chosen else None
@@ -332,10 +338,8 @@ def synthesize(entries: list[dict], specs: list[str], synth_dir: Path, lib_dir: 
     synth_dir.mkdir(parents=True, exist_ok=True)
     out, report["synth"] = [], []
     for spec in specs:
-        shape_name, _, layers = spec.partition(":")
-        shape = synth_moe_gguf.SHAPES[shape_name]
-        if layers:
-            shape = synth_moe_gguf.Shape(**{**shape.__dict__, "n_layer": int(layers)})
+        shape_name = spec.partition(":")[0]
+        shape = synth_moe_gguf.parse_shape(spec)
         label = f"{shape_name}x{shape.n_layer}"
         renamed = {f["name"]: f["name"].replace(SYNTH_TEMPLATES[shape_name], label) for f in entries
                    if f["model"] == SYNTH_TEMPLATES[shape_name] and f["type"] == "Q4_K_M"}
@@ -426,9 +430,7 @@ def python_diagnosis(path: Path, tokens: list[int], env: dict[str, str], lib_dir
             result[label] = "llama-cpp-python ran the file"
             print(f"llama-cpp-python, {label}: ran the file", flush=True)
         except (RuntimeError, subprocess.SubprocessError) as exc:
-            np.save(tmp / "tokens.npy", np.asarray(tokens, dtype=np.int64))
-            bt = backtrace([sys.executable, __file__, "_logits", str(path), str(tmp / "tokens.npy"),
-                            str(tmp / "bt.npy"), str(N_TOKENS)], {**env, **extra})
+            bt = python_backtrace(path, tokens, {**env, **extra}, tmp)
             result[label] = {"error": str(exc)[-3000:], "backtrace": bt}
             print(f"llama-cpp-python, {label}: {str(exc)[-1500:]}\nbacktrace:\n{bt}", flush=True)
     return result

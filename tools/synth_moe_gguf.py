@@ -1,13 +1,13 @@
 """Random-weight GGUF files with the shapes of a real MoE model, for speed measurements that the bundled tiny models
 cannot make (at n_embd 256 a GPU's launch overheads hide the kernels: issue 9's CUDA overhead check).
 
-    python tools/synth_moe_gguf.py TEMPLATE.gguf OUT.gguf --shape qwen1.5-moe-a2.7b [--layers 8] [--mix Q4_K_M]
+    python tools/synth_moe_gguf.py TEMPLATE.gguf OUT.gguf --shape qwen1.5-moe-a2.7b[:8] [--mix Q4_K_M]
 
 TEMPLATE is a file that moeq2gguf converted from a bundled model of the same architecture, with the options the
 output should have (plain, --smooth per-expert, --expert-hadamard), or its skeleton (skeleton(): the same without
 weights, `--skeleton TEMPLATE OUT` writes one): OUT keeps its metadata (tokenizer, the
 patched-runtime keys) and its tensor names, with the hyperparameters and every tensor's shape of SHAPE and
---layers blocks (each block has the tensors of the template's block 0). Types follow llama-quantize's rules for
+LAYERS blocks (each block has the tensors of the template's block 0). Types follow llama-quantize's rules for
 --mix at the new shapes (moeq2gguf.mixes). Each quantized tensor's rows are drawn from a pool of 64 Gaussian rows
 (std 1/sqrt(row length)) that ggml's own quantizer encoded (moeq2gguf.formats.ggml_ref: the libggml-base of
 LLAMA_CPP_LIB_PATH, else llama-cpp-python's), so every block is a valid block of its type; norms are 1, biases and
@@ -23,6 +23,7 @@ converter's dependencies (tools/check_cuda_fusion.py check --synth).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import zlib
 from dataclasses import dataclass
@@ -59,6 +60,14 @@ SHAPES = {
     "mixtral-8x7b": Shape(n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_ff=14336, n_ff_exp=14336,
                           n_ff_shexp=0, n_expert=8, n_expert_used=2, n_layer=32),
 }
+
+
+def parse_shape(spec: str) -> Shape:
+    """"NAME" or "NAME:LAYERS", NAME a key of SHAPES: that model's shape, with LAYERS blocks if given."""
+    name, _, layers = spec.partition(":")
+    if name not in SHAPES:
+        raise SystemExit(f"unknown shape {name!r}; choose one of {', '.join(sorted(SHAPES))}")
+    return dataclasses.replace(SHAPES[name], n_layer=int(layers)) if layers else SHAPES[name]
 
 
 def hadamard_block(n_ff_exp: int) -> int:
@@ -177,14 +186,13 @@ def synth(template: Path, out: Path, s: Shape, mix: str = "Q4_K_M", seed: int = 
     part = out.with_name(out.name + ".part")
     writer = gguf.GGUFWriter(part, arch)
     replaced = copy_fields(reader, writer, hparams(arch, s))
-    block_size = {q: gguf.GGML_QUANT_SIZES[q] for q in set(qtypes)}
     for n, q in zip(names, qtypes):
         ne = shapes[n]
         if q in (Q.F32, Q.F16):
-            dtype = np.float32 if q == Q.F32 else np.float16
-            writer.add_tensor_info(n, ne[::-1], np.dtype(dtype), int(np.prod(ne)) * np.dtype(dtype).itemsize)
+            dtype = np.dtype(np.float32 if q == Q.F32 else np.float16)
+            writer.add_tensor_info(n, ne[::-1], dtype, int(np.prod(ne)) * dtype.itemsize)
         else:
-            bs, ts = block_size[q]
+            bs, ts = gguf.GGML_QUANT_SIZES[q]
             byte_shape = (*ne[::-1][:-1], ne[0] // bs * ts)
             writer.add_tensor_info(n, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=q)
     writer.write_header_to_file()
@@ -204,8 +212,8 @@ def main() -> int:
     ap.add_argument("template", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--skeleton", action="store_true", help="write TEMPLATE's skeleton to OUT instead")
-    ap.add_argument("--shape", choices=sorted(SHAPES))
-    ap.add_argument("--layers", type=int, default=None, help="blocks (default: the model's own count)")
+    ap.add_argument("--shape", metavar="NAME[:LAYERS]",
+                    help=f"one of {', '.join(sorted(SHAPES))}, with LAYERS blocks (default: the model's own count)")
     ap.add_argument("--mix", default="Q4_K_M")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -214,10 +222,7 @@ def main() -> int:
         return 0
     if args.shape is None:
         ap.error("--shape is required (or --skeleton)")
-    s = SHAPES[args.shape]
-    if args.layers:
-        s = Shape(**{**s.__dict__, "n_layer": args.layers})
-    print(synth(args.template, args.out, s, args.mix, args.seed))
+    print(synth(args.template, args.out, parse_shape(args.shape), args.mix, args.seed))
     return 0
 
 
