@@ -230,8 +230,9 @@ def run_bench(path: Path, env: dict[str, str], ctx: int, gen: int, repeats: int,
 
 
 def _logits_row(f: dict, path: Path, cpu: np.ndarray | None, batch: int, path_name: str, fused_env: dict[str, str],
-                graph_env: dict[str, str], tmp: Path, failures: list[str]) -> dict:
-    """cpu: the CPU logits of `prepare`, None for a synthetic file (random weights: only fused vs graph counts)."""
+                graph_env: dict[str, str], tmp: Path, failures: list[str], plain: Path | None = None) -> dict:
+    """cpu: the CPU logits of `prepare`, None for a synthetic file (random weights: only fused vs graph counts).
+    plain: the unsmoothed file whose logits a synthetic, exactly smoothed file should reproduce (reported)."""
     fused = run_logits(path, f["tokens"], batch, fused_env, tmp)
     row = {"file": f["name"], "batch": batch, "kernel": path_name, "fusions": fused["fusions"],
            "gpu_offload": fused["gpu_offload"]}
@@ -246,10 +247,14 @@ def _logits_row(f: dict, path: Path, cpu: np.ndarray | None, batch: int, path_na
         row["ok"] = ok
         if not ok:
             failures.append(f"{f['name']} batch {batch}")
-    fv = row.get("fused_vs_graph")
+    if plain is not None:
+        row["vs_plain"] = compare(fused["logits"], run_logits(plain, f["tokens"], batch, fused_env, tmp)["logits"])
+    fv, pv = row.get("fused_vs_graph"), row.get("vs_plain")
     print(f"{f['name']:<34} batch {batch:>2} ({path_name:<4}) fusions {row['fusions']:>4}"
           + (f" | graph fusions {row['graph_fusions']}, fused vs graph max rel {fv['max_rel']:.2e} "
              f"identical {fv['identical']} argmax {fv['same_argmax']}/{fv['n']}" if fv else "")
+          + (f" | vs plain file max rel {pv['max_rel']:.2e} identical {pv['identical']} argmax {pv['same_argmax']}/"
+             f"{pv['n']}" if pv else "")
           + (f" | vs CPU max rel {row['vs_cpu']['max_rel']:.2e} argmax {row['vs_cpu']['same_argmax']}/"
              f"{row['vs_cpu']['n']}" if cpu is not None else ""), flush=True)
     row["system_info"] = fused["system_info"]
@@ -353,7 +358,7 @@ def synthesize(entries: list[dict], specs: list[str], synth_dir: Path, lib_dir: 
             print(f"synthesized {path.name}: {info['bytes'] / 2**30:.2f} GiB, {info['tensors']} tensors "
                   f"({', '.join(info['types'])}) in {time.time() - t0:.0f} s", flush=True)
             out.append({**f, "name": renamed[f["name"]], "model": label, "path": str(path), "cpu_logits": None,
-                        "plain": renamed.get(f["plain"]) if f.get("plain") else None})
+                        "plain": renamed.get(f["plain"]) if f.get("plain") else None, "synthetic": True})
     return out
 
 
@@ -446,7 +451,7 @@ def gpu_name() -> str:
 
 def check(files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int, gen: int,
           cmake_args: list[str], lib_dir: Path | None = None, synth_specs: list[str] = (),
-          synth_dir: Path = Path("/tmp/moeq2gguf-synth")) -> int:
+          synth_dir: Path = Path("/tmp/moeq2gguf-synth"), speed: str = "all", python_check: bool = True) -> int:
     """Everything that ran is written to OUT/cuda_fusion.json, after each step and also when a step fails or a
     `timeout` stops the check (SIGTERM ends it through the same path)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -454,7 +459,7 @@ def check(files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return _check(report, files_dir, out_dir, jobs, rounds, repeats, ctx, gen, cmake_args, lib_dir, list(synth_specs),
-                      synth_dir)
+                      synth_dir, speed, python_check)
     finally:
         save_report(report, out_dir)
 
@@ -464,7 +469,8 @@ def save_report(report: dict, out_dir: Path) -> None:
 
 
 def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, rounds: int, repeats: int, ctx: int,
-           gen: int, cmake_args: list[str], lib_dir: Path | None, synth_specs: list[str], synth_dir: Path) -> int:
+           gen: int, cmake_args: list[str], lib_dir: Path | None, synth_specs: list[str], synth_dir: Path, speed: str,
+           python_check: bool) -> int:
     global PROBE
     report["machine"] = {"gpu": gpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
                                 "nvcc": subprocess.run(["nvcc", "--version"], capture_output=True,
@@ -512,9 +518,12 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
         cpu = np.load(files_dir / f["cpu_logits"]).astype(np.float32) if f.get("cpu_logits") else None
         if cpu is None and not f["patched"]:
             continue   # a synthetic plain file: nothing to compare its logits with (its speed is measured below)
+        # a synthetic file smoothed exactly (tools/synth_moe_gguf.py) computes its plain file's logits
+        plain = (Path(by_name[f["plain"]]["path"]) if f.get("synthetic") and f.get("plain") in by_name
+                 and not f["options"].get("expert_hadamard") else None)
         for batch, path_name in ((1, "MMVQ"), (N_TOKENS, "MMQ")):
             try:
-                row = _logits_row(f, path, cpu, batch, path_name, fused_env, graph_env, tmp, failures)
+                row = _logits_row(f, path, cpu, batch, path_name, fused_env, graph_env, tmp, failures, plain)
             except (RuntimeError, subprocess.SubprocessError) as exc:
                 row = {"file": f["name"], "batch": batch, "error": str(exc)}
                 failures.append(f"{f['name']} batch {batch}: {exc}")
@@ -528,12 +537,14 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     # the synthetic files first: they are what the device time is for when a time limit cuts the check short
     plains = sorted(dict.fromkeys(f["plain"] for f in files if f.get("plain") in by_name),
                     key=lambda name: by_name[name].get("cpu_logits") is not None)
+    if speed == "synth":
+        plains = [name for name in plains if by_name[name].get("synthetic")]
     for plain_name in plains:
         _speed_group(report, failures, by_name[plain_name], [f for f in files if f.get("plain") == plain_name],
                      fused_env, graph_env, rounds, repeats, ctx, gen, text)
         save_report(report, out_dir)
     report["failures"] = failures
-    if ENGINE == "probe":   # after the results: does llama-cpp-python run this build, and if not, where does it crash
+    if ENGINE == "probe" and python_check:   # after the results: does llama-cpp-python run this build, if not, why
         PROBE = None
         report["python"] = python_diagnosis(Path(files[0]["path"]), files[0]["tokens"], {**fused_env, VERBOSE: "1"},
                                             lib_dir, tmp)
@@ -571,6 +582,10 @@ def main() -> int:
                    help="where the synthetic files go (GiB each: not under --out, whose files come back)")
     c.add_argument("--cmake-arg", action="append", default=[],
                    help="extra configure option for the CUDA build, e.g. -DGGML_CUDA_FA=OFF")
+    c.add_argument("--speed", choices=["all", "synth"], default="all",
+                   help="time every group of files, or only the synthetic (real-size) ones")
+    c.add_argument("--no-python-check", action="store_true",
+                   help="skip the llama-cpp-python diagnosis after the results (the probe is used either way)")
     args = parser.parse_args()
     global ENGINE
     if args.command == "check":
@@ -579,7 +594,7 @@ def main() -> int:
         prepare(args.dir)
         return 0
     return check(args.dir, args.out, args.jobs, args.rounds, args.repeats, args.ctx, args.gen, args.cmake_arg,
-                 args.lib_dir, args.synth, args.synth_dir)
+                 args.lib_dir, args.synth, args.synth_dir, args.speed, not args.no_python_check)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,15 @@ LAYERS blocks (each block has the tensors of the template's block 0). Types foll
 --mix at the new shapes (moeq2gguf.mixes). Each quantized tensor's rows are drawn from a pool of 64 Gaussian rows
 (std 1/sqrt(row length)) that ggml's own quantizer encoded (moeq2gguf.formats.ggml_ref: the libggml-base of
 LLAMA_CPP_LIB_PATH, else llama-cpp-python's), so every block is a valid block of its type; norms are 1, biases and
-routers Gaussian, smoothing vectors uniform in [0.5, 2], the Hadamard block what the converter would write. The
-same --seed gives every tensor name the same data in every file, so two templates that differ by a feature give
-two files that differ by that feature only. The vocabulary stays the template's (2048 tokens for the bundled
-models), so the output matmul is smaller than the real model's: a speed ratio then weighs the expert layers more, which
-overstates a per-expert overhead slightly. The output is written to OUT.part and renamed when complete.
+routers Gaussian, the Hadamard block what the converter would write. The same --seed gives every tensor name the
+same data in every file, so two templates that differ by a feature give two files that differ by that feature only.
+Smoothing is made exact: r_e = 1/s_e with s_e 1 or 2 per expert and 256-column block, and the gate/up expert
+weights carry s_e in their blocks' fp16 scales (doubling is exact in fp16, subnormals included, and halving in float32,
+and q8 activation quantization is invariant under it), so a smoothed file computes the plain file's logits. On a
+GPU that matters for speed: the expert matmuls' cost depends on how many tokens each expert gets, and with
+smoothing that changed the function, the routing of the random model would change with it. The vocabulary stays
+the template's (2048 tokens for the bundled models), so the output matmul is smaller than the real model's: a speed
+ratio then weighs the expert layers more, which overstates a per-expert overhead slightly. The output is written to OUT.part and renamed when complete.
 
 Needs numpy and gguf-py (and gguf's own dependency PyYAML) only, so that it runs on a GPU machine without the
 converter's dependencies (tools/check_cuda_fusion.py check --synth).
@@ -70,9 +74,48 @@ def parse_shape(spec: str) -> Shape:
     return dataclasses.replace(SHAPES[name], n_layer=int(layers)) if layers else SHAPES[name]
 
 
+# moeq2gguf.transforms.expert_hadamard.MAX_BLOCK (restated: that module imports torch)
+HADAMARD_MAX_BLOCK = 512
+
+
 def hadamard_block(n_ff_exp: int) -> int:
-    """The converter's default block: the largest power of two dividing the expert width (expert_hadamard.py)."""
-    return n_ff_exp & -n_ff_exp
+    """The converter's default block: the largest power of two dividing the expert width, at most 512
+    (expert_hadamard.py)."""
+    return min(n_ff_exp & -n_ff_exp, HADAMARD_MAX_BLOCK)
+
+
+# byte offsets of the fp16 fields that scale a block's values (d, and the min where there is one): multiplying
+# them by a power of two multiplies the block's dequantized values by it, exactly (ggml's block structs)
+SCALE_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
+                Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
+SMOOTH_GROUP = 256   # columns that share one smoothing factor: a K-quant super-block, a whole number of any block
+EXPERT_INPUT_ROLES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_gate_up_exps.weight")
+
+
+def smoothing_scales(seed: int, layer: int, n_embd: int, n_expert: int) -> np.ndarray:
+    """s_e for layer: float32 [n_expert, n_embd], each 256-column group of each expert 1 or 2 (not 1/2: halving
+    a subnormal fp16 scale of the weights would round)."""
+    rng = np.random.default_rng([seed, layer, 0x5300])
+    k = rng.integers(0, 2, (n_expert, n_embd // SMOOTH_GROUP))
+    return np.repeat(np.ldexp(np.float32(1), k).astype(np.float32), SMOOTH_GROUP, axis=1)
+
+
+def scale_expert_columns(blocks: np.ndarray, qtype: Q, scales: np.ndarray) -> np.ndarray:
+    """Quantized rows [n_expert * rows_per_expert, row bytes] of an expert-input weight (expert-major), each column
+    multiplied by scales [n_expert, n_cols] (powers of two, constant over each block): their scale fields only."""
+    if qtype not in SCALE_FIELDS:
+        raise SystemExit(f"exact smoothing of {qtype.name} weights is not written in tools/synth_moe_gguf.py; "
+                         f"add its scale fields to SCALE_FIELDS")
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    n_expert, n_cols = scales.shape
+    out = blocks.copy().reshape(n_expert, -1, n_cols // bs, ts)
+    factor = scales[:, ::bs].astype(np.float16)[:, None, :]          # one per block: [n_expert, 1, blocks per row]
+    for offset in SCALE_FIELDS[qtype]:
+        field = out[..., offset:offset + 2].copy().view(np.float16)[..., 0]
+        scaled = field * factor
+        assert np.array_equal(scaled / factor, field) and np.isfinite(scaled).all(), "a doubled scale left fp16's range"
+        out[..., offset:offset + 2] = scaled[..., None].view(np.uint8)
+    return out.reshape(blocks.shape)
 
 
 def sylvester_hadamard(b: int) -> np.ndarray:
@@ -146,15 +189,16 @@ def skeleton(src: Path, dst: Path) -> Path:
     return dst
 
 
-def tensor_data(name: str, shape: tuple[int, ...], qtype: Q, seed: int, pools: dict) -> np.ndarray:
-    """The bytes (quantized: uint8 [rows, row bytes]) or floats of one tensor, from seed and name alone."""
+def tensor_data(name: str, shape: tuple[int, ...], qtype: Q, seed: int, pools: dict, smoothed: bool = False) -> np.ndarray:
+    """The bytes (quantized: uint8 [rows, row bytes]) or floats of one tensor, from seed and name alone; smoothed:
+    the file has ffn_exps_smooth, whose scales the expert-input weights carry."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     n_cols, n_rows = shape[0], int(np.prod(shape[1:], dtype=np.int64))
     role = name.split(".", 2)[2] if name.startswith("blk.") else name
     if role.endswith("norm.weight"):
         data = np.ones(shape[::-1], dtype=np.float32)
     elif role == "ffn_exps_smooth":
-        data = rng.uniform(0.5, 2.0, shape[::-1]).astype(np.float32)
+        data = 1 / smoothing_scales(seed, int(name.split(".")[1]), shape[0], shape[1])
     elif role == "ffn_exps_hadamard":
         data = sylvester_hadamard(shape[0])
     elif qtype in (Q.F32, Q.F16):
@@ -163,8 +207,10 @@ def tensor_data(name: str, shape: tuple[int, ...], qtype: Q, seed: int, pools: d
         if (qtype, n_cols) not in pools:
             rows = np.random.default_rng([seed, int(qtype), n_cols]).standard_normal((POOL_ROWS, n_cols), dtype=np.float32)
             pools[qtype, n_cols] = light_import.module("formats.ggml_ref").quantize(rows / np.float32(np.sqrt(n_cols)), qtype)
-        pool = pools[qtype, n_cols]
-        return pool[rng.integers(0, POOL_ROWS, n_rows)]
+        rows = pools[qtype, n_cols][rng.integers(0, POOL_ROWS, n_rows)]
+        if smoothed and role in EXPERT_INPUT_ROLES:   # W diag(s_e): the file's gate/up columns carry s_e
+            rows = scale_expert_columns(rows, qtype, smoothing_scales(seed, int(name.split(".")[1]), n_cols, shape[-1]))
+        return rows
     return data.astype(np.float16) if qtype == Q.F16 else data
 
 
@@ -199,8 +245,9 @@ def synth(template: Path, out: Path, s: Shape, mix: str = "Q4_K_M", seed: int = 
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     pools: dict = {}
+    smoothed = "ffn_exps_smooth" in block0
     for n, q in zip(names, qtypes):
-        writer.write_tensor_data(np.ascontiguousarray(tensor_data(n, shapes[n], q, seed, pools)))
+        writer.write_tensor_data(np.ascontiguousarray(tensor_data(n, shapes[n], q, seed, pools, smoothed)))
     writer.close()
     part.replace(out)
     return {"file": str(out), "bytes": out.stat().st_size, "tensors": len(names), "keys": replaced,

@@ -8,10 +8,11 @@ executed as a fast Walsh-Hadamard transform), b a power of two dividing n_ff. H 
 every output exact in float: (W_e H)(H h) = W_e h. The rotation spreads the outlier channels that SiLU * up
 creates over their block, which no offline fold reaches, so the down projections quantize better.
 
-Block size: llama.cpp's transform needs a power of two, so b is the largest power of two dividing n_ff
-(the full width when n_ff is one; for n_ff = 2^k * m with m odd, m blocks of 2^k: Qwen1.5-MoE's 1408 gets
-11 blocks of 128, Mixtral's 14336 gets 7 blocks of 2048). llama.cpp's CUDA and Metal kernels run the
-transform for b up to 512 and fall back to a dense b x b product above; max_block caps b for them.
+Block size: llama.cpp's transform needs a power of two, so b is the largest power of two dividing n_ff, at
+most MAX_BLOCK = 512 (Qwen1.5-MoE's 1408 gets 11 blocks of 128, Mixtral's 14336 28 blocks of 512). The cap is
+where llama.cpp's CUDA and Metal kernels stop running the transform in place: above it they multiply by the
+dense b x b matrix (measured on an H200 with a Mixtral-8x7B-shaped file and b = 2048: prompt speed 0.89x of the
+unrotated file, BENCHMARKS.md). hadamard_block(n_ff, max_block=None) gives the uncapped block.
 
 The file announces it with `<arch>.expert_hadamard_block = b` and carries `ffn_exps_hadamard`, the F32
 matrix H_b: stock llama.cpp has no use for that tensor and refuses the file ("wrong number of tensors"),
@@ -34,12 +35,13 @@ log = logging.getLogger(__name__)
 
 MARKER = "ffn_exps_hadamard"           # GGUF tensor: H_b, [b, b] F32
 KEY = "{arch}.expert_hadamard_block"   # GGUF uint32: b
+MAX_BLOCK = 512                        # the largest b that llama.cpp's GPU kernels transform in place
 DOWN = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN_EXP].removeprefix("blk.{bid}.")   # ffn_down_exps
 CHUNK_ELEMENTS = 1 << 22
 
 
-def hadamard_block(n_ff: int, max_block: int | None = None) -> int:
-    """The largest power of two dividing n_ff (and at most max_block, a power of two)."""
+def hadamard_block(n_ff: int, max_block: int | None = MAX_BLOCK) -> int:
+    """The largest power of two dividing n_ff, at most max_block (a power of two; None: no cap)."""
     if max_block is not None and (max_block < 2 or max_block & (max_block - 1)):
         raise Moeq2ggufError(f"expert Hadamard block cap {max_block} is not a power of two >= 2; give e.g. 512")
     block = n_ff & -n_ff

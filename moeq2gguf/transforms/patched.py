@@ -23,7 +23,7 @@ class ExpertTransforms:
     smooth: str | None = None          # per-expert
     hadamard: bool = False
     alpha: float = expert_smoothing.ALPHA
-    hadamard_max_block: int | None = None
+    hadamard_max_block: int | None = expert_hadamard.MAX_BLOCK
 
     def __post_init__(self) -> None:
         if self.smooth is not None and self.smooth not in SMOOTHING:

@@ -40,9 +40,16 @@ def test_hadamard_matrix_is_llama_cpps(n):
 
 
 @pytest.mark.parametrize("n_ff, cap, block", [(96, None, 32), (128, None, 128), (1408, None, 128),
-                                              (14336, None, 2048), (14336, 512, 512), (2880, None, 64)])
+                                              (14336, None, 2048), (14336, 512, 512), (2880, None, 64),
+                                              (4096, 1024, 1024)])
 def test_block_is_largest_power_of_two_divisor(n_ff, cap, block):
     assert hadamard_block(n_ff, cap) == block
+
+
+def test_default_block_is_capped_where_gpu_kernels_transform_in_place():
+    # Mixtral's 14336 = 7 * 2048: 28 blocks of 512, not 7 dense blocks of 2048
+    assert hadamard_block(14336) == 512
+    assert hadamard_block(1408) == 128
 
 
 def test_block_errors():
