@@ -11,8 +11,9 @@ creates over their block, which no offline fold reaches, so the down projections
 Block size: llama.cpp's transform needs a power of two, so b is the largest power of two dividing n_ff, at
 most MAX_BLOCK = 512 (Qwen1.5-MoE's 1408 gets 11 blocks of 128, Mixtral's 14336 28 blocks of 512). The cap is
 where llama.cpp's CUDA and Metal kernels stop running the transform in place: above it they multiply by the
-dense b x b matrix (measured on an H200 with a Mixtral-8x7B-shaped file and b = 2048: prompt speed 0.89x of the
-unrotated file, BENCHMARKS.md). hadamard_block(n_ff, max_block=None) gives the uncapped block.
+dense b x b matrix (an H200, a Mixtral-8x7B-shaped file, b = 2048: prompt 0.89x the plain file's, where
+smoothing alone ran at 1.02x; with b = 512, 0.985x: BENCHMARKS.md). hadamard_block(n_ff, max_block=None) gives
+the uncapped block.
 
 The file announces it with `<arch>.expert_hadamard_block = b` and carries `ffn_exps_hadamard`, the F32
 matrix H_b: stock llama.cpp has no use for that tensor and refuses the file ("wrong number of tensors"),
