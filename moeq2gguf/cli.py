@@ -72,13 +72,29 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _runtime_build(args: argparse.Namespace) -> None:
-    from moeq2gguf.runtime_build import build
+    from moeq2gguf.runtime_build import build, build_stock
     if args.cuda_arch and not args.cuda:
         raise Moeq2ggufError("--cuda-arch applies to --cuda builds; add --cuda")
+    if args.stock:
+        if args.cuda or args.cmake_arg:
+            raise Moeq2ggufError("--stock builds the CPU llama.cpp that llama-cpp-python runs; drop --cuda/--cmake-arg")
+        result = build_stock(jobs=args.jobs, force=args.force, say=lambda line: print(f"[llama.cpp] {line}", flush=True))
+        how = "cached" if result.cached else f"built in {result.seconds:.0f} s"
+        print(f"stock llama.cpp ({how}): {result.lib_dir}")
+        return
     result = build(cuda=args.cuda, cuda_arch=args.cuda_arch, jobs=args.jobs, force=args.force,
                    cmake_args=tuple(args.cmake_arg or ()))
     how = "cached" if result.cached else f"built in {result.seconds:.0f} s"
     print(f"patched llama.cpp ({how}): {result.lib_dir}")
+
+
+def _runtime_check(args: argparse.Namespace) -> None:
+    from moeq2gguf import selfcheck
+    from moeq2gguf.runtime_build import cpu_choice
+    result = selfcheck.check(args.lib_dir)
+    print(f"llama.cpp self-check passed in {result.seconds:.1f} s: {result.output.splitlines()[-1]}")
+    if args.verbose_check:
+        print(f"this machine: {cpu_choice().summary()}")
 
 
 def _runtime_cuda_check(args: argparse.Namespace) -> None:
@@ -111,6 +127,11 @@ def _calibrate(args: argparse.Namespace) -> None:
               f"steps where a guard changed the kept beams: {guards}")
     if result.report:
         print(format_report(result.report))
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="threads for torch, numba and llama.cpp alike (default: the cores this process may use)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-hadamard", action="store_true",
                    help="rotate each expert's down-projection input by a blockwise Hadamard that the patched llama.cpp "
                         "applies at run time (moeq2gguf runtime build)")
+    _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)
 
@@ -166,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--routing-model", default=None, metavar="MODEL_DIR",
                    help="also report per-layer routing agreement against this float checkpoint (torch side)")
+    _add_threads(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("calibrate", help="write EBSS calibration data (the model samples itself, balancing its experts) "
@@ -190,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the expert balance (sigma, min/max expert tokens per layer) of a split or file, next to "
                         "the EBSS data, at equal token count (repeatable)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: the GPU when present")
+    _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_calibrate)
 
@@ -214,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = p.add_subparsers(dest="runtime_command", required=True)
     b = rsub.add_parser("build", help="build (or find cached) the patched libllama from the pinned llama-cpp-python sdist, "
                                       "against the installed stock libggml; prints its folder (LLAMA_CPP_LIB_PATH)")
+    b.add_argument("--stock", action="store_true",
+                   help="instead: build the stock llama.cpp of the same sdist for this CPU and install it into "
+                        "llama-cpp-python (what `make setup` does; AMX only after a probe, docs/PLATFORMS.md)")
     b.add_argument("--cuda", action="store_true", help="also build libggml with CUDA (for a llama-cpp-python without it)")
     b.add_argument("--cuda-arch", default=None, metavar="ARCHS", help="CMAKE_CUDA_ARCHITECTURES with --cuda, e.g. 90")
     b.add_argument("-j", "--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
@@ -221,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cmake-arg", action="append", metavar="-DNAME=VALUE",
                    help="an extra CMake configure option, e.g. -DGGML_CUDA_FA=OFF (repeatable; part of the cache key)")
     b.set_defaults(func=_runtime_build)
+    k = rsub.add_parser("check", help="run one quantized matmul through llama-cpp-python in a child process; a "
+                                      "library built for instructions this CPU lacks (SIGILL) gets a clear message")
+    k.add_argument("--lib-dir", default=None, metavar="DIR",
+                   help="check the libraries in DIR (LLAMA_CPP_LIB_PATH) instead of llama-cpp-python's own")
+    k.add_argument("--cpu", dest="verbose_check", action="store_true", help="also print this CPU's feature choice")
+    k.set_defaults(func=_runtime_check)
     c = rsub.add_parser("cuda-check", help="compile (nvcc -c, no GPU, nothing linked) the ggml-cuda sources that "
                                            "runtime_patches/ change, with a CMake configure's flags; fails on any error")
     c.add_argument("--arch", default="90", help="CUDA architecture, as CMAKE_CUDA_ARCHITECTURES (default 90)")
@@ -233,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="convert the bundled Qwen2-MoE model, run it in llama.cpp, compare with transformers")
     p.add_argument("--workdir", default=None, help="where to write the GGUF (default: a temporary folder)")
+    _add_threads(p)
     p.set_defaults(func=_demo)
     return parser
 
@@ -241,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "threads") and not isinstance(args.threads, str):   # bench's --threads is its list
+            from moeq2gguf.threads import set_threads
+            set_threads(args.threads)
         args.func(args)
     except Moeq2ggufError as exc:
         print(f"moeq2gguf: error: {exc}", file=sys.stderr)

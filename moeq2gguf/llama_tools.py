@@ -17,7 +17,8 @@ def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], mix
         raise Moeq2ggufError(f"type mix {mix} is unknown; choose one of {', '.join(MIXES)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(MIXES[mix].ftype)
-    params.nthread = n_threads
+    from moeq2gguf.threads import threads
+    params.nthread = n_threads or threads()
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     from llama_cpp._utils import suppress_stdout_stderr
@@ -31,7 +32,7 @@ def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], mix
 
 
 def llama_tool(name: str) -> Path:
-    """A llama.cpp tool binary (llama-quantize, llama-imatrix, llama-perplexity) built by tools/build_llama.sh."""
+    """A llama.cpp tool binary (llama-quantize, llama-imatrix, llama-perplexity) built by `moeq2gguf runtime build --stock`."""
     import shutil
     candidates = [os.environ.get("MOEQ2GGUF_LLAMA_BIN", "")]
     repo = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def llama_tool(name: str) -> Path:
     found = shutil.which(name)
     if found:
         return Path(found)
-    raise Moeq2ggufError(f"{name} not found; run `make setup` (tools/build_llama.sh builds it) or set MOEQ2GGUF_LLAMA_BIN")
+    raise Moeq2ggufError(f"{name} not found; run `make setup` (`moeq2gguf runtime build --stock` builds it) or set MOEQ2GGUF_LLAMA_BIN")
 
 
 def run_tool(args: list) -> str:
@@ -67,7 +68,8 @@ def llama_perplexity_kld(base: str | os.PathLike[str], quant: str | os.PathLike[
     kld_file = Path(workdir) / "base.kld"
     # Its results are printed by a logging thread that exit() can kill before it has written them
     # (llama.cpp's common_log is never destroyed): leave that thread a core of its own.
-    threads = max(1, (os.cpu_count() or 2) - 1)
+    from moeq2gguf.threads import threads as our_threads
+    threads = max(1, our_threads() - 1)
     common = ["-f", text_file, "-c", ctx, "--chunks", chunks, "-t", threads, "-ctk", "f32", "-ctv", "f32",
               "-fa", "off", "--kl-divergence-base", kld_file]
     run_tool([tool, "-m", base, *common])

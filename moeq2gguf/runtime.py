@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.threads import threads
 
 # GGUF keys (suffix after "<arch>.") of the features only the patched llama.cpp runs
 PATCHED_FEATURES = {"expert_smoothing": "per-expert input smoothing (blk.N.ffn_exps_smooth)",
@@ -91,7 +92,7 @@ def load(path: str | os.PathLike[str], n_ctx: int = 512, f32_kv_cache: bool = Tr
         kwargs.update(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                              n_threads=n_threads or os.cpu_count(), verbose=verbose, **kwargs)
+                              n_threads=n_threads or threads(), verbose=verbose, **kwargs)
     except ValueError as exc:
         raise Moeq2ggufError(f"llama.cpp could not load {path} ({exc}); it is not a GGUF file this llama.cpp runs") from exc
     try:

@@ -1,7 +1,7 @@
 """The patched llama.cpp runtime: per-expert input smoothing and the expert Hadamard (runtime_patches/).
 
-`build()` takes the llama.cpp tree vendored in the pinned llama-cpp-python sdist (the copy that
-tools/build_llama.sh unpacked under .cache/, else the sdist fetched from the package registry with pip),
+`build()` takes the llama.cpp tree vendored in the pinned llama-cpp-python sdist (unpacked under .cache/ from
+the sdist that set-up fetched from the package registry with pip, else fetched here),
 applies runtime_patches/*.patch and compiles libllama alone. The patches touch only llama.cpp's src/, so
 the patched libllama links against the stock libggml that llama-cpp-python already ships (its
 llama_cpp/lib): nothing of ggml is recompiled, and the CPU, CUDA, Metal or Vulkan kernels stay the
@@ -22,6 +22,12 @@ the stock ggml libraries; a second call with the same key returns at once.
 llama-cpp-python binds its library once, at import, from LLAMA_CPP_LIB_PATH (else llama_cpp/lib): a process
 runs either the stock or the patched llama.cpp. `patched_env()` is the environment of a process that
 runs the patched one (moeq2gguf.runtime.run_logits starts such a process).
+
+`build_stock()` is the stock llama.cpp of the same tree that set-up installs into llama-cpp-python (shared
+libraries plus llama-quantize / llama-imatrix / llama-perplexity). Every build here is compiled for the
+instruction sets of `cpu_choice()`: what this CPU reports, AMX only after the self-check ran ggml's AMX matmul
+on an AMX build of this machine (moeq2gguf.cpu_features, moeq2gguf.selfcheck, docs/PLATFORMS.md); the choice
+is part of each cache key.
 """
 from __future__ import annotations
 
@@ -42,16 +48,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeq2gguf import cpu_features
 from moeq2gguf.errors import Moeq2ggufError
 
 log = logging.getLogger(__name__)
 
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the pin in pyproject.toml and tools/build_llama.sh
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the pin in pyproject.toml and tools/setup_env.sh
 ROOT = Path(__file__).resolve().parents[1]
 PATCH_DIR = ROOT / "runtime_patches"
 CACHE = ROOT / ".cache"
 STAMP = ".complete"
-RECIPE = 1   # bump when build() changes what it produces
+RECIPE = 2   # bump when build() or build_stock() changes what it produces
+AMX_VERDICT = CACHE / "amx-probe.json"   # the AMX probe's result for this machine (cpu_features.probe_key)
+STOCK_TARGETS = ("llama", "ggml", "llama-quantize", "llama-imatrix", "llama-perplexity")
 # top-level folders of the vendored tree that a libllama (+ ggml) build never reads
 SKIP_DIRS = frozenset({".git", ".github", ".devops", "models", "docs", "tools", "tests", "benches", "examples", "pocs",
                        "app", "media", "gguf-py", "conversion", "grammars", "scripts", "skills", "ci", "requirements",
@@ -103,11 +112,8 @@ def build_patches(cuda: bool, patch_dir: Path = PATCH_DIR) -> list[Path]:
 
 
 def stock_lib_dir() -> Path:
-    """llama_cpp/lib of the installed llama-cpp-python (found without importing it)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        raise Moeq2ggufError("llama-cpp-python is not installed; run `make setup`")
-    lib = Path(spec.origin).parent / "lib"
+    """llama_cpp/lib of the installed llama-cpp-python (found without importing it), with its libraries."""
+    lib = bindings_lib_dir()
     if not (lib / "libggml.so").exists():
         raise Moeq2ggufError(f"{lib} holds no libggml.so; reinstall llama-cpp-python (`make setup`)")
     return lib
@@ -118,12 +124,9 @@ def _sdist_dir() -> Path:
 
 
 def vendored_source() -> Path:
-    """The vendored llama.cpp tree of the pinned sdist: unpacked by tools/build_llama.sh, else unpacked here from
-    the sdist (downloaded with pip when missing)."""
-    unpacked = _sdist_dir() / "src" / "vendor" / "llama.cpp"
-    if (unpacked / "CMakeLists.txt").is_file():
-        return unpacked
-    own = CACHE / "llama-patched-sdist" / "src"
+    """The vendored llama.cpp tree of the pinned sdist, unpacked under .cache from the sdist (downloaded with pip
+    when set-up has not fetched it)."""
+    own = _sdist_dir() / "src"
     if (own / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         return own / "vendor" / "llama.cpp"
     sdist = _sdist_dir() / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -159,6 +162,8 @@ def cache_key(cuda: bool, cuda_arch: str | None, patches: list[Path], stock: Pat
               cmake_args: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256()
     h.update(f"recipe {RECIPE} llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} cuda={cuda} arch={cuda_arch}\n".encode())
+    if cuda:   # compiles ggml's CPU backend too (the CPU build links the stock ggml, hashed below)
+        h.update(("cpu " + json.dumps(cpu_choice().cmake_args()) + "\n").encode())
     if cmake_args:
         h.update(("cmake " + json.dumps(list(cmake_args)) + "\n").encode())
     _hash_patches(h, patches)
@@ -262,14 +267,10 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
             "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_COMMIT=moeq2gguf-patched", "-DCMAKE_BUILD_RPATH=$ORIGIN",
             "-DCMAKE_BUILD_WITH_INSTALL_RPATH=OFF"]
     env = dict(os.environ)
-    if shutil.which("ninja"):
-        args += ["-G", "Ninja"]
-    if shutil.which("ccache"):
-        env["CCACHE_BASEDIR"] = str(ROOT)
-        args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+    args += _cmake_tool_args(env)
     targets = ["llama"]
     if cuda:
-        args += ["-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF"]
+        args += ["-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF", *cpu_choice().cmake_args()]
         if cuda_arch:
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
         targets.append("ggml")
@@ -301,6 +302,148 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
     seconds = time.perf_counter() - t0
     log.info("patched llama.cpp built in %.0f s: %s", seconds, lib)
     return BuildResult(lib, seconds, cached=False)
+
+
+def _amx_probe_key() -> str:
+    return f"{cpu_features.probe_key()} llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} recipe {RECIPE}"
+
+
+def amx_policy() -> str:
+    """MOEQ2GGUF_AMX: probe (default: AMX stays on only where ggml's AMX matmul passed the self-check) or off."""
+    policy = os.environ.get("MOEQ2GGUF_AMX", "probe")
+    if policy not in ("probe", "off"):
+        raise Moeq2ggufError(f"MOEQ2GGUF_AMX={policy!r} is not a policy; use probe (the default: AMX only where ggml's "
+                             "AMX matmul passes the self-check on this machine) or off")
+    return policy
+
+
+def recorded_amx_verdict() -> bool | None:
+    """Whether ggml's AMX matmul passed the probe on this machine (None: not probed here, or policy off)."""
+    if amx_policy() == "off":
+        return None
+    try:
+        record = json.loads(AMX_VERDICT.read_text())
+    except (OSError, ValueError):
+        return None
+    return bool(record["works"]) if record.get("key") == _amx_probe_key() else None
+
+
+def cpu_choice() -> cpu_features.CpuChoice:
+    """The instruction sets every llama.cpp build here is compiled for: this CPU's, AMX per the recorded probe."""
+    return cpu_features.this_machine(amx_probe=recorded_amx_verdict())
+
+
+def stock_build_dir() -> Path:
+    return _sdist_dir() / "build"
+
+
+def _cmake_tool_args(env: dict[str, str]) -> list[str]:
+    """Ninja and ccache when installed (ccache keyed on paths relative to the checkout)."""
+    args = []
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    if shutil.which("ccache"):
+        env["CCACHE_BASEDIR"] = str(ROOT)
+        args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
+    return args
+
+
+def _build_stock_tree(src: Path, bld: Path, choice: cpu_features.CpuChoice, targets: tuple[str, ...],
+                      jobs: int | None) -> None:
+    env = dict(os.environ)
+    args = ["cmake", "-S", str(src), "-B", str(bld), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+            "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TOOLS=ON", *_cmake_tool_args(env),
+            *choice.cmake_args()]
+    _run(args, "cmake configure", env=env, quiet=True)
+    _run(["cmake", "--build", str(bld), "-j", str(jobs or os.cpu_count() or 1), "--target", *targets], "cmake build",
+         env=env)
+
+
+def probe_amx(jobs: int | None = None, say=log.info) -> bool:
+    """Build ggml with AMX in the stock build folder and run the self-check's quantized matmul on it in a child;
+    record the verdict for this machine (AMX_VERDICT). True: AMX works here."""
+    from moeq2gguf import selfcheck
+    choice = cpu_features.this_machine(amx_probe=True)
+    say(f"this CPU reports AMX; probing ggml's AMX matmul with a build for {' '.join(choice.enabled)}")
+    (stock_build_dir() / STAMP).unlink(missing_ok=True)
+    _build_stock_tree(vendored_source(), stock_build_dir(), choice, ("llama", "ggml"), jobs)
+    result = selfcheck.run_child(stock_build_dir() / "bin")
+    record = {"key": _amx_probe_key(), "works": result.ok, "cpu": choice.model, "returncode": result.returncode,
+              "signal": result.signal_name, "output": result.output, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _write_atomic(AMX_VERDICT, json.dumps(record, indent=1) + "\n")
+    say(f"AMX probe: {'passed' if result.ok else 'failed'} ({result.signal_name or 'exit ' + str(result.returncode)}); "
+        f"AMX {'stays on' if result.ok else 'left out'} (recorded in {AMX_VERDICT})")
+    return result.ok
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def bindings_lib_dir() -> Path:
+    """llama_cpp/lib of the installed llama-cpp-python, where its ctypes loader looks for libllama."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise Moeq2ggufError("llama-cpp-python's Python bindings are not installed; run `make setup`")
+    return Path(spec.origin).parent / "lib"
+
+
+def install_libs(src: Path, dst: Path) -> bool:
+    """Copy lib*.so* from src into dst (symlinks kept) unless dst has the same files; each file is replaced by a new
+    one (rename), never rewritten in place, so a process that has the old one mapped keeps running. True: copied."""
+    files = sorted(src.glob("lib*.so*"))
+    if not files:
+        raise Moeq2ggufError(f"no lib*.so* in {src}")
+    def same(f: Path) -> bool:
+        t = dst / f.name
+        if f.is_symlink():
+            return t.is_symlink() and os.readlink(t) == os.readlink(f)
+        return t.is_file() and not t.is_symlink() and t.stat().st_size == f.stat().st_size and \
+            _file_digest(t) == _file_digest(f)
+    if all(same(f) for f in files):
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        tmp = dst / f".{f.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        if f.is_symlink():
+            tmp.symlink_to(os.readlink(f))
+        else:
+            shutil.copy2(f, tmp)
+        os.replace(tmp, dst / f.name)
+    return True
+
+
+def build_stock(jobs: int | None = None, force: bool = False, say=log.info) -> BuildResult:
+    """The stock llama.cpp of the pinned sdist (shared libraries and the llama-quantize / llama-imatrix /
+    llama-perplexity tools) for cpu_choice(), installed into llama-cpp-python's llama_cpp/lib. On a CPU that reports
+    AMX the first build probes it (probe_amx). Cached in .cache/llama-cpp-python-VERSION/build under a key over
+    the version and the CPU choice: a build for other instruction sets is rebuilt, never reused."""
+    t0 = time.perf_counter()
+    for tool in ("cmake",):
+        if shutil.which(tool) is None:
+            raise Moeq2ggufError(f"{tool} is not installed; building llama.cpp needs cmake and a C++17 compiler")
+    _, flags = cpu_features.read_cpuinfo()
+    if amx_policy() == "probe" and cpu_features.reports_amx(flags) and recorded_amx_verdict() is None:
+        probe_amx(jobs, say)
+    choice = cpu_choice()
+    say(f"llama.cpp CPU features: {choice.summary()}")
+    bld = stock_build_dir()
+    stamp = bld / STAMP
+    key = hashlib.sha256(f"stock recipe {RECIPE} llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
+                         f"{json.dumps(choice.cmake_args())}".encode()).hexdigest()
+    cached = not force and stamp.is_file() and stamp.read_text().split("\n")[0] == key
+    if not cached:
+        stamp.unlink(missing_ok=True)
+        _build_stock_tree(vendored_source(), bld, choice, STOCK_TARGETS, jobs)
+        stamp.write_text(f"{key}\n{choice.summary()}\n")
+    if install_libs(bld / "bin", bindings_lib_dir()):
+        say(f"installed the libraries into {bindings_lib_dir()}")
+    return BuildResult(bld / "bin", time.perf_counter() - t0, cached)
 
 
 # cuBLAS headers for nvcc 13 (ggml-cuda's common.cuh includes cublas_v2.h); the configure needs no cuBLAS library.

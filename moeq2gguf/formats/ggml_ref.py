@@ -33,7 +33,7 @@ def library_path() -> Path:
         if (libdir / name).exists():
             return libdir / name
     raise RuntimeError(f"no libggml-base shared library in {libdir}; reinstall llama-cpp-python "
-                       "with its libraries (tools/build_llama.sh)")
+                       "with its libraries (`make setup`)")
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
