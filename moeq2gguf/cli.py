@@ -9,7 +9,7 @@ from moeq2gguf.errors import Moeq2ggufError
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from moeq2gguf.convert import convert
+    from moeq2gguf.commands.convert import convert
     result = convert(args.model_dir, args.output, type=args.type, method=args.method, calib=args.calib,
                      device=args.device, tensor_types=tuple(args.tensor_type), imatrix=args.imatrix,
                      calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, rotate=args.rotate,
@@ -55,13 +55,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from moeq2gguf.inspect import inspect
+    from moeq2gguf.commands.inspect import inspect
     result = inspect(args.path, type=args.type)
     print(result.to_json() if args.json else result.table())
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from moeq2gguf.bench import bench_file, machine_info, table, to_json
+    from moeq2gguf.runtime.bench import bench_file, machine_info, table, to_json
     try:
         threads = tuple(int(t) for t in args.threads.split(","))
     except ValueError:
@@ -72,7 +72,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _runtime_build(args: argparse.Namespace) -> None:
-    from moeq2gguf.runtime_build import build, build_stock
+    from moeq2gguf.runtime.build import build, build_stock
     if args.cuda_arch and not args.cuda:
         raise Moeq2ggufError("--cuda-arch applies to --cuda builds; add --cuda")
     if args.stock:
@@ -89,8 +89,8 @@ def _runtime_build(args: argparse.Namespace) -> None:
 
 
 def _runtime_check(args: argparse.Namespace) -> None:
-    from moeq2gguf import selfcheck
-    from moeq2gguf.runtime_build import cpu_choice
+    from moeq2gguf.runtime import selfcheck
+    from moeq2gguf.runtime.build import cpu_choice
     result = selfcheck.check(args.lib_dir)
     print(f"llama.cpp self-check passed in {result.seconds:.1f} s: {result.output.splitlines()[-1]}")
     if args.verbose_check:
@@ -99,7 +99,7 @@ def _runtime_check(args: argparse.Namespace) -> None:
 
 def _runtime_cuda_check(args: argparse.Namespace) -> None:
     import time
-    from moeq2gguf.runtime_build import cuda_compile_check
+    from moeq2gguf.runtime.build import cuda_compile_check
     t0 = time.perf_counter()
     results = cuda_compile_check(arch=args.arch, files=args.file or None, jobs=args.jobs, force=args.force)
     for name, seconds in results:
@@ -109,7 +109,7 @@ def _runtime_cuda_check(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from moeq2gguf.demo import demo
+    from moeq2gguf.commands.demo import demo
     demo(workdir=args.workdir)
 
 

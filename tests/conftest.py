@@ -8,8 +8,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from moeq2gguf import corpus  # noqa: E402
-from moeq2gguf.testing import train_bpe_tokenizer  # noqa: E402
+from moeq2gguf.calib import corpus  # noqa: E402
+from testing import train_bpe_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

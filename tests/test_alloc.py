@@ -9,10 +9,11 @@ import gguf
 import numpy as np
 import pytest
 
-from moeq2gguf import alloc, convert, runtime
+from moeq2gguf import convert, runtime
+from moeq2gguf.plan import alloc
 from moeq2gguf.cli import main
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 
 Q = gguf.GGMLQuantizationType
 
@@ -101,7 +102,7 @@ KW = dict(method="rtn", calib_windows=2, calib_ctx=64, progress=False)
 @pytest.fixture(scope="module")
 def sizes(checkpoint):
     """Tensor data bytes of the model at the Q2_K and Q8_0 mixes (the metadata adds a few KiB to a file)."""
-    from moeq2gguf.mixes import assign_types
+    from moeq2gguf.plan.mixes import assign_types
     from moeq2gguf.models.registry import open_model
     adapter = open_model(checkpoint)
     sources, spec = adapter.all_tensors(), adapter.spec

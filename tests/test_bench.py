@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import moeq2gguf
-from moeq2gguf import bench, cli
+from moeq2gguf import cli
+from moeq2gguf.runtime import bench
 from util import FIXTURES
 
 SMALL = ["--ctx", "32", "--gen", "4", "--repeats", "2"]

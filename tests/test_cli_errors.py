@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from moeq2gguf import cli, plan
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 
 
 @pytest.fixture()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from moeq2gguf import corpus
+from moeq2gguf.calib import corpus
 
 
 def test_split_rule_matches_bench_definition():

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from moeq2gguf import Moeq2ggufError, bench, convert, runtime, runtime_build
+from moeq2gguf import Moeq2ggufError, convert, runtime
+from moeq2gguf.runtime import bench
+from moeq2gguf.runtime import build as runtime_build
 from moeq2gguf.eval import evaluate, evaluate_many
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 
 CALIB = dict(calib_windows=4, calib_ctx=64)
 EVAL = dict(ctx=64, chunks=3, progress=False)

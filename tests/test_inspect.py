@@ -9,7 +9,8 @@ import pytest
 import moeq2gguf
 from moeq2gguf import Moeq2ggufError, convert, inspect
 from moeq2gguf.cli import main
-from moeq2gguf.testing import random_model, save_checkpoint
+from moeq2gguf.plan.mixes import MIXES
+from testing import random_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_gguf(checkpoint, tmp_path):
     assert result.metadata["qwen2moe.expert_feed_forward_length"] == 32
 
 
-@pytest.mark.parametrize("type_name", ["F32", "BF16"])
+@pytest.mark.parametrize("type_name", ["F32", "BF16", "F16", *MIXES])
 def test_checkpoint_plan_is_what_convert_writes(checkpoint, tmp_path, type_name):
     planned = inspect(checkpoint, type=type_name)
     written = inspect(convert(checkpoint, tmp_path / "m.gguf", type=type_name, progress=False).output)

@@ -5,9 +5,9 @@ import gguf
 import pytest
 
 from moeq2gguf import convert
-from moeq2gguf.llama_tools import llama_quantize
-from moeq2gguf.mixes import MIXES, assign_types, parse_override
-from moeq2gguf.testing import random_model, save_checkpoint
+from moeq2gguf.runtime.llama_tools import llama_quantize
+from moeq2gguf.plan.mixes import MIXES, assign_types, parse_override
+from testing import random_model, save_checkpoint
 
 Q = gguf.GGMLQuantizationType
 # Q2_K_S needs an importance matrix in llama-quantize.

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from moeq2gguf import nn
-from moeq2gguf.mixes import allows_quantization
+from moeq2gguf.plan.mixes import allows_quantization
 from moeq2gguf.models.registry import open_model
-from moeq2gguf.testing import DeepseekMoeReference, random_deepseek_moe, random_model, save_checkpoint
+from testing import DeepseekMoeReference, random_deepseek_moe, random_model, save_checkpoint
 
 DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=64,
                      beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)
 GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
                     original_max_position_embeddings=64, truncate=True)
 
-# case -> (random_model family, overrides); "deepseek" is moeq2gguf.testing's DeepSeekMoE reference
+# case -> (random_model family, overrides); "deepseek" is testing's DeepSeekMoE reference
 CASES = {
     "mixtral": ("mixtral", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)),
     "qwen2moe": ("qwen2moe", dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=3)),

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from moeq2gguf import cpu_features, runtime_build, selfcheck, threads
+from moeq2gguf import threads
+from moeq2gguf.runtime import cpu_features
+from moeq2gguf.runtime import build as runtime_build
+from moeq2gguf.runtime import selfcheck
 from moeq2gguf.errors import Moeq2ggufError
 
 BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma bmi1 bmi2 avx2"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from moeq2gguf import Moeq2ggufError, runtime_build
+from moeq2gguf import Moeq2ggufError
+from moeq2gguf.runtime import build as runtime_build
 
 CUDA_PATCH = "0003-cuda-fused-expert-smoothing.patch"
 PATCHED_UNITS = ["ggml-cuda.cu", "mmq.cu", "mmvq.cu", "quantize.cu"]

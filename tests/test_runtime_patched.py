@@ -7,9 +7,10 @@ import gguf
 import numpy as np
 import pytest
 
-from moeq2gguf import Moeq2ggufError, convert, runtime, runtime_build
+from moeq2gguf import Moeq2ggufError, convert, runtime
+from moeq2gguf.runtime import build as runtime_build
 from moeq2gguf.models.registry import open_model
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 from patched_reference import gguf_tensors, patched_logits
 from util import eval_tokens, relative_error, transformers_logits
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moeq2gguf import Moeq2ggufError, convert, runtime
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import synth_moe_gguf  # noqa: E402

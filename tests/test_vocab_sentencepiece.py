@@ -11,9 +11,9 @@ import sentencepiece as spm
 
 from moeq2gguf import convert, runtime
 from moeq2gguf.errors import TokenizerError
-from moeq2gguf.testing import (llama_tokenizer_from_sentencepiece, random_model,
+from testing import (llama_tokenizer_from_sentencepiece, random_model,
                                save_sentencepiece_tokenizer, train_sentencepiece)
-from moeq2gguf.vocab import read_sentencepiece_model
+from moeq2gguf.io.vocab import read_sentencepiece_model
 
 VOCAB = 1000
 

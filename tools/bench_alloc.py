@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from moeq2gguf import convert  # noqa: E402
 from moeq2gguf.eval import evaluate_many  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
-import moeq2gguf.alloc, moeq2gguf.quant.sensitivity, moeq2gguf.quant.grid, moeq2gguf.calib_data  # noqa: E402,E401,F401
+import moeq2gguf.plan.alloc, moeq2gguf.quant.sensitivity, moeq2gguf.quant.grid, moeq2gguf.calib.windows  # noqa: E402,E401,F401
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe  # noqa: E402,E401,F401
 from bench_quality import bits_per_weight, machine  # noqa: E402  (tools/ is on sys.path when run as a script)
 

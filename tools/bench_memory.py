@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))   # testing.py: random checkpoints
 
 BOUND_SLACK = 1.5e9  # bytes
 
@@ -55,7 +56,7 @@ def _measure(workdir: Path, layers: int, hidden: int, experts: int, expert_width
              tokenizer, env: dict) -> dict:
     import torch
 
-    from moeq2gguf.testing import write_random_mixtral
+    from testing import write_random_mixtral
 
     ckpt = workdir / f"ckpt-{layers}"
     t0 = time.time()
@@ -81,12 +82,12 @@ def _measure(workdir: Path, layers: int, hidden: int, experts: int, expert_width
 
 def run(workdir: Path, layers: int, hidden: int, experts: int, expert_width: int, out_type: str, dtype: str,
         also_layers: int | None = None) -> dict:
-    from moeq2gguf.testing import train_bpe_tokenizer
+    from testing import train_bpe_tokenizer
 
     # the tokenizer does not matter here: a small one trained on this file
     tokenizer = train_bpe_tokenizer([Path(__file__).read_text()], 512, "mixtral")
     env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    baseline, _ = peak_rss([sys.executable, "-c", "import moeq2gguf.convert, moeq2gguf.models.mixtral"], env)
+    baseline, _ = peak_rss([sys.executable, "-c", "import moeq2gguf.commands.convert, moeq2gguf.models.mixtral"], env)
     result = {"hidden": hidden, "experts": experts, "expert_width": expert_width, "type": out_type,
               "checkpoint_dtype": dtype, "import_baseline_rss_bytes": baseline}
     result.update(_measure(workdir, layers, hidden, experts, expert_width, out_type, dtype, tokenizer, env))

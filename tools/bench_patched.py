@@ -10,7 +10,7 @@ the patched llama.cpp (evaluate_many moves to it when a file needs it); the stoc
 again on the stock llama.cpp to show that the patch leaves their figures unchanged, and the llama.cpp imatrix
 and moequant figures are compared with bench_quality's results.json (read only) where it has them.
 
-Speed: for each model and mix, on the first base's files, moeq2gguf.bench (one fresh worker process per measurement: --ctx-tokens prompt in
+Speed: for each model and mix, on the first base's files, moeq2gguf.runtime.bench (one fresh worker process per measurement: --ctx-tokens prompt in
 one llama_decode, --gen greedy tokens) of (a) the stock llama.cpp on the moequant file, (b) the patched
 llama.cpp on the same file, (c) the patched llama.cpp on the +perexpert, +ehadamard and +both files, at each
 --threads count, interleaved: --rounds rounds, each running every configuration once (--repeats timed runs
@@ -38,8 +38,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 import bench_quality  # noqa: E402  (imports every module a conversion needs, as its long runs want)
 from bench_quality import bench_model, compare_digests, machine  # noqa: E402
-from moeq2gguf import runtime, runtime_build  # noqa: E402
-from moeq2gguf.bench import bench_file, machine_info  # noqa: E402
+from moeq2gguf import runtime  # noqa: E402
+from moeq2gguf.runtime import build as runtime_build
+from moeq2gguf.runtime.bench import bench_file, machine_info  # noqa: E402
 from moeq2gguf.eval import evaluate_many  # noqa: E402
 import moeq2gguf.transforms.patched, moeq2gguf.transforms.expert_smoothing  # noqa: E402,E401,F401
 import moeq2gguf.transforms.expert_hadamard  # noqa: E402,F401
@@ -271,7 +272,7 @@ def main() -> None:
             f"includes llama-imatrix), which other jobs on the machine stretch.\n\n"
             f"{quality_table(rows)}\n\n" + "\n".join(f"- {n}" for n in quality_summary(rows, args.bases) + notes) + "\n")
     if speed_rows:
-        text += (f"\nSpeed on CPU (moeq2gguf.bench, a fresh worker process per measurement): prompt {args.ctx_tokens} tokens "
+        text += (f"\nSpeed on CPU (moeq2gguf.runtime.bench, a fresh worker process per measurement): prompt {args.ctx_tokens} tokens "
                  f"of the eval split in one llama_decode (pp), then {args.gen} greedy tokens (tg); {args.rounds} interleaved "
                  f"rounds, each running every configuration once ({args.repeats} timed runs after a warm-up), in an order "
                  f"rotated by one per round. tok/s: median of all {args.rounds * args.repeats} timed runs; ratio: median over "

@@ -32,13 +32,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from moeq2gguf import convert, corpus  # noqa: E402
+from moeq2gguf import convert  # noqa: E402
+from moeq2gguf.calib import corpus
 from moeq2gguf.errors import Moeq2ggufError  # noqa: E402
 from moeq2gguf.eval import evaluate_many  # noqa: E402
-from moeq2gguf.llama_tools import llama_perplexity_kld, llama_quantize, llama_tool, run_tool  # noqa: E402
+from moeq2gguf.runtime.llama_tools import llama_perplexity_kld, llama_quantize, llama_tool, run_tool  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid  # noqa: E402,E401,F401
-import moeq2gguf.calib.ebss, moeq2gguf.calib.balance, moeq2gguf.calib_data  # noqa: E402,E401,F401
+import moeq2gguf.calib.ebss, moeq2gguf.calib.balance, moeq2gguf.calib.windows  # noqa: E402,E401,F401
 
 MARK_BEGIN, MARK_END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 

@@ -53,8 +53,8 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     if args.wait_policy:
         env["OMP_WAIT_POLICY"] = args.wait_policy
-    from moeq2gguf.bench import machine_info
-    from moeq2gguf.runtime_build import cpu_choice
+    from moeq2gguf.runtime.bench import machine_info
+    from moeq2gguf.runtime.build import cpu_choice
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['usable_cores']} usable cores; {cpu_choice().summary()}")
     print(f"OMP_WAIT_POLICY={args.wait_policy or '(unset: moeq2gguf sets PASSIVE)'}; "

@@ -88,7 +88,7 @@ def prepare(out_dir: Path) -> None:
     their CPU logits (float16), writes every file's skeleton into out_dir/templates, and out_dir/manifest.json."""
     sys.path.insert(0, str(REPO))
     from moeq2gguf import convert, runtime
-    from moeq2gguf.bench import prompt_text
+    from moeq2gguf.runtime.bench import prompt_text
     import synth_moe_gguf
     fixtures = REPO / "moeq2gguf" / "fixtures"
     cache = REPO / ".cache" / "check_cuda_fusion"
@@ -224,7 +224,7 @@ def run_bench(path: Path, env: dict[str, str], ctx: int, gen: int, repeats: int,
         result = run_child([str(PROBE), str(path), "bench", str(ctx), str(gen), str(repeats), "99"],
                            f"probe bench of {path.name}", env, 600)
         return {**result, "prompt": "deterministic token ids"}
-    bench = light_import.module("bench")   # moeq2gguf bench's own worker and request
+    bench = light_import.module("runtime.bench")   # moeq2gguf bench's own worker and request
     return run_child(bench.worker_command(), f"bench of {path.name}", env, 600,
                      stdin=bench.worker_request(path, os.cpu_count() or 1, ctx, gen, repeats, text))
 
@@ -479,7 +479,7 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     if lib_dir is None:
         blas_args, extra_lib = find_cublas()
         args = tuple(blas_args + cmake_args)
-        built = light_import.module("runtime_build").build(cuda=True, cuda_arch="90", jobs=jobs, cmake_args=args)
+        built = light_import.module("runtime.build").build(cuda=True, cuda_arch="90", jobs=jobs, cmake_args=args)
         lib_dir = built.lib_dir
         report["build"] = {"seconds": round(built.seconds, 1), "cached": built.cached,
                            "cmake_args": list(args), "lib_dir": str(lib_dir)}
@@ -494,7 +494,7 @@ def _check(report: dict, files_dir: Path, out_dir: Path, jobs: int | None, round
     tmp.mkdir(exist_ok=True)
     fused_env, graph_env = _env(lib_dir, extra_lib, True), _env(lib_dir, extra_lib, False)
     try:
-        src = light_import.module("runtime_build").build_dir(True) / "src"
+        src = light_import.module("runtime.build").build_dir(True) / "src"
         probe = compile_probe(src, lib_dir, tmp / "cuda_fusion_probe")
     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
         print(f"no C++ probe: {exc}", flush=True)

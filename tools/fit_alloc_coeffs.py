@@ -26,14 +26,15 @@ import gguf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from moeq2gguf import alloc, convert  # noqa: E402
+from moeq2gguf import convert  # noqa: E402
+from moeq2gguf.plan import alloc
 from moeq2gguf.eval import evaluate_many  # noqa: E402
-from moeq2gguf.mixes import allows_quantization, assign_types  # noqa: E402
+from moeq2gguf.plan.mixes import allows_quantization, assign_types  # noqa: E402
 from moeq2gguf.models.registry import open_model  # noqa: E402
 from moeq2gguf.quant.engine import QuantConfig  # noqa: E402
 from moeq2gguf.quant.sensitivity import cached_measure  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
-import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid, moeq2gguf.calib_data  # noqa: E402,E401,F401
+import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid, moeq2gguf.calib.windows  # noqa: E402,E401,F401
 
 Q = gguf.GGMLQuantizationType
 

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 G=.gpu
 SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-VERSION=$($PY -c 'from moeq2gguf import runtime_build; print(runtime_build.LLAMA_CPP_PYTHON_VERSION)')
+VERSION=$($PY -c 'from moeq2gguf.runtime import build; print(build.LLAMA_CPP_PYTHON_VERSION)')
 VENDOR=.cache/llama-cpp-python-$VERSION/src/vendor
 [ -f "$VENDOR/llama.cpp/CMakeLists.txt" ] || { echo "no $VENDOR/llama.cpp: run make setup first" >&2; exit 2; }
 

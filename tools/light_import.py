@@ -1,7 +1,7 @@
-"""moeq2gguf's standard-library-and-numpy modules (runtime_build, bench, mixes, formats.ggml_ref) for tools that run
-in a GPU machine's Python, which may lack the converter's dependencies: moeq2gguf/__init__.py and
-moeq2gguf/formats/__init__.py import torch, transformers and numba, so the packages are stood in for by empty
-ones and only the asked-for module runs. Where the real packages are already imported, they are used."""
+"""moeq2gguf's standard-library-and-numpy modules (runtime.build, runtime.bench, plan.mixes, formats.ggml_ref) for tools that run
+in a GPU machine's Python, which may lack the converter's dependencies: moeq2gguf/formats/__init__.py imports
+numba, and other packages torch, so the packages are stood in for by empty ones and only the asked-for module
+runs. Where the real packages are already imported, they are used."""
 from __future__ import annotations
 
 import importlib

@@ -16,7 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from moeq2gguf.calib.balance import expert_top_k, load_model  # noqa: E402
-from moeq2gguf.calib_data import calibration_windows  # noqa: E402
+from moeq2gguf.calib.sources import calibration_windows  # noqa: E402
 
 
 def main() -> None:

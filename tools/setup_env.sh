@@ -40,6 +40,6 @@ stage "patched llama.cpp (runtime_patches/)" .venv/bin/moeq2gguf runtime build
 # cuBLAS headers (nvidia-cublas wheel, headers kept in .cache) for the nvcc compile check of the CUDA patch
 # (tests/test_runtime_cuda_compile.py); only where nvcc is installed, no GPU needed
 if command -v nvcc >/dev/null; then
-  stage "cuBLAS headers for nvcc" "$PY" -c "from moeq2gguf.runtime_build import cublas_include_dir; cublas_include_dir()"
+  stage "cuBLAS headers for nvcc" "$PY" -c "from moeq2gguf.runtime.build import cublas_include_dir; cublas_include_dir()"
 fi
 stage "self-check (one quantized matmul)" .venv/bin/moeq2gguf runtime check --cpu

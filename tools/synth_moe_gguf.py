@@ -8,7 +8,7 @@ output should have (plain, --smooth per-expert, --expert-hadamard), or its skele
 weights, `--skeleton TEMPLATE OUT` writes one): OUT keeps its metadata (tokenizer, the
 patched-runtime keys) and its tensor names, with the hyperparameters and every tensor's shape of SHAPE and
 LAYERS blocks (each block has the tensors of the template's block 0). Types follow llama-quantize's rules for
---mix at the new shapes (moeq2gguf.mixes). Each quantized tensor's rows are drawn from a pool of 64 Gaussian rows
+--mix at the new shapes (moeq2gguf.plan.mixes). Each quantized tensor's rows are drawn from a pool of 64 Gaussian rows
 (std 1/sqrt(row length)) that ggml's own quantizer encoded (moeq2gguf.formats.ggml_ref: the libggml-base of
 LLAMA_CPP_LIB_PATH, else llama-cpp-python's), so every block is a valid block of its type; norms are 1, biases and
 routers Gaussian, the Hadamard block what the converter would write. The same --seed gives every tensor name the
@@ -216,7 +216,7 @@ def tensor_data(name: str, shape: tuple[int, ...], qtype: Q, seed: int, pools: d
 
 def synth(template: Path, out: Path, s: Shape, mix: str = "Q4_K_M", seed: int = 0) -> dict:
     """Write OUT from TEMPLATE at shape s; returns a summary (bytes, tensor count, keys replaced)."""
-    mixes = light_import.module("mixes")
+    mixes = light_import.module("plan.mixes")
     reader = gguf.GGUFReader(template)
     arch = reader.fields["general.architecture"].contents()
     n_vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())

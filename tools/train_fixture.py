@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moeq2gguf import corpus  # noqa: E402
-from moeq2gguf.testing import train_bpe_tokenizer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # testing.py: the tokenizer trainer
+from moeq2gguf.calib import corpus  # noqa: E402
+from testing import train_bpe_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 2048
 SEQ_LEN = 256

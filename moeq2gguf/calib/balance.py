@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moeq2gguf.calib.windows import read_token_file, token_windows
 from moeq2gguf.errors import Moeq2ggufError
 
 log = logging.getLogger(__name__)
@@ -150,32 +151,6 @@ class BalanceStats:
                                                 for b, s, c in zip(self.layer_ids, self.layer_sigma, self.counts)}}
 
 
-def read_token_file(path: str | Path) -> list[list[int]] | None:
-    """The "ids" of every record of a .jsonl written by EBSS, or None when the file is not one
-    (a .txt, or a .jsonl whose records carry text only)."""
-    import json
-
-    p = Path(path)
-    if p.suffix != ".jsonl" or not p.is_file():
-        return None
-    rows = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise Moeq2ggufError(f"{p}:{lineno}: not valid JSON ({exc.msg}); each line must be an object") from exc
-            ids = record.get("ids") if isinstance(record, dict) else None
-            if ids is None:
-                return None
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                raise Moeq2ggufError(f"{p}:{lineno}: \"ids\" must be a list of token ids")
-            rows.append(ids)
-    return rows or None
-
-
 def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], ctx: int | None = None,
                    n_windows: int | None = None, equal_tokens: bool = True, device: str | None = "cpu",
                    model=None) -> list[BalanceStats]:
@@ -185,8 +160,6 @@ def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], 
     windows of the smallest EBSS source (else 32). With equal_tokens every set is truncated to the
     smallest set's window count, so sets are compared at equal token count.
     """
-    from moeq2gguf.calib_data import calibration_windows
-
     if not sources:
         raise Moeq2ggufError("balance report: no source given; pass a split name (calib) or a file")
     token_files = {s: read_token_file(s) for s in sources}
@@ -196,7 +169,7 @@ def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], 
     if n_windows is None:
         n_windows = min(len(rows) for rows in ebss_rows) if ebss_rows else 32
     # EBSS files give their own token ids (one window each); text is cut as the engine cuts it
-    windows = {s: calibration_windows(model_dir, s, n_windows, ctx) for s in sources}
+    windows = {s: token_windows(model_dir, s, n_windows, ctx) for s in sources}
     if equal_tokens:
         n_min = min(w.shape[0] for w in windows.values())
         windows = {s: w[:n_min] for s, w in windows.items()}

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moeq2gguf import corpus, runtime
+from moeq2gguf import runtime
+from moeq2gguf.calib import corpus
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.eval.metrics import QualityAccumulator
 
@@ -127,7 +128,7 @@ def evaluate_many(quants: list[str | os.PathLike[str]], base: str | os.PathLike[
 def _evaluate_in_patched_process(quants: list[Path], base: Path, text: str | os.PathLike[str], ctx: int,
                                  chunks: int | None, progress: bool) -> list[EvalResult]:
     """evaluate_many in a new process bound to the patched llama.cpp (its progress bar on this stderr)."""
-    from moeq2gguf.runtime_build import patched_env
+    from moeq2gguf.runtime.build import patched_env
     request = {"quants": [str(q) for q in quants], "base": str(base), "text": str(text), "ctx": ctx, "chunks": chunks,
                "progress": progress}
     with tempfile.TemporaryDirectory(prefix="moeq2gguf-eval-") as tmp:
@@ -149,7 +150,7 @@ def _worker(argv: list[str]) -> int:
     request, out = json.loads(argv[0]), Path(argv[1])
     try:
         import llama_cpp  # noqa: F401  (binds LLAMA_CPP_LIB_PATH of the environment this process was given)
-        runtime._bind(patched=True)   # checks that it is the patched one
+        runtime.bind(patched=True)   # checks that it is the patched one
         results = evaluate_many(request["quants"], request["base"], request["text"], request["ctx"], request["chunks"],
                                 request["progress"])
     except Moeq2ggufError as exc:

@@ -10,7 +10,7 @@ import gguf
 import torch
 
 from moeq2gguf import nn
-from moeq2gguf.calib_data import calibration_windows
+from moeq2gguf.calib.sources import calibration_windows
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.registry import open_model
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from moeq2gguf.models.base import ModelSpec
+from moeq2gguf.nn.hadamard import apply_blocks
 from moeq2gguf.nn.ops import Observer, linear, rms_norm
 from moeq2gguf.nn.self_attention import NORM_ROPE_ARCHS, attention, mla_attention, rope, rope_frequencies, rope_mscale
 
@@ -126,7 +127,6 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: 
             gate, up = gate + gate_b[e], up + up_b[e]
         h = _expert_activation(gate, up, spec)
         if spec.expert_hadamard_block:   # the patched runtime's expert Hadamard (down_exps hold W H)
-            from moeq2gguf.transforms.expert_hadamard import apply_blocks
             h = apply_blocks(h, spec.expert_hadamard_block)
         if observer:
             observer.observe("exps_down", h, a, e)

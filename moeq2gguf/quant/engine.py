@@ -94,7 +94,7 @@ def quantized_stream(adapter: FamilyAdapter, sources: list[TensorSource], types:
     if unsupported:
         raise Moeq2ggufError(f"--method {cfg.method} cannot calibrate {spec.family} yet ({unsupported}); "
                              "use --method rtn or --imatrix FILE for it")
-    from moeq2gguf.calib_data import calibration_windows
+    from moeq2gguf.calib.sources import calibration_windows
     windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
     sequential = cfg.method in ("gptq", "moequant")
     by_layer: dict[int | None, list[TensorSource]] = {}

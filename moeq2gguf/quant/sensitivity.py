@@ -42,7 +42,8 @@ import gguf
 import torch
 from tqdm import tqdm
 
-from moeq2gguf import corpus, nn
+from moeq2gguf import nn
+from moeq2gguf.calib import corpus
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import FamilyAdapter, TensorSource
 from moeq2gguf.quant import tensor_quant
@@ -137,7 +138,7 @@ def measure(adapter: FamilyAdapter, sources: list[TensorSource], candidates: Map
     if unsupported:
         raise Moeq2ggufError(f"a size target needs the calibration forward to measure each tensor's sensitivity, which cannot "
                              f"run {spec.family} yet ({unsupported}); pick a fixed --type instead")
-    from moeq2gguf.calib_data import calibration_windows
+    from moeq2gguf.calib.sources import calibration_windows
     windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
     n_tokens = windows.numel()
     device = torch.device(cfg.device)

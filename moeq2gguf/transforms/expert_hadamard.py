@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import gguf
 import torch
 
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec, TensorSource
-from moeq2gguf.transforms.hadamard import fwht
+from moeq2gguf.nn.hadamard import apply_blocks, hadamard_matrix  # noqa: F401  (re-exported: the transform's math)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ MARKER = "ffn_exps_hadamard"           # GGUF tensor: H_b, [b, b] F32
 KEY = "{arch}.expert_hadamard_block"   # GGUF uint32: b
 MAX_BLOCK = 512                        # the largest b that llama.cpp's GPU kernels transform in place
 DOWN = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN_EXP].removeprefix("blk.{bid}.")   # ffn_down_exps
-CHUNK_ELEMENTS = 1 << 22
 
 
 def hadamard_block(n_ff: int, max_block: int | None = MAX_BLOCK) -> int:
@@ -52,24 +50,6 @@ def hadamard_block(n_ff: int, max_block: int | None = MAX_BLOCK) -> int:
         raise Moeq2ggufError(f"expert width {n_ff} is odd: no power-of-two Hadamard block divides it; "
                              "convert without --expert-hadamard")
     return block
-
-
-def hadamard_matrix(block: int) -> torch.Tensor:
-    """H_b, orthonormal, Sylvester's order (float64): what ggml_gen_hadamard builds."""
-    return fwht(torch.eye(block, dtype=torch.float64)) / math.sqrt(block)
-
-
-def apply_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., n] -> x @ diag(H_b, ..., H_b), computed in float64, returned in x's dtype."""
-    n = x.shape[-1]
-    assert n % block == 0, f"Hadamard block {block} does not divide {n}"
-    rows = x.reshape(-1, n)
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    step = max(1, CHUNK_ELEMENTS // n)
-    for i in range(0, rows.shape[0], step):
-        chunk = rows[i:i + step].to(torch.float64)
-        out[i:i + step] = (fwht(chunk.reshape(-1, n // block, block)) / math.sqrt(block)).reshape(chunk.shape)
-    return out.reshape(x.shape)
 
 
 def expert_hadamard_sources(sources: list[TensorSource], spec: ModelSpec, block: int) -> list[TensorSource]:

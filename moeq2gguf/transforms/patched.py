@@ -39,7 +39,7 @@ def apply(adapter: FamilyAdapter, sources: list[TensorSource], transforms: Exper
     """The transformed sources, and a function that writes the GGUF keys announcing them."""
     spec, steps, before = adapter.spec, [], sources
     if transforms.smooth == "per-expert":
-        from moeq2gguf.calib_data import calibration_windows
+        from moeq2gguf.calib.sources import calibration_windows
         windows = calibration_windows(adapter.reader.model_dir, calib, n_windows, ctx)
         stats = expert_smoothing.expert_input_absmax(sources, spec, windows, device=device)
         sources = expert_smoothing.smooth_sources(sources, spec, stats, transforms.alpha)

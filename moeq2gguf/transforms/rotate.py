@@ -39,7 +39,7 @@ import torch
 
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec, TensorSource
-from moeq2gguf.transforms.hadamard import hadamard_factors, hadamard_transform
+from moeq2gguf.nn.hadamard import hadamard_factors, hadamard_transform
 
 log = logging.getLogger(__name__)
 

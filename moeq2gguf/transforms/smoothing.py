@@ -252,7 +252,7 @@ def check(spec: ModelSpec, kinds: tuple[str, ...]) -> None:
 def apply(adapter: FamilyAdapter, sources: list[TensorSource], kinds: tuple[str, ...], calib: str, n_windows: int,
           ctx: int, device: str = "cpu", alpha: float = ALPHA) -> list[TensorSource]:
     """The smoothed sources (kinds from parse(), in order), from one calibration pass over `sources`."""
-    from moeq2gguf.calib_data import calibration_windows
+    from moeq2gguf.calib.sources import calibration_windows
     spec = adapter.spec
     check(spec, kinds)
     windows = calibration_windows(adapter.reader.model_dir, calib, n_windows, ctx)

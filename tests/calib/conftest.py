@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import torch
 from moeq2gguf.calib.balance import (balance_report, balance_sigma, expert_counts, expert_top_k, format_report,
                                      layer_sigma, router_layer_ids, selection_counts)
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.testing import make_config, random_model
+from testing import make_config, random_model
 
 
 def test_sigma_hand_computed():

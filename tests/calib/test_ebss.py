@@ -12,9 +12,9 @@ from moeq2gguf.calib import ebss as ebss_mod
 from moeq2gguf.calib.balance import balance_sigma, expert_counts
 from moeq2gguf.calib.ebss import (EBSSConfig, generate_ebss, guarded_logprobs, repeated_ngram_bans,
                                   select_candidates, start_tokens)
-from moeq2gguf.calib_data import calibration_windows
+from moeq2gguf.calib.sources import calibration_windows
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 
 from .conftest import biased_mixtral
 

@@ -9,8 +9,8 @@ import pytest
 from moeq2gguf import cli, convert
 from moeq2gguf.eval import evaluate
 from moeq2gguf.eval.metrics import LogHistogram, QualityAccumulator, kl_divergence, log_softmax
-from moeq2gguf.llama_tools import llama_perplexity_kld, llama_quantize
-from moeq2gguf.testing import random_model, save_checkpoint
+from moeq2gguf.runtime.llama_tools import llama_perplexity_kld, llama_quantize
+from testing import random_model, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_histogram_memory_is_fixed():
 def test_eval_agrees_with_llama_perplexity(models, tmp_path):
     """PPL and mean KLD within 0.5% of llama-perplexity --kl-divergence on the same files and windows."""
     ours = evaluate(models["quant"], models["base"], "eval", ctx=256, chunks=4, progress=False)
-    from moeq2gguf import corpus
+    from moeq2gguf.calib import corpus
     text = tmp_path / "eval.txt"
     text.write_text(corpus.read_text("eval"))
     ppl, kld = llama_perplexity_kld(models["base"], models["quant"], text, 256, 4, tmp_path)
@@ -79,7 +79,7 @@ def test_different_architecture_is_refused(models, capsys):
 
 
 def test_different_vocabulary_is_refused(models, tmp_path, small_tokenizers, capsys):
-    from moeq2gguf.testing import train_bpe_tokenizer
+    from testing import train_bpe_tokenizer
     tok = train_bpe_tokenizer(["completely different text " * 200], 300, "qwen2moe")
     ckpt = save_checkpoint(random_model("qwen2moe", hidden_size=256, num_hidden_layers=2, vocab_size=300), tok, tmp_path / "v")
     other_vocab = convert(ckpt, tmp_path / "v.gguf", type="F32", progress=False).output

@@ -1,5 +1,5 @@
 """DeepSeekMoE-16B layout (DeepseekForCausalLM): transformers has no class for it, so llama.cpp is
-compared with moeq2gguf.testing's reference forward, itself checked here against transformers'
+compared with testing's reference forward, itself checked here against transformers'
 Llama (dense layers) and Qwen2-MoE (routed + shared experts) on the same weights."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from moeq2gguf import Moeq2ggufError, convert
-from moeq2gguf.testing import deepseek_moe_config, random_deepseek_moe, save_checkpoint
+from testing import deepseek_moe_config, random_deepseek_moe, save_checkpoint
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
 

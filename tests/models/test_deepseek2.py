@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeq2gguf import Moeq2ggufError, convert
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=64,
@@ -92,7 +92,7 @@ def test_pre_tokenizer_name_and_token_ids(family, pre, tmp_path, eval_text):
     import random
 
     from moeq2gguf import runtime
-    from moeq2gguf.testing import train_split_bpe_tokenizer
+    from testing import train_split_bpe_tokenizer
     tok = train_split_bpe_tokenizer([eval_text[:200_000]], 512, pre)
     out = convert(save_checkpoint(random_model(family), tok, tmp_path / "c"), tmp_path / "m.gguf", type="F16",
                   progress=False).output

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import save_file
 
 from moeq2gguf import convert, runtime
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 from util import FIXTURES, eval_tokens, llama_logits, relative_error, transformers_logits
 
 N_TOKENS = 64

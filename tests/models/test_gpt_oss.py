@@ -10,7 +10,7 @@ import torch
 from moeq2gguf import Moeq2ggufError, convert
 from moeq2gguf.models.gpt_oss import mxfp4_dequantize, mxfp4_to_ggml
 from moeq2gguf.models.registry import open_model
-from moeq2gguf.testing import random_model, save_checkpoint, save_mxfp4_gpt_oss
+from testing import random_model, save_checkpoint, save_mxfp4_gpt_oss
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
 SHAPES = {
@@ -105,7 +105,7 @@ def test_o200k_pre_tokenizer_name_and_token_ids(tmp_path, eval_text):
     import random
 
     from moeq2gguf import runtime
-    from moeq2gguf.testing import train_split_bpe_tokenizer
+    from testing import train_split_bpe_tokenizer
     tok = train_split_bpe_tokenizer([eval_text[:200_000]], 512, "gpt-4o")
     out = convert(save_checkpoint(random_model("gpt_oss"), tok, tmp_path / "c"), tmp_path / "m.gguf", type="F16",
                   progress=False).output

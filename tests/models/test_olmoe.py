@@ -5,7 +5,7 @@ import gguf
 import pytest
 
 from moeq2gguf import Moeq2ggufError, convert
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
 SHAPES = {

@@ -8,8 +8,8 @@ import pytest
 
 from moeq2gguf import convert
 from moeq2gguf.eval.perplexity import evaluate_many
-from moeq2gguf.llama_tools import llama_quantize
-from moeq2gguf.testing import random_deepseek_moe, random_model, save_checkpoint, save_mxfp4_gpt_oss
+from moeq2gguf.runtime.llama_tools import llama_quantize
+from testing import random_deepseek_moe, random_model, save_checkpoint, save_mxfp4_gpt_oss
 
 FAMILIES = {
     "qwen3moe": dict(hidden_size=256),

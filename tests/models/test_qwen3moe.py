@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import save_file
 
 from moeq2gguf import Moeq2ggufError, convert
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
 SHAPES = {
@@ -56,7 +56,7 @@ def test_qwen2_pre_tokenizer_name_and_token_ids(tmp_path, eval_text):
     import gguf
 
     from moeq2gguf import runtime
-    from moeq2gguf.testing import train_split_bpe_tokenizer
+    from testing import train_split_bpe_tokenizer
     tok = train_split_bpe_tokenizer([eval_text[:200_000]], 512, "qwen2")
     out = convert(save_checkpoint(random_model("qwen3moe"), tok, tmp_path / "c"), tmp_path / "m.gguf", type="F16",
                   progress=False).output

@@ -13,7 +13,7 @@ from moeq2gguf import convert
 from moeq2gguf.formats import FORMATS
 from moeq2gguf.quant.gptq import gptq_quantize
 from moeq2gguf.quant.grid import FormatGrid
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 
 Q = gguf.GGMLQuantizationType
 

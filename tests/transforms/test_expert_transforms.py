@@ -11,7 +11,7 @@ import torch
 
 from moeq2gguf import Moeq2ggufError, nn
 from moeq2gguf.models.registry import open_model
-from moeq2gguf.testing import random_model, save_checkpoint
+from testing import random_model, save_checkpoint
 from moeq2gguf.transforms import expert_hadamard, expert_smoothing
 from moeq2gguf.transforms.expert_hadamard import apply_blocks, hadamard_block, hadamard_matrix
 from patched_reference import patched_logits

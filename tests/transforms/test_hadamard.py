@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moeq2gguf import Moeq2ggufError
-from moeq2gguf.transforms.hadamard import SMALL_ORDERS, fwht, hadamard_factors, hadamard_transform, small_hadamard
+from moeq2gguf.nn.hadamard import SMALL_ORDERS, fwht, hadamard_factors, hadamard_transform, small_hadamard
 from moeq2gguf.transforms.rotate import random_rotation
 
 F64 = torch.float64

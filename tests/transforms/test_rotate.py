@@ -6,10 +6,11 @@ import gguf
 import numpy as np
 import pytest
 
-from moeq2gguf import Moeq2ggufError, convert, corpus
+from moeq2gguf import Moeq2ggufError, convert
+from moeq2gguf.calib import corpus
 from moeq2gguf.cli import main
 from moeq2gguf.models.registry import open_model
-from moeq2gguf.testing import random_deepseek_moe, random_model, save_checkpoint, save_mxfp4_gpt_oss
+from testing import random_deepseek_moe, random_model, save_checkpoint, save_mxfp4_gpt_oss
 from moeq2gguf.transforms.rotate import random_rotation, rotate_sources
 from util import eval_tokens, llama_logits, relative_error, transformers_logits
 

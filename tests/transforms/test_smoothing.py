@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from moeq2gguf import Moeq2ggufError, convert, corpus
+from moeq2gguf import Moeq2ggufError, convert
+from moeq2gguf.calib import corpus
 from moeq2gguf.cli import main
 from moeq2gguf.transforms import smoothing
 from test_rotate import SHAPES, _checkpoint

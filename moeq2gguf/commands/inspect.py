@@ -163,8 +163,8 @@ def _inspect_checkpoint(path: Path, type_name: str) -> InspectResult:
     finally:
         adapter.reader.close()
     rows = []
-    for s in sources:
-        qtype = plan.tensor_type(s, type_name)
+    # the types convert --type TYPE (--method rtn, no overrides) would give: llama-quantize's rules for a mix
+    for s, qtype in zip(sources, plan.assign(sources, type_name, adapter.spec, has_imatrix=False)):
         n = int(np.prod(s.shape))
         rows.append(TensorRow(s.name, tuple(reversed(s.shape)), qtype.name, n, _n_bytes(n, s.shape[-1], qtype),
                               s.inputs, s.role))

@@ -340,7 +340,7 @@ def llama_tokenizer_from_sentencepiece(model_path: str | Path):
     from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import generate_merges
 
-    from moeq2gguf.vocab import read_sentencepiece_model
+    from moeq2gguf.io.vocab import read_sentencepiece_model
     sp = read_sentencepiece_model(Path(model_path))
     vocab = {piece: i for i, (piece, _, _) in enumerate(sp.pieces)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=generate_merges(vocab, None), unk_token="<unk>", fuse_unk=True,

@@ -132,7 +132,7 @@ def run_child(lib_dir: str | os.PathLike[str] | None = None, threads: int | None
 
 def explain(result: CheckResult) -> str:
     """One message for a failed check: what happened, why it happens, how to fix it."""
-    from moeq2gguf.cpu_features import this_machine
+    from moeq2gguf.runtime.cpu_features import this_machine
     where = result.lib_dir or "llama-cpp-python's own libraries (llama_cpp/lib)"
     choice = this_machine()
     rebuild = ("rebuild them for this CPU: `make clean && make setup` in the moeq2gguf checkout (its build enables only "

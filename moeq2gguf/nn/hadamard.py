@@ -16,6 +16,7 @@ where J[a, b] = chi(a - b) is the Jacobsthal matrix of the quadratic character c
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -131,3 +132,25 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     if m > 1:
         y = torch.einsum("rip,ik->rkp", y, small_hadamard(m).to(x.dtype))
     return fwht(y).reshape(x.shape)
+
+
+# the expert Hadamard (transforms/expert_hadamard.py): blockwise on the expert intermediate activation
+CHUNK_ELEMENTS = 1 << 22
+
+
+def hadamard_matrix(block: int) -> torch.Tensor:
+    """H_b, orthonormal, Sylvester's order (float64): what ggml_gen_hadamard builds."""
+    return fwht(torch.eye(block, dtype=torch.float64)) / math.sqrt(block)
+
+
+def apply_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., n] -> x @ diag(H_b, ..., H_b), computed in float64, returned in x's dtype."""
+    n = x.shape[-1]
+    assert n % block == 0, f"Hadamard block {block} does not divide {n}"
+    rows = x.reshape(-1, n)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    step = max(1, CHUNK_ELEMENTS // n)
+    for i in range(0, rows.shape[0], step):
+        chunk = rows[i:i + step].to(torch.float64)
+        out[i:i + step] = (fwht(chunk.reshape(-1, n // block, block)) / math.sqrt(block)).reshape(chunk.shape)
+    return out.reshape(x.shape)

@@ -24,7 +24,7 @@ KEEP_F32_ROLES = ("norm", "bias", "router")
 
 
 def validate_type(type_name: str) -> str:
-    from moeq2gguf.mixes import MIXES
+    from moeq2gguf.plan.mixes import MIXES
     name = type_name.upper()
     if name in FLOAT_TYPES or name in MIXES:
         return name
@@ -42,7 +42,7 @@ def tensor_type(source: TensorSource, type_name: str) -> Q:
 
 
 def file_type(type_name: str) -> F:
-    from moeq2gguf.mixes import MIXES
+    from moeq2gguf.plan.mixes import MIXES
     return FLOAT_TYPES[type_name][1] if type_name in FLOAT_TYPES else MIXES[type_name].ftype
 
 
@@ -55,7 +55,7 @@ def assign(sources: list[TensorSource], type_name: str, spec, has_imatrix: bool,
             raise Moeq2ggufError("--tensor-type overrides apply to quantized mixes; pick a --type such as Q4_K_M")
         types = [tensor_type(s, type_name) for s in sources]
     else:
-        from moeq2gguf.mixes import assign_types
+        from moeq2gguf.plan.mixes import assign_types
         types = assign_types([(s.name, s.shape) for s in sources], type_name, n_layer=spec.n_layers,
                              n_expert=spec.n_experts, n_head=spec.n_heads, n_head_kv=spec.n_kv_heads,
                              has_imatrix=has_imatrix, overrides=overrides)

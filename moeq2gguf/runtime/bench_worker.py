@@ -1,6 +1,6 @@
 """One `moeq2gguf bench` measurement (one file, one thread count) in a process of its own.
 
-moeq2gguf.bench runs this file as a script, not with `-m`: importing the moeq2gguf package loads
+moeq2gguf.runtime.bench runs this file as a script, not with `-m`: importing the moeq2gguf package loads
 torch (about 190 MiB resident), which would then count in this process's peak RSS. So this file
 imports only the standard library, numpy and llama_cpp.
 

@@ -73,7 +73,7 @@ def worker_request(path: str | os.PathLike[str], threads: int, ctx: int, gen: in
 def prompt_text(ctx: int) -> str:
     """The start of the eval split, enough characters for ctx tokens of any tokenizer (the worker
     repeats it if a small vocabulary needs more)."""
-    from moeq2gguf import corpus
+    from moeq2gguf.calib import corpus
     parts, n = [], 0
     for text in corpus.iter_split("eval"):
         parts.append(text)
@@ -118,7 +118,7 @@ def _file_type_name(value: str | None) -> str | None:
 def worker_env(patched: bool) -> dict[str, str]:
     """Environment of a worker bound to the patched llama.cpp, or to llama-cpp-python's own."""
     if patched:
-        from moeq2gguf.runtime_build import patched_env
+        from moeq2gguf.runtime.build import patched_env
         return patched_env()
     return {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
 
@@ -136,7 +136,7 @@ def run_worker(path: Path, threads: int, ctx: int, gen: int, repeats: int, text:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no message"
         raise Moeq2ggufError(f"the benchmark of {path} at {threads} threads stopped with exit code {proc.returncode} "
                              f"({last}); llama.cpp could not run this file")
-    from moeq2gguf.runtime_build import STAMP
+    from moeq2gguf.runtime.build import STAMP
     if patched != (Path(result["library"]).parent / STAMP).is_file():
         raise Moeq2ggufError(f"the benchmark worker bound {result['library']}, not the {'patched' if patched else 'stock'} "
                              "llama.cpp it was started for")
@@ -151,7 +151,7 @@ def bench_file(path: str | os.PathLike[str], threads: Sequence[int] = (1, 2), ct
     threads = tuple(threads)
     _check_counts(threads, ctx, gen, repeats)
     if patched is None:
-        from moeq2gguf.runtime import patched_features
+        from moeq2gguf.runtime.llama import patched_features
         try:
             patched = bool(patched_features(path))
         except (ValueError, OSError, KeyError, IndexError):   # unreadable here: llama.cpp's loader says why

@@ -4,7 +4,7 @@ llama.cpp's default CPU build (GGML_NATIVE=ON: -march=native) compiles in whatev
 AMX included, and at the pinned llama.cpp ggml's AMX kernels die with SIGILL on some AMX Xeons
 (docs/PLATFORMS.md). So every build this project makes passes GGML_NATIVE=OFF and one ON/OFF per ggml
 x86 option, from the flags /proc/cpuinfo reports, with AMX only where the self-check ran ggml's AMX matmul
-(moeq2gguf.selfcheck) on that build. The choice is printed and is part of each build's cache key.
+(moeq2gguf.runtime.selfcheck) on that build. The choice is printed and is part of each build's cache key.
 
 Standard library only: set-up runs it before the package's dependencies are installed.
 """

@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.mixes import FALLBACK, allows_quantization, assign_types
+from moeq2gguf.plan.mixes import FALLBACK, allows_quantization, assign_types
 from moeq2gguf.models.base import TensorSource
 
 Q = gguf.GGMLQuantizationType

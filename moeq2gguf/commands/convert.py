@@ -18,14 +18,15 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from moeq2gguf import alloc, plan
+from moeq2gguf import plan
+from moeq2gguf.plan import alloc
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.mixes import parse_override
+from moeq2gguf.plan.mixes import parse_override
 from moeq2gguf.models.registry import open_model
 from moeq2gguf.quant.engine import CALIBRATED, QuantConfig, QuantReport, quantized_stream
 from moeq2gguf.transforms import smoothing
 from moeq2gguf.transforms.rotate import check_seed, random_rotation, rotate_sources
-from moeq2gguf.vocab import load_vocab
+from moeq2gguf.io.vocab import load_vocab
 
 log = logging.getLogger(__name__)
 

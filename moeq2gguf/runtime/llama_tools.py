@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.mixes import MIXES
+from moeq2gguf.plan.mixes import MIXES
 
 
 def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], mix: str, n_threads: int = 0) -> Path:
@@ -34,9 +34,8 @@ def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], mix
 def llama_tool(name: str) -> Path:
     """A llama.cpp tool binary (llama-quantize, llama-imatrix, llama-perplexity) built by `moeq2gguf runtime build --stock`."""
     import shutil
-    candidates = [os.environ.get("MOEQ2GGUF_LLAMA_BIN", "")]
-    repo = Path(__file__).resolve().parents[1]
-    candidates += [str(p) for p in sorted(repo.glob(".cache/llama-cpp-python-*/build/bin"))]
+    from moeq2gguf.runtime.build import stock_build_dir
+    candidates = [os.environ.get("MOEQ2GGUF_LLAMA_BIN", ""), str(stock_build_dir() / "bin")]
     for folder in candidates:
         if folder and (Path(folder) / name).is_file():
             return Path(folder) / name

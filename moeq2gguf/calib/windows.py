@@ -4,10 +4,10 @@ The text (a split name or the user's file) is tokenized once with the checkpoint
 tokenizer (equal to llama.cpp's, which the tests check), cut into consecutive windows of `ctx`
 tokens, and each window's first token is replaced by BOS when the vocabulary adds one.
 
-EBSS data (moeq2gguf.calib.ebss) comes as token ids, one sequence per window: source "ebss" makes
-(or reuses from the cache) n_windows sequences of ctx tokens on the model itself; a .jsonl whose
-records carry "ids" (what `moeq2gguf calibrate --ebss` writes) gives its own ids, each record cut
-to ctx. The same BOS rule applies (EBSS sequences already start with BOS where one is added).
+EBSS data (moeq2gguf.calib.ebss) comes as token ids, one sequence per window: a .jsonl whose records
+carry "ids" (what `moeq2gguf calibrate --ebss` writes) gives its own ids, each record cut to ctx. The
+same BOS rule applies (EBSS sequences already start with BOS where one is added). The source name
+"ebss" (sequences made on the model itself, cached) is resolved to such a file by calib/sources.py.
 """
 from __future__ import annotations
 
@@ -15,23 +15,20 @@ from pathlib import Path
 
 import torch
 
-from moeq2gguf import corpus
+from moeq2gguf.calib import corpus
 from moeq2gguf.errors import Moeq2ggufError
 
 
-def calibration_windows(model_dir: str | Path, source: str = "calib", n_windows: int = 64, ctx: int = 512) -> torch.Tensor:
-    """[n, ctx] token ids (int64); fewer than n_windows when the text is short, never zero."""
+def token_windows(model_dir: str | Path, source: str = "calib", n_windows: int = 64, ctx: int = 512) -> torch.Tensor:
+    """[n, ctx] token ids (int64) of a split name, a text file or folder, or a token-id .jsonl; fewer than
+    n_windows when the text is short, never zero. (The source "ebss" is resolved by calib.sources.)"""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if source == "ebss" or (source not in corpus.SPLITS and str(source).endswith(".jsonl")):
-        from moeq2gguf.calib.balance import read_token_file
-        from moeq2gguf.calib.ebss import EBSSConfig, cached_ebss
-
-        path = cached_ebss(model_dir, EBSSConfig(n=n_windows, length=ctx), progress=None) if source == "ebss" else source
-        rows = read_token_file(path)
+    if source not in corpus.SPLITS and str(source).endswith(".jsonl"):
+        rows = read_token_file(source)
         if rows is not None:
-            return _id_windows(rows, tokenizer, str(path), n_windows, ctx)
+            return _id_windows(rows, tokenizer, str(source), n_windows, ctx)
     ids = tokenizer(corpus.read_text(source))["input_ids"]
     n = min(n_windows, len(ids) // ctx)
     if n < 1:
@@ -59,3 +56,29 @@ def _id_windows(rows: list[list[int]], tokenizer, source: str, n_windows: int, c
     if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
         windows[:, 0] = bos
     return windows
+
+
+def read_token_file(path: str | Path) -> list[list[int]] | None:
+    """The "ids" of every record of a .jsonl written by EBSS, or None when the file is not one
+    (a .txt, or a .jsonl whose records carry text only)."""
+    import json
+
+    p = Path(path)
+    if p.suffix != ".jsonl" or not p.is_file():
+        return None
+    rows = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise Moeq2ggufError(f"{p}:{lineno}: not valid JSON ({exc.msg}); each line must be an object") from exc
+            ids = record.get("ids") if isinstance(record, dict) else None
+            if ids is None:
+                return None
+            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+                raise Moeq2ggufError(f"{p}:{lineno}: \"ids\" must be a list of token ids")
+            rows.append(ids)
+    return rows or None

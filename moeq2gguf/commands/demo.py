@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from moeq2gguf import corpus, runtime
-from moeq2gguf.convert import convert
+from moeq2gguf import runtime
+from moeq2gguf.calib import corpus
+from moeq2gguf.commands.convert import convert
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DEMO_MODEL = FIXTURES / "qwen2moe-tiny"
 PROMPT = "class Parser:\n    def __init__(self"
 
@@ -57,7 +58,7 @@ def demo(workdir: str | None = None, model_dir: str | Path = DEMO_MODEL, mix: st
 def compare_quants(model_dir: Path, out_dir: Path, mix: str, eval_windows: int) -> list[dict]:
     """Our moequant file next to llama.cpp's own quant of the same mix (same size), against F32."""
     from moeq2gguf.eval import evaluate_many
-    from moeq2gguf.llama_tools import llama_quantize
+    from moeq2gguf.runtime.llama_tools import llama_quantize
 
     base = out_dir / f"{model_dir.name}-F32.gguf"
     t0 = time.time()

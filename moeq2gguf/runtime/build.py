@@ -26,7 +26,7 @@ runs the patched one (moeq2gguf.runtime.run_logits starts such a process).
 `build_stock()` is the stock llama.cpp of the same tree that set-up installs into llama-cpp-python (shared
 libraries plus llama-quantize / llama-imatrix / llama-perplexity). Every build here is compiled for the
 instruction sets of `cpu_choice()`: what this CPU reports, AMX only after the self-check ran ggml's AMX matmul
-on an AMX build of this machine (moeq2gguf.cpu_features, moeq2gguf.selfcheck, docs/PLATFORMS.md); the choice
+on an AMX build of this machine (moeq2gguf.runtime.cpu_features, moeq2gguf.runtime.selfcheck, docs/PLATFORMS.md); the choice
 is part of each cache key.
 """
 from __future__ import annotations
@@ -48,15 +48,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeq2gguf import cpu_features
+from moeq2gguf.runtime import cpu_features
 from moeq2gguf.errors import Moeq2ggufError
 
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the pin in pyproject.toml and tools/setup_env.sh
-ROOT = Path(__file__).resolve().parents[1]
-PATCH_DIR = ROOT / "runtime_patches"
-CACHE = ROOT / ".cache"
+PATCH_DIR = Path(__file__).resolve().parent / "patches"   # package data (runtime_patches/ in a checkout links here)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cache_root() -> Path:
+    """Where builds are kept: the checkout's .cache (what `make setup` fills), else, for an installed package,
+    $XDG_CACHE_HOME/moeq2gguf (default ~/.cache/moeq2gguf)."""
+    if (ROOT / "pyproject.toml").is_file() and (ROOT / "moeq2gguf" / "runtime" / "build.py").is_file():
+        return ROOT / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeq2gguf"
+
+
+CACHE = _cache_root()
 STAMP = ".complete"
 RECIPE = 2   # bump when build() or build_stock() changes what it produces
 AMX_VERDICT = CACHE / "amx-probe.json"   # the AMX probe's result for this machine (cpu_features.probe_key)
@@ -77,8 +87,8 @@ class BuildResult:
 def patch_files(patch_dir: Path = PATCH_DIR) -> list[Path]:
     patches = sorted(patch_dir.glob("*.patch"))
     if not patches:
-        raise Moeq2ggufError(f"no *.patch files in {patch_dir}; the patched runtime is built from the repository's "
-                             "runtime_patches/ folder")
+        raise Moeq2ggufError(f"no *.patch files in {patch_dir}; the patched runtime is built from the patches the "
+                             "package ships (moeq2gguf/runtime/patches); reinstall moeq2gguf")
     return patches
 
 
@@ -214,7 +224,7 @@ def _copy_libs(src: Path, dst: Path, pattern: str) -> None:
 def _ggml_import_config(folder: Path, lib_dir: Path, include_dir: Path) -> None:
     """A ggml-config.cmake that makes llama.cpp's LLAMA_USE_SYSTEM_GGML path link the stock libggml."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "ggml-config.cmake").write_text(f"""# written by moeq2gguf.runtime_build: the stock libggml of llama-cpp-python
+    (folder / "ggml-config.cmake").write_text(f"""# written by moeq2gguf.runtime.build: the stock libggml of llama-cpp-python
 add_library(ggml::ggml-base SHARED IMPORTED)
 set_target_properties(ggml::ggml-base PROPERTIES
     IMPORTED_LOCATION "{lib_dir}/libggml-base.so"
@@ -363,7 +373,7 @@ def _build_stock_tree(src: Path, bld: Path, choice: cpu_features.CpuChoice, targ
 def probe_amx(jobs: int | None = None, say=log.info) -> bool:
     """Build ggml with AMX in the stock build folder and run the self-check's quantized matmul on it in a child;
     record the verdict for this machine (AMX_VERDICT). True: AMX works here."""
-    from moeq2gguf import selfcheck
+    from moeq2gguf.runtime import selfcheck
     choice = cpu_features.this_machine(amx_probe=True)
     say(f"this CPU reports AMX; probing ggml's AMX matmul with a build for {' '.join(choice.enabled)}")
     (stock_build_dir() / STAMP).unlink(missing_ok=True)

@@ -48,14 +48,14 @@ def bound_library() -> Path | None:
 
 def is_patched() -> bool | None:
     """Whether this process runs the patched llama.cpp (None: llama_cpp not imported yet)."""
-    from moeq2gguf.runtime_build import STAMP
+    from moeq2gguf.runtime.build import STAMP
     lib = bound_library()
     return None if lib is None else (lib.parent / STAMP).is_file()
 
 
-def _bind(patched: bool) -> None:
+def bind(patched: bool) -> None:
     """Import llama_cpp against the stock or the patched library, or check the one already bound."""
-    from moeq2gguf.runtime_build import cached_lib_dir
+    from moeq2gguf.runtime.build import cached_lib_dir
     state = is_patched()
     if state is None and patched:
         lib_dir = cached_lib_dir()
@@ -66,7 +66,7 @@ def _bind(patched: bool) -> None:
     if patched and not is_patched():
         raise Moeq2ggufError(f"this process's llama-cpp-python is bound to {bound_library()}, the stock llama.cpp; "
                              "the library is chosen at import: load(..., patched=True) before any other llama_cpp use, "
-                             "start the process with moeq2gguf.runtime_build.patched_env(), or use "
+                             "start the process with moeq2gguf.runtime.build.patched_env(), or use "
                              "runtime.run_logits(..., patched=True)")
 
 
@@ -80,7 +80,7 @@ def load(path: str | os.PathLike[str], n_ctx: int = 512, f32_kv_cache: bool = Tr
     path = Path(path)
     if not path.is_file():
         raise Moeq2ggufError(f"{path} does not exist; pass a .gguf file")
-    _bind(patched)
+    bind(patched)
     needs = patched_features(path)
     if needs and not is_patched():
         raise Moeq2ggufError(f"{path} uses {' and '.join(needs)}, which stock llama.cpp cannot run (it refuses the "
@@ -121,11 +121,11 @@ def run_logits(path: str | os.PathLike[str], tokens: Sequence[int], patched: boo
                n_threads: int | None = None) -> np.ndarray:
     """logits() of a file in a new process bound to the stock or the patched llama.cpp, whatever this
     process has imported. Errors of the load come back as Moeq2ggufError with llama.cpp's message."""
-    from moeq2gguf.runtime_build import patched_env
+    from moeq2gguf.runtime.build import patched_env
     env = patched_env() if patched else {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     with tempfile.TemporaryDirectory(prefix="moeq2gguf-logits-") as tmp:
         np.save(Path(tmp) / "tokens.npy", np.asarray(tokens, dtype=np.int64))
-        cmd = [sys.executable, "-m", "moeq2gguf.runtime", str(path), tmp, str(n_ctx), str(n_threads or 0),
+        cmd = [sys.executable, "-m", "moeq2gguf.runtime.llama", str(path), tmp, str(n_ctx), str(n_threads or 0),
                "patched" if patched else "stock"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -142,7 +142,7 @@ def _worker(argv: list[str]) -> int:
     path, folder, n_ctx, n_threads, kind = argv
     tokens = np.load(Path(folder) / "tokens.npy").tolist()
     try:
-        _bind(kind == "patched")
+        bind(kind == "patched")
         import llama_cpp
         needs = patched_features(path)
         if needs and not is_patched():
