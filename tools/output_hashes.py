@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "moeq2gguf" / "fixtures"
 DEFAULT_FILE = Path(__file__).with_suffix(".json")
 MODELS = ("qwen2moe-tiny", "mixtral-tiny")
-MIXES = {"Q4_K_M": "4.9", "Q2_K": "3.0"}   # mix -> the --target-bpw of the size-target recipes there
+MIXES = {"Q4_K_M": "4.9", "Q2_K": "3.3"}   # mix -> the --target-bpw of the size-target recipes there
 # recipe -> convert options; {bpw} is the mix's size target
 RECIPES = {
     "rtn": ["--method", "rtn"],
