@@ -10,11 +10,13 @@ from moeq2gguf.errors import Moeq2ggufError
 
 def _convert(args: argparse.Namespace) -> None:
     from moeq2gguf.commands.convert import convert
-    result = convert(args.model_dir, args.output, type=args.type, method=args.method, calib=args.calib,
-                     device=args.device, tensor_types=tuple(args.tensor_type), imatrix=args.imatrix,
-                     calib_windows=args.calib_windows, calib_ctx=args.calib_ctx, rotate=args.rotate,
-                     rotate_seed=args.rotate_seed, target_size=args.target_size, target_bpw=args.target_bpw,
-                     smooth=args.smooth, expert_hadamard=args.expert_hadamard, progress=not args.quiet)
+    from moeq2gguf.config import ConvertConfig
+    config = ConvertConfig(type=args.type, method=args.method, calib=args.calib, device=args.device,
+                           tensor_types=tuple(args.tensor_type), imatrix=args.imatrix, calib_windows=args.calib_windows,
+                           calib_ctx=args.calib_ctx, rotate=args.rotate, rotate_seed=args.rotate_seed,
+                           target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
+                           expert_hadamard=args.expert_hadamard)
+    result = convert(args.model_dir, args.output, config, progress=not args.quiet)
     if result.allocation:
         print(result.allocation.table())
     if result.report and any("recon_error" in t for t in result.report.tensors.values()):
@@ -143,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("-o", "--output", required=True, help="output .gguf path")
     p.add_argument("--type", default="F16", help="F32, F16, BF16 or a llama.cpp mix: Q8_0, Q4_0, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, ...")
-    p.add_argument("--method", default="rtn", choices=["rtn", "imatrix", "gptq", "moequant"],
-                   help="rtn: llama.cpp's round-to-nearest; imatrix: llama.cpp's importance-weighted quantizer on "
-                        "our statistics; gptq: GPTQ into the GGML grids; moequant: GPTQ with affinity-weighted Hessians")
+    from moeq2gguf import methods
+    p.add_argument("--method", default="rtn", choices=methods.names(),
+                   help="; ".join(f"{n}: {methods.get(n).summary}" for n in methods.names()))
     p.add_argument("--calib", default=None, help="calibration text: a .txt/.jsonl file or folder (default: the stdlib calib split)")
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (default 512)")

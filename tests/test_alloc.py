@@ -198,7 +198,7 @@ def test_sensitivity_counts_an_expert_by_router_use(tmp_path, small_tokenizers, 
     import torch
     from moeq2gguf import nn
     from moeq2gguf.models.registry import open_model
-    from moeq2gguf.quant.engine import QuantConfig
+    from moeq2gguf.passes.quantize import QuantConfig
     from moeq2gguf.quant.sensitivity import measure
     model = random_model("qwen2moe", hidden_size=256, moe_intermediate_size=256, shared_expert_intermediate_size=256,
                          num_experts=4, num_experts_per_tok=2, num_hidden_layers=1, init_std=0.05)

@@ -31,7 +31,7 @@ from moeq2gguf.plan import alloc
 from moeq2gguf.eval import evaluate_many  # noqa: E402
 from moeq2gguf.plan.mixes import allows_quantization, assign_types  # noqa: E402
 from moeq2gguf.models.registry import open_model  # noqa: E402
-from moeq2gguf.quant.engine import QuantConfig  # noqa: E402
+from moeq2gguf.passes.quantize import QuantConfig  # noqa: E402
 from moeq2gguf.quant.sensitivity import cached_measure  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid, moeq2gguf.calib.windows  # noqa: E402,E401,F401

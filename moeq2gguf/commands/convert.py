@@ -18,15 +18,20 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from tqdm import tqdm
+
 from moeq2gguf import plan
-from moeq2gguf.plan import alloc
+from moeq2gguf.config import ConvertConfig
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.plan.mixes import parse_override
-from moeq2gguf.models.registry import open_model
-from moeq2gguf.quant.engine import CALIBRATED, QuantConfig, QuantReport, quantized_stream
-from moeq2gguf.transforms import smoothing
-from moeq2gguf.transforms.rotate import check_seed, random_rotation, rotate_sources
 from moeq2gguf.io.vocab import load_vocab
+from moeq2gguf.models.registry import open_model
+from moeq2gguf.passes.calibration import float_pass
+from moeq2gguf.passes.layers import Layers
+from moeq2gguf.passes.quantize import QuantReport, quantized_stream
+from moeq2gguf.plan import alloc
+from moeq2gguf.quant import sensitivity as sens
+from moeq2gguf.transforms import smoothing
+from moeq2gguf.transforms.rotate import random_rotation, rotate_sources
 
 log = logging.getLogger(__name__)
 
@@ -57,72 +62,40 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
     return (*shape[:-1], shape[-1] // block * type_size)
 
 
-# --method moequant rotates the residual stream unless told not to: on the bundled reference models it had the
-# lowest mean KLD ratio to llama.cpp imatrix of {gptq, moequant} x {none, rotate, smooth, rotate+smooth}
-# (BENCHMARKS.md, "moequant's default recipe").
-METHODS_ROTATED_BY_DEFAULT = frozenset({"moequant"})
-
-
-def default_rotate(method: str, type_name: str, imatrix: str | None, sources: list) -> bool:
-    """Whether a conversion that did not say --rotate / --no-rotate rotates. Not where rotation would lose
-    something: a checkpoint holding GGML blocks (GPT-OSS MXFP4 experts, otherwise copied bit for bit), or an
-    --imatrix FILE (statistics of the unrotated model)."""
-    return (method in METHODS_ROTATED_BY_DEFAULT and not plan.is_float(type_name) and imatrix is None
+def default_rotate(config: ConvertConfig, sources: list) -> bool:
+    """Whether a conversion that did not say --rotate / --no-rotate rotates: where the method rotates by default,
+    and not where rotation would lose something: a checkpoint holding GGML blocks (GPT-OSS MXFP4 experts, otherwise
+    copied bit for bit), or an --imatrix FILE (statistics of the unrotated model)."""
+    return (config.method_impl.rotates_by_default and not plan.is_float(config.type_name) and config.imatrix is None
             and not any(s.raw_qtype is not None for s in sources))
 
 
-def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], type: str = "F16",
-            method: str = "rtn", calib: str | None = None, device: str = "cpu", tensor_types: tuple[str, ...] = (),
-            imatrix: str | None = None, calib_windows: int = 32, calib_ctx: int = 512,
-            rotate: bool | None = None, rotate_seed: int | None = None, target_size: str | int | None = None,
-            target_bpw: float | None = None, smooth: str | None = None, expert_hadamard: bool = False,
-            progress: bool = True) -> ConvertResult:
+def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], config: ConvertConfig | None = None,
+            *, progress: bool = True, **options) -> ConvertResult:
     """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs.
 
+    config: a ConvertConfig, or its fields as keywords (type="Q4_K_M", method="moequant", ...):
     type: F32 | F16 | BF16, or a llama.cpp mix (Q4_K_M, Q3_K_M, Q2_K, Q4_0, Q8_0, IQ4_XS, ...)
-    method: rtn | imatrix | gptq | moequant; calib: a split name (default calib) or a .txt/.jsonl path;
-    tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix GGUF file;
-    rotate: fold the norms and rotate the residual stream by a seeded orthogonal Q (transforms/rotate.py),
-    exact in float, with any type and method; None: the method's default (on for moequant, see default_rotate);
-    rotate_seed: its seed (default 0);
-    target_size ('6GiB', '3.5GB', bytes) / target_bpw: instead of --type, choose every tensor's type to fit the
-    file (or llama.cpp's bits per weight) in that budget with the least predicted loss (alloc.py);
-    smooth='aggregate' / 'down' / 'aggregate,down': EAQuant's smoothing aggregation into the FFN norm / per-expert
-    down-projection scaling (transforms/smoothing.py), exact in float, stock llama.cpp, from a float calibration pass;
-    smooth='per-expert' / expert_hadamard: per-expert input smoothing / the expert Hadamard (transforms/patched.py),
-    exact in float; the file then needs the patched llama.cpp (`moeq2gguf runtime build`)."""
+    method: a registered method (rtn | imatrix | gptq | moequant | ...); calib: a split name (default calib), a
+    .txt/.jsonl path or "ebss"; tensor_types: llama-quantize style REGEX=TYPE overrides; imatrix: a llama-imatrix
+    GGUF file; rotate: fold the norms and rotate the residual stream by a seeded orthogonal Q
+    (transforms/rotate.py), exact in float, with any type and method; None: the method's default; rotate_seed:
+    its seed (default 0); target_size ('6GiB', '3.5GB', bytes) / target_bpw: instead of --type, choose every
+    tensor's type to fit the file (or llama.cpp's bits per weight) in that budget with the least predicted loss
+    (plan/alloc.py); smooth='aggregate' / 'down' / 'aggregate,down': EAQuant's smoothing (transforms/smoothing.py),
+    exact in float, stock llama.cpp; smooth='per-expert' / expert_hadamard: per-expert input smoothing / the expert
+    Hadamard (transforms/patched.py), exact in float; the file then needs the patched llama.cpp
+    (`moeq2gguf runtime build`).
+
+    Every statistic of the float model (smoothing scales, the allocator's sensitivity) comes from one float pass
+    over the calibration text (passes/calibration.py), then the quantization pass streams the file
+    (passes/quantize.py); the text is read and tokenized once."""
+    if config is None:
+        config = ConvertConfig(**options)
+    elif options:
+        raise TypeError(f"convert() takes a ConvertConfig or keywords, not both ({', '.join(options)})")
     t0 = time.time()
-    targeted = target_size is not None or target_bpw is not None
-    if targeted:
-        type = alloc.check_request(type, target_size, target_bpw, imatrix)
-    type_name = plan.validate_type(type)
-    cfg = QuantConfig(method=method, calib=calib or "calib", device=device, imatrix_file=imatrix,
-                      n_windows=calib_windows, ctx=calib_ctx)
-    if plan.is_float(type_name) and (method != "rtn" or imatrix):
-        raise Moeq2ggufError(f"--method {method} / --imatrix quantize weights; pick a quantized --type such as Q4_K_M")
-    if imatrix and method != "rtn":
-        raise Moeq2ggufError("--imatrix FILE replaces our statistics; use it with --method rtn (the default)")
-    if rotate_seed is not None and rotate is False:
-        raise Moeq2ggufError("--rotate-seed has no effect without --rotate; add --rotate or drop the seed")
-    seed = check_seed(0 if rotate_seed is None else rotate_seed)
-    if rotate and imatrix:
-        raise Moeq2ggufError("--imatrix FILE holds statistics of the unrotated model, which do not apply to rotated "
-                             "weights; with --rotate use --method imatrix (statistics collected on the rotated model)")
-    stock_smooth, patched_smooth = smoothing.parse(smooth)
-    if stock_smooth and expert_hadamard:
-        raise Moeq2ggufError(f"--smooth {smooth} does not combine with --expert-hadamard in this version; choose one")
-    if stock_smooth and imatrix:
-        raise Moeq2ggufError(f"--imatrix FILE holds statistics of the unsmoothed model, which do not apply to the "
-                             f"weights --smooth {smooth} scales; use --method imatrix (statistics of the smoothed model)")
-    expert_tf = None
-    if patched_smooth or expert_hadamard:   # files for the patched llama.cpp (runtime_patches/)
-        from moeq2gguf.transforms import patched
-        expert_tf = patched.ExpertTransforms(smooth=next(iter(patched_smooth), None), hadamard=expert_hadamard)
-    if expert_tf is not None and (imatrix or targeted):
-        raise Moeq2ggufError("--smooth per-expert / --expert-hadamard change the expert weights and inputs: an --imatrix "
-                             "FILE (statistics of the untransformed model) or a size target does not apply; use --method "
-                             "with --type")
-    overrides = [parse_override(t) for t in tensor_types]
+    cfg = config.quant
     output = Path(output)
     if not output.parent.is_dir():
         raise Moeq2ggufError(f"output folder {output.parent} does not exist; create it or choose another -o path")
@@ -133,67 +106,83 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     spec = adapter.spec
     sources = adapter.all_tensors()
     adapter.check_all_used(sources)
+    rotate = config.rotate
     if rotate is None:
-        rotate = default_rotate(method, type_name, imatrix, sources)
-        if rotate_seed is not None and not rotate:
-            raise Moeq2ggufError(f"--rotate-seed has no effect without --rotate (--method {method} does not rotate "
+        rotate = default_rotate(config, sources)
+        if config.rotate_seed is not None and not rotate:
+            raise Moeq2ggufError(f"--rotate-seed has no effect without --rotate (--method {config.method} does not rotate "
                                  f"by default here); add --rotate or drop the seed")
     rotation = None
     if rotate:
-        rotation = random_rotation(spec.hidden_size, seed)
+        rotation = random_rotation(spec.hidden_size, config.seed)
         sources = rotate_sources(sources, spec, rotation)
-    if stock_smooth:   # after the rotation, whose norm folding would cancel aggregate's 1/s (transforms/smoothing.py)
-        sources = smoothing.apply(adapter, sources, stock_smooth, cfg.calib, cfg.n_windows, cfg.ctx, device)
-    add_expert_metadata = None
-    if expert_tf is not None:   # after the rotation: smoothing is measured on the rotated model
-        sources, add_expert_metadata = patched.apply(adapter, sources, expert_tf, cfg.calib, cfg.n_windows, cfg.ctx,
-                                                     device)
     vocab = load_vocab(adapter.reader.model_dir, spec.vocab_size, adapter.config, adapter.default_pre_tokenizer)
-    has_imatrix = method in CALIBRATED or imatrix is not None
-    types = plan.assign(sources, type_name, spec, has_imatrix, overrides)
-    budget = alloc.make_budget(sources, target_size, target_bpw) if targeted else None
-    if budget is not None:
-        type_name = alloc.nearest_mix(sources, spec, budget)  # general.file_type: llama.cpp only displays it
-    allocation = None
-    report = QuantReport()
+    method = config.method_impl
+    budget = alloc.make_budget(sources, config.target_size, config.target_bpw) if config.targeted else None
+    type_name = alloc.nearest_mix(sources, spec, budget) if budget else config.type_name  # llama.cpp only displays it
 
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    # The calibration text, tokenized once, for whatever needs activations: the float pass's plug-ins and a
+    # calibrated method's quantization pass.
+    windows = None
+    if config.stock_smooth or config.patched_smooth or budget is not None or (method.calibrated and not config.imatrix):
+        from moeq2gguf.calib.sources import calibration_windows
+        windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
+    plugins = []
+    smoother = experts = sensitivity = None
+    if config.stock_smooth:   # after the rotation, whose norm folding would cancel aggregate's 1/s (smoothing.py)
+        smoother = smoothing.Smoothing(spec, config.stock_smooth, transform_blocks=budget is not None)
+        plugins.append(smoother)
+    if config.patched_smooth:   # measured on the rotated model
+        from moeq2gguf.transforms.expert_smoothing import ExpertInputMaxima
+        experts = ExpertInputMaxima(spec)
+        plugins.append(experts)
+
+    report = QuantReport()
     writer = gguf.GGUFWriter(None, adapter.arch_name)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
-        writer.add_name(Path(model_dir).resolve().name)
-        writer.add_file_type(plan.file_type(type_name))
-        if not plan.is_float(type_name):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            writer.add_string("moeq2gguf.method", "imatrix-file" if imatrix else method)
-            writer.add_string("moeq2gguf.type", type_name if budget is None else f"target {budget.label}")
-        if rotation is not None:
-            writer.add_string("moeq2gguf.rotation", rotation.kind)
-            writer.add_uint64("moeq2gguf.rotation_seed", rotation.seed)
-        if stock_smooth:
-            smoothing.add_metadata(writer, stock_smooth)
-        adapter.add_arch_metadata(writer)
-        if add_expert_metadata is not None:
+        expert_tf = None
+        if config.patched_runtime:   # files for the patched llama.cpp (runtime_patches/)
+            from moeq2gguf.transforms import patched
+            expert_tf = patched.ExpertTransforms(smooth=next(iter(config.patched_smooth), None),
+                                                 hadamard=config.expert_hadamard)
+        _add_metadata(writer, model_dir, type_name, config, budget, rotation, adapter)
+        if expert_tf is None:
+            vocab.add_to(writer)
+        if budget is not None:   # every other key is in the writer now: the file's size is exact for any types
+            alloc.check_budget(writer, sources, config.overrides, budget, config.method)   # fail fast, before measuring
+            # smoothing replaces the values of tensors a checkpoint holds as GGML blocks: measure those too
+            measured = alloc.measured_candidates(sources, include_raw=bool(config.stock_smooth))
+            cache = sens.cache_key(adapter.reader.model_dir, cfg, measured)
+            losses = sens.load_cached(cache) if measured else {}
+            if losses is None:
+                sensitivity = sens.Sensitivity(spec, measured, method, cfg.gptq, device=cfg.device, batch=cfg.batch_windows,
+                                               tied=not any(s.name == "output.weight" for s in sources))
+                plugins.append(sensitivity)
+        if plugins:
+            _float_pass(sources, spec, windows, plugins, config, progress)
+        if sensitivity is not None:
+            losses = sensitivity.losses
+            sens.store(cache, losses)
+        if smoother is not None:
+            sources = smoother.apply(sources)
+        if expert_tf is not None:   # after the rotation: smoothing is measured on the rotated model
+            sources, spec, add_expert_metadata = patched.apply(sources, spec, expert_tf,
+                                                               experts.stats if experts else None)
             add_expert_metadata(writer)
-        vocab.add_to(writer)
-        if budget is not None:  # every other key is in the writer now: the file size is exact
-            allocation = alloc.allocate(writer, adapter, sources, overrides, cfg, budget, progress)
+            vocab.add_to(writer)
+        types = plan.assign(sources, config.type_name, spec, method.calibrated or config.imatrix is not None,
+                            config.overrides)
+        allocation = None
+        if budget is not None:
+            allocation = alloc.allocate(writer, sources, config.overrides, budget, config.method, losses)
             types = allocation.types
-        n_bytes = 0
-        for source, qtype in zip(sources, types):
-            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
-                nbytes = int(np.prod(source.shape)) * np.dtype(dtype).itemsize
-                writer.add_tensor_info(source.name, source.shape, np.dtype(dtype), nbytes)
-            else:
-                byte_shape = _byte_shape(source.shape, qtype)
-                nbytes = int(np.prod(byte_shape))
-                writer.add_tensor_info(source.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
-            n_bytes += nbytes
+        n_bytes = _add_tensor_infos(writer, sources, types)
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         n_written = 0
-        for data in quantized_stream(adapter, sources, types, cfg, report, progress):
+        for data in quantized_stream(Layers.of(sources, spec.n_layers), spec, types, cfg, report, windows, progress):
             writer.write_tensor_data(data)
             n_written += 1
         assert n_written == len(sources)
@@ -213,3 +202,42 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], t
     log.info("wrote %s: %d tensors, %.1f MiB in %.1f s, peak RSS %.0f MiB", output, result.n_tensors,
              n_bytes / 2**20, result.seconds, result.peak_rss_mib)
     return result
+
+
+def _float_pass(sources, spec, windows, plugins, config: ConvertConfig, progress: bool) -> None:
+    what = [w for w, on in (("--smooth " + (config.smooth or ""), config.smooth),
+                            ("a size target", config.targeted)) if on]
+    bar = tqdm(total=spec.n_layers, desc="calibration pass", unit="layer", disable=not progress)
+    float_pass(Layers.of(sources, spec.n_layers), spec, windows, plugins, " and ".join(what), config.device,
+               config.quant.batch_windows, progress=lambda bid: bar.update())
+    bar.close()
+
+
+def _add_metadata(writer, model_dir, type_name: str, config: ConvertConfig, budget, rotation, adapter) -> None:
+    writer.add_name(Path(model_dir).resolve().name)
+    writer.add_file_type(plan.file_type(type_name))
+    if not plan.is_float(type_name):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_string("moeq2gguf.method", "imatrix-file" if config.imatrix else config.method)
+        writer.add_string("moeq2gguf.type", type_name if budget is None else f"target {budget.label}")
+    if rotation is not None:
+        writer.add_string("moeq2gguf.rotation", rotation.kind)
+        writer.add_uint64("moeq2gguf.rotation_seed", rotation.seed)
+    if config.stock_smooth:
+        smoothing.add_metadata(writer, config.stock_smooth)
+    adapter.add_arch_metadata(writer)
+
+
+def _add_tensor_infos(writer, sources, types) -> int:
+    n_bytes = 0
+    for source, qtype in zip(sources, types):
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+            nbytes = int(np.prod(source.shape)) * np.dtype(dtype).itemsize
+            writer.add_tensor_info(source.name, source.shape, np.dtype(dtype), nbytes)
+        else:
+            byte_shape = _byte_shape(source.shape, qtype)
+            nbytes = int(np.prod(byte_shape))
+            writer.add_tensor_info(source.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        n_bytes += nbytes
+    return n_bytes

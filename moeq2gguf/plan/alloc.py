@@ -333,15 +333,39 @@ def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-def metadata_bytes(writer: gguf.GGUFWriter, sources: Sequence[TensorSource], extra_kv: dict[str, gguf.GGUFValue]) -> int:
-    """Header + key/values (the writer's plus extra_kv) + tensor infos, as gguf-py writes them."""
-    kv = dict(writer.kv_data[0])
-    kv.update(extra_kv)
-    n = 4 + 4 + 8 + 8
+# bytes of one scalar of each GGUF value type (GGUF spec; strings and arrays are sized below)
+_SCALAR_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+
+
+def _string_bytes(value) -> int:
+    return 8 + len(value.encode("utf-8") if isinstance(value, str) else bytes(value))   # u64 length + bytes
+
+
+def _value_bytes(value, vtype: gguf.GGUFValueType, sub_type: gguf.GGUFValueType | None) -> int:
+    """A key/value's value as the GGUF format lays it out: u32 type, then the value."""
+    if vtype == gguf.GGUFValueType.STRING:
+        return 4 + _string_bytes(value)
+    if vtype == gguf.GGUFValueType.ARRAY:   # u32 type, u32 element type, u64 count, elements
+        if len(value) == 0:
+            return 4 + 4 + 8
+        if sub_type is None:   # gguf-py's rule: the type of the first element
+            sub_type = gguf.GGUFValueType.get_type(value[0])
+        if sub_type == gguf.GGUFValueType.STRING:
+            return 4 + 4 + 8 + sum(_string_bytes(v) for v in value)
+        return 4 + 4 + 8 + len(value) * _SCALAR_BYTES[sub_type]
+    return 4 + _SCALAR_BYTES[vtype]
+
+
+def metadata_bytes(kv: dict[str, gguf.GGUFValue], sources: Sequence[TensorSource]) -> int:
+    """Header + key/values + tensor infos of a file holding kv and sources, as the GGUF format lays them out
+    (convert checks the written size against this)."""
+    n = 4 + 4 + 8 + 8   # magic, version, tensor count, kv count
     for key, val in kv.items():
-        n += len(writer._pack_val(key, gguf.GGUFValueType.STRING, add_vtype=False))
-        n += len(writer._pack_val(val.value, val.type, add_vtype=True, sub_type=val.sub_type))
-    for s in sources:
+        n += _string_bytes(key) + _value_bytes(val.value, val.type, val.sub_type)
+    for s in sources:   # name, n_dims, dims, type, offset
         n += 8 + len(s.name.encode()) + 4 + 8 * len(s.shape) + 4 + 8
     return n
 
@@ -354,71 +378,100 @@ def _recipe_kv(alloc: Allocation) -> dict[str, gguf.GGUFValue]:
     return kv
 
 
-def allocate(writer: gguf.GGUFWriter, adapter, sources: list[TensorSource], overrides: Sequence[tuple[re.Pattern[str], Q]],
-             cfg, budget: Budget, progress: bool = True, coeffs: dict[str, float] | None = None) -> Allocation:
-    """Choose every tensor's type within the budget and add the recipe to the writer's metadata.
+def measured_candidates(sources: Sequence[TensorSource], include_raw: bool = False) -> dict[str, list[Q]]:
+    """The tensors the sensitivity pass measures, with their candidate types: every quantizable tensor, overridden
+    or not (one cached measurement serves any overrides); include_raw: also those the checkpoint holds in a GGML
+    format (a transform will replace their values)."""
+    return {s.name: candidate_types(s.shape) for s in sources
+            if (include_raw or s.raw_qtype is None) and allows_quantization(s.name, len(s.shape))}
 
-    The writer must already hold every other key/value of the file (its tensor infos are not yet
-    declared): the file's size is then known exactly for any choice of types."""
-    from moeq2gguf.quant.sensitivity import cached_measure
-    coeffs = {**CLASS_COEFFS, **(coeffs or {})}
-    tied = not any(s.name == "output.weight" for s in sources)
-    fixed = fixed_types(sources, overrides)
-    candidates = {s.name: candidate_types(s.shape) for s, f in zip(sources, fixed) if f is None}
-    align = writer.data_alignment
-    measure = (lambda n: _pad(n, align)) if budget.kind == "file" else (lambda n: n)
-    choices: list[TensorChoice] = []
-    items: list[int] = []
-    costs: list[list[int]] = []
-    for i, (s, f) in enumerate(zip(sources, fixed)):
-        cls = tensor_class(s.name, tied) if allows_quantization(s.name, len(s.shape)) else None
-        if f is not None:
-            choices.append(TensorChoice(s.name, s.shape, s.layer, cls, f[0], tensor_nbytes(s.shape, f[0]), None, f[1]))
-            continue
-        opts = candidates[s.name]
-        items.append(i)
-        costs.append([measure(tensor_nbytes(s.shape, q)) for q in opts])
-        choices.append(TensorChoice(s.name, s.shape, s.layer, cls, opts[0], tensor_nbytes(s.shape, opts[0])))
-    alloc = Allocation(budget, cfg.method, choices, coeffs=coeffs)
-    losses: list[list[float]] = [[0.0] * len(c) for c in costs]   # placeholders until measured
 
-    def apply(pick: list[int]) -> int:
-        for i, k, q_opts, l_opts in zip(items, pick, (candidates[sources[i].name] for i in items), losses):
+class _Knapsack:
+    """The choices of one allocation: fixed tensors, the candidates and byte costs of the others, and the file's
+    exact size for any pick (kv: every key/value of the file but the recipe)."""
+
+    def __init__(self, kv: dict[str, gguf.GGUFValue], align: int, sources: list[TensorSource],
+                 overrides: Sequence[tuple[re.Pattern[str], Q]], budget: Budget, method: str, coeffs: dict[str, float]):
+        self.kv, self.align, self.sources, self.budget = kv, align, sources, budget
+        tied = not any(s.name == "output.weight" for s in sources)
+        self.fixed = fixed_types(sources, overrides)
+        self.candidates = {s.name: candidate_types(s.shape) for s, f in zip(sources, self.fixed) if f is None}
+        self.measure = (lambda n: _pad(n, align)) if budget.kind == "file" else (lambda n: n)
+        choices: list[TensorChoice] = []
+        self.items: list[int] = []
+        self.costs: list[list[int]] = []
+        for i, (s, f) in enumerate(zip(sources, self.fixed)):
+            cls = tensor_class(s.name, tied) if allows_quantization(s.name, len(s.shape)) else None
+            if f is not None:
+                choices.append(TensorChoice(s.name, s.shape, s.layer, cls, f[0], tensor_nbytes(s.shape, f[0]), None, f[1]))
+                continue
+            opts = self.candidates[s.name]
+            self.items.append(i)
+            self.costs.append([self.measure(tensor_nbytes(s.shape, q)) for q in opts])
+            choices.append(TensorChoice(s.name, s.shape, s.layer, cls, opts[0], tensor_nbytes(s.shape, opts[0])))
+        self.alloc = Allocation(budget, method, choices, coeffs=coeffs)
+        self.losses: list[list[float]] = [[0.0] * len(c) for c in self.costs]   # placeholders until measured
+
+    def apply(self, pick: list[int]) -> int:
+        sources, alloc = self.sources, self.alloc
+        for i, k, l_opts in zip(self.items, pick, self.losses):
             c = alloc.choices[i]
+            q_opts = self.candidates[sources[i].name]
             c.qtype, c.n_bytes, c.loss = q_opts[k], tensor_nbytes(c.shape, q_opts[k]), l_opts[k]
-        data = sum(measure(c.n_bytes) for c in alloc.choices)
-        return _pad(metadata_bytes(writer, sources, _recipe_kv(alloc)), align) + data if budget.kind == "file" else data
+        data = sum(self.measure(c.n_bytes) for c in alloc.choices)
+        if self.budget.kind != "file":
+            return data
+        return _pad(metadata_bytes({**self.kv, **_recipe_kv(alloc)}, sources), self.align) + data
 
-    def check_smallest() -> None:
-        alloc.smallest = apply([0] * len(items))
+    def check_smallest(self) -> None:
+        alloc, budget = self.alloc, self.budget
+        alloc.smallest = self.apply([0] * len(self.items))
         if alloc.smallest > budget.n_bytes:
             raise Moeq2ggufError(
                 f"--target-{'size' if budget.kind == 'file' else 'bpw'} {budget.label} is below the smallest this model can be "
                 f"written as: {alloc.smallest:,} bytes ({_human(alloc.smallest)}, {budget.bpw_of(alloc.tensor_bytes):.3f} bpw) with "
                 f"every quantizable tensor at its smallest candidate type "
-                f"({', '.join(sorted({candidates[sources[i].name][0].name for i in items}))})"
-                f"{' and the --tensor-type overrides' if any(f and f[1] == 'override' for f in fixed) else ''}; "
+                f"({', '.join(sorted({self.candidates[self.sources[i].name][0].name for i in self.items}))})"
+                f"{' and the --tensor-type overrides' if any(f and f[1] == 'override' for f in self.fixed) else ''}; "
                 "ask for at least that much")
 
-    check_smallest()   # before the measurement: a hopeless budget fails fast
-    # every quantizable tensor is measured, overridden or not: one cached measurement serves any overrides
-    measured = {s.name: candidate_types(s.shape) for s in sources
-                if s.raw_qtype is None and allows_quantization(s.name, len(s.shape))}
-    sens = cached_measure(adapter, sources, measured, cfg, progress) if candidates else {}
-    for n, i in enumerate(items):
+
+def _writer_kv(writer: gguf.GGUFWriter) -> dict[str, gguf.GGUFValue]:
+    return dict(writer.kv_data[0])   # the key/values added so far (one output file: shard 0)
+
+
+def check_budget(writer: gguf.GGUFWriter, sources: list[TensorSource], overrides: Sequence[tuple[re.Pattern[str], Q]],
+                 budget: Budget, method: str) -> None:
+    """Fail fast, before any measurement, when even the smallest types exceed the budget."""
+    _Knapsack(_writer_kv(writer), writer.data_alignment, sources, overrides, budget, method, CLASS_COEFFS).check_smallest()
+
+
+def allocate(writer: gguf.GGUFWriter, sources: list[TensorSource], overrides: Sequence[tuple[re.Pattern[str], Q]],
+             budget: Budget, method: str, sensitivity: dict[str, dict[str, float]],
+             coeffs: dict[str, float] | None = None) -> Allocation:
+    """Choose every tensor's type within the budget from the measured sensitivity ({tensor: {type: loss}},
+    quant/sensitivity.py) and add the recipe to the writer's metadata.
+
+    The writer must already hold every other key/value of the file (its tensor infos are not yet
+    declared): the file's size is then known exactly for any choice of types."""
+    coeffs = {**CLASS_COEFFS, **(coeffs or {})}
+    k = _Knapsack(_writer_kv(writer), writer.data_alignment, sources, overrides, budget, method, coeffs)
+    alloc, sources = k.alloc, k.sources
+    k.check_smallest()
+    for n, i in enumerate(k.items):
         s = sources[i]
-        losses[n] = [coeffs[alloc.choices[i].cls] * sens[s.name][q.name] for q in candidates[s.name]]
-    check_smallest()   # again with the recipe's real length
-    fixed_cost = sum(measure(c.n_bytes) for c, f in zip(alloc.choices, fixed) if f is not None)
-    overhead = alloc.smallest - sum(measure(c.n_bytes) for c in alloc.choices)
-    if not items:
+        k.losses[n] = [coeffs[alloc.choices[i].cls] * sensitivity[s.name][q.name] for q in k.candidates[s.name]]
+    k.check_smallest()   # again with the recipe's real length
+    fixed_cost = sum(k.measure(c.n_bytes) for c, f in zip(alloc.choices, k.fixed) if f is not None)
+    overhead = alloc.smallest - sum(k.measure(c.n_bytes) for c in alloc.choices)
+    if not k.items:
         alloc.total = alloc.smallest
     for _ in range(8):  # the recipe's own length varies a little with the choice: tighten until it fits
         try:
-            pick = solve(costs, losses, budget.n_bytes - fixed_cost - overhead)
+            pick = solve(k.costs, k.losses, budget.n_bytes - fixed_cost - overhead)
         except ValueError:  # only the cheapest recipe is left, and it fits (checked above)
-            pick = [0] * len(items)
-        alloc.total = apply(pick)
+            pick = [0] * len(k.items)
+        alloc.total = k.apply(pick)
         if alloc.total <= budget.n_bytes:
             break
         overhead += alloc.total - budget.n_bytes

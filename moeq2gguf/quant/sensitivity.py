@@ -1,6 +1,7 @@
 """How much each quantizable tensor loses at each candidate GGML type: the bit allocator's input.
 
-One pass over the model, layer by layer with one layer's weights in memory, like llama-imatrix:
+A plug-in of the float calibration pass (passes/calibration.py), layer by layer with one layer's weights in
+memory, like llama-imatrix:
 the calibration activations are propagated through the *float* layers, so every measurement is made
 on the same inputs whatever types are chosen later (the real conversion, run afterwards with the
 chosen types, propagates quantized activations as usual). For each tensor and candidate type the
@@ -42,13 +43,13 @@ import gguf
 import torch
 from tqdm import tqdm
 
-from moeq2gguf import nn
+from moeq2gguf import methods, nn
 from moeq2gguf.calib import corpus
-from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import FamilyAdapter, TensorSource
+from moeq2gguf.passes.calibration import BlockView, Plugin, float_pass
+from moeq2gguf.passes.layers import Layers, input_of
 from moeq2gguf.quant import tensor_quant
-from moeq2gguf.quant.engine import QuantConfig, _layer_weights, _run_layer, _short
-from moeq2gguf.quant.gptq import GPTQConfig, gptq_quantize
+from moeq2gguf.quant.gptq import GPTQConfig
 from moeq2gguf.quant.stats import StatsCollector
 
 log = logging.getLogger(__name__)
@@ -69,21 +70,15 @@ def weighted_error(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor, group_weig
     return float((per_group * group_weight.to(torch.float64)).sum())
 
 
-def quantized_weights(w: torch.Tensor, qtype: Q, method: str, collector: StatsCollector, input_name: str,
+def quantized_weights(w: torch.Tensor, qtype: Q, method: methods.Method, collector: StatsCollector, input_name: str,
                       gptq_cfg: GPTQConfig, weighted: bool = True) -> torch.Tensor:
-    """The weights the runtime will compute with after `method` quantizes w to qtype (the engine's
-    quantizers, without packing). weighted=False: plain RTN (the head under --method imatrix).
+    """The weights the runtime will compute with after `method` quantizes w to qtype (its own quantizer, without
+    packing). weighted=False, or a method without statistics: plain RTN (the head under --method imatrix).
     Q8_0 is measured with RTN under every method: ggml's Q8_0 ignores importance, GPTQ gains little at
     8 bits, and Q8_0's 32-wide blocks make it GPTQ's slowest grid; the loss is then a slight over-estimate."""
-    if qtype in tensor_quant.FLOAT_TYPES or qtype == Q.Q8_0 or not weighted or method == "rtn":
+    if qtype in tensor_quant.FLOAT_TYPES or qtype == Q.Q8_0 or not weighted or not method.calibrated:
         return tensor_quant.encode(w, qtype, None)[1]
-    if method == "imatrix":
-        return tensor_quant.encode(w, qtype, tensor_quant.imatrix_importance(collector, input_name))[1]
-    from moeq2gguf.quant.grid import FormatGrid
-    H, _ = collector.hessians(input_name, blend_rare=method == "moequant")
-    grid = FormatGrid(qtype)
-    grid.prepare(_groups(w))
-    return gptq_quantize(_groups(w), H, grid, gptq_cfg)[0].reshape(w.shape)
+    return method.simulate(w, qtype, collector, input_name, gptq_cfg)
 
 
 class ScaledInputs:
@@ -100,6 +95,11 @@ class ScaledInputs:
         if token_weight is not None:
             self.scaled.observe(name, x, token_weight.square(), expert)
 
+    def scale_input(self, name: str, r: torch.Tensor) -> None:
+        """The input was x and is x * r now (a transform of the block): both collectors' sums follow."""
+        for collector in (self.method_stats, self.scaled):
+            collector.scale_input(name, r)
+
     def loss_hessian(self, name: str) -> torch.Tensor:
         """S_g / N for every group of one input: [G, K, K] float64 (N cancels out of the ratios the
         allocator uses; it is there so that losses are per token)."""
@@ -108,7 +108,7 @@ class ScaledInputs:
         return stats.weighted_xxt.to(torch.float64)
 
 
-def tensor_losses(w: torch.Tensor, qtypes: Sequence[Q], method: str, observer: ScaledInputs, input_name: str,
+def tensor_losses(w: torch.Tensor, qtypes: Sequence[Q], method: methods.Method, observer: ScaledInputs, input_name: str,
                   n_tokens: int, gptq_cfg: GPTQConfig, weighted: bool = True) -> dict[str, float]:
     """Predicted loss (module docstring) of w at each type in qtypes."""
     S = observer.loss_hessian(input_name)
@@ -130,64 +130,83 @@ def embedding_losses(w: torch.Tensor, qtypes: Sequence[Q], token_counts: torch.T
     return out
 
 
-def measure(adapter: FamilyAdapter, sources: list[TensorSource], candidates: Mapping[str, Sequence[Q]],
-            cfg: QuantConfig, progress: bool = True) -> dict[str, dict[str, float]]:
-    """{tensor name: {type name: predicted loss}} for every tensor in `candidates`."""
-    spec = adapter.spec
-    unsupported = nn.unsupported_reason(spec)
-    if unsupported:
-        raise Moeq2ggufError(f"a size target needs the calibration forward to measure each tensor's sensitivity, which cannot "
-                             f"run {spec.family} yet ({unsupported}); pick a fixed --type instead")
-    from moeq2gguf.calib.sources import calibration_windows
-    windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
-    n_tokens = windows.numel()
-    device = torch.device(cfg.device)
-    by_layer: dict[int | None, list[TensorSource]] = {}
-    for s in sources:
-        by_layer.setdefault(s.layer, []).append(s)
-    outside = {s.name: s for s in by_layer.get(None, [])}
-    tied = "output.weight" not in outside
-    out: dict[str, dict[str, float]] = {}
+class Sensitivity(Plugin):
+    """The float pass's plug-in that measures every candidate's loss (module docstring): `losses` after the pass."""
 
-    embd = outside["token_embd.weight"]
-    token_embd = embd.load().reshape(embd.shape)
-    if embd.name in candidates and not tied:
-        counts = torch.bincount(windows.flatten(), minlength=embd.shape[0])
-        out[embd.name] = embedding_losses(token_embd, candidates[embd.name], counts)
-    x = nn.embed(windows, token_embd.to(device))
-    del token_embd
+    def __init__(self, spec, candidates: Mapping[str, Sequence[Q]], method: methods.Method, gptq: GPTQConfig,
+                 tied: bool, device: torch.device | str = "cpu", batch: int = 8):
+        self.spec, self.candidates, self.method, self.gptq, self.tied = spec, candidates, method, gptq, tied
+        self.batch = batch
+        self.device = torch.device(device)
+        self.losses: dict[str, dict[str, float]] = {}
+        self.n_tokens = 0
+        self.token_embd: torch.Tensor | None = None
+        self._observer: ScaledInputs | None = None
 
-    for bid in tqdm(range(spec.n_layers), desc="sensitivity", unit="layer", disable=not progress):
-        layer_sources = by_layer[bid]
-        w = {k: v.to(device) for k, v in _layer_weights(layer_sources).items()}
-        observer = ScaledInputs(StatsCollector(spec.n_experts, affinity=cfg.method == "moequant", full=True, device=device),
-                                StatsCollector(spec.n_experts, affinity=True, full=True, device=device))
-        x_next = _run_layer(x, w, spec, observer, cfg.batch_windows, bid)
-        for s in layer_sources:
-            if s.name not in candidates:
+    def _new_observer(self, n_groups: int) -> ScaledInputs:
+        method_stats = StatsCollector(n_groups, affinity=self.method.affinity, full=True, device=self.device)
+        return ScaledInputs(method_stats, StatsCollector(n_groups, affinity=True, full=True, device=self.device))
+
+    def embedding(self, token_embd: torch.Tensor, windows: torch.Tensor) -> None:
+        self.n_tokens = windows.numel()
+        name = "token_embd.weight"
+        if name in self.candidates and not self.tied:
+            counts = torch.bincount(windows.flatten(), minlength=token_embd.shape[0])
+            self.losses[name] = embedding_losses(token_embd, self.candidates[name], counts)
+        self.token_embd = token_embd if self.tied else None   # a tied token_embd is the head, measured there
+
+    def observer(self, bid: int, weights: dict[str, torch.Tensor]) -> nn.Observer:
+        self._observer = self._new_observer(self.spec.n_experts)
+        return self._observer
+
+    def after_block(self, view: BlockView) -> None:
+        observer, self._observer = self._observer, None
+        for name, r in view.input_scales.items():
+            if name in observer.method_stats.inputs:
+                observer.scale_input(name, r)
+        for key, w in view.weights.items():
+            name = f"blk.{view.bid}.{key}"
+            if name not in self.candidates:
                 continue
-            input_name = nn.INPUT_OF.get(_short(s.name))
+            input_name = input_of(name)
             if input_name not in observer.method_stats.inputs:
-                raise AssertionError(f"the calibration forward observed no input for {s.name}")
-            out[s.name] = tensor_losses(w[s.name.split(".", 2)[2]], candidates[s.name], cfg.method, observer, input_name,
-                                        n_tokens, cfg.gptq)
-        x = x_next
-        del w, observer, x_next
+                raise AssertionError(f"the calibration forward observed no input for {name}")
+            self.losses[name] = tensor_losses(w, self.candidates[name], self.method, observer, input_name,
+                                              self.n_tokens, self.gptq)
 
-    head = outside.get("output.weight", embd)
-    if head.name in candidates:
-        norm = outside["output_norm.weight"].load().reshape(-1).to(device)
-        observer = ScaledInputs(StatsCollector(1, affinity=False, full=True, device=device),
-                                StatsCollector(1, affinity=True, full=True, device=device))
-        for chunk in x.split(cfg.batch_windows):
-            normed = nn.rms_norm(chunk, norm, spec.rms_norm_eps)
+    def head(self, x: torch.Tensor, tail: dict[str, torch.Tensor]) -> None:
+        name = "token_embd.weight" if self.tied else "output.weight"
+        if name not in self.candidates:
+            return
+        observer = ScaledInputs(StatsCollector(1, affinity=False, full=True, device=self.device),
+                                StatsCollector(1, affinity=True, full=True, device=self.device))
+        for chunk in x.split(self.batch):
+            normed = nn.rms_norm(chunk, tail["output_norm.weight"], self.spec.rms_norm_eps)
             observer.observe("output", normed.reshape(-1, normed.shape[-1]), None, None)
-        weights = head.load().reshape(head.shape).to(device)
-        # as the engine does: llama-imatrix (hence --method imatrix) leaves the head unweighted; token_embd is always RTN
-        weighted = cfg.method != "imatrix" and head.name == "output.weight"
-        out[head.name] = tensor_losses(weights, candidates[head.name], cfg.method, observer, "output", n_tokens, cfg.gptq,
-                                       weighted)
-    return out
+        weights = self.token_embd.to(self.device) if self.tied else tail[name]
+        # as the quantization pass does: llama-imatrix (hence --method imatrix) leaves the head unweighted;
+        # token_embd is always RTN
+        weighted = self.method.calibrates_head and name == "output.weight"
+        self.losses[name] = tensor_losses(weights, self.candidates[name], self.method, observer, "output", self.n_tokens,
+                                          self.gptq, weighted)
+
+
+def measure(adapter: FamilyAdapter, sources: list[TensorSource], candidates: Mapping[str, Sequence[Q]],
+            cfg, progress: bool = True, windows: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """{tensor name: {type name: predicted loss}} for every tensor in `candidates`: a float pass with only this
+    plug-in (convert runs it inside its one pass, next to the other plug-ins)."""
+    spec = adapter.spec
+    if windows is None:
+        from moeq2gguf.calib.sources import calibration_windows
+        windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
+    plugin = Sensitivity(spec, candidates, methods.get(cfg.method), cfg.gptq,
+                         tied=not any(s.name == "output.weight" for s in sources), device=cfg.device,
+                         batch=cfg.batch_windows)
+    bar = tqdm(total=spec.n_layers, desc="sensitivity", unit="layer", disable=not progress)
+    float_pass(Layers.of(sources, spec.n_layers), spec, windows, [plugin], "a size target", cfg.device,
+               cfg.batch_windows, progress=lambda bid: bar.update())
+    bar.close()
+    return plugin.losses
 
 
 def cache_dir() -> Path:
@@ -206,24 +225,40 @@ def _calib_fingerprint(source: str) -> str:
     return h.hexdigest()
 
 
-def cached_measure(adapter: FamilyAdapter, sources: list[TensorSource], candidates: Mapping[str, Sequence[Q]],
-                   cfg: QuantConfig, progress: bool = True) -> dict[str, dict[str, float]]:
-    """measure(), reusing an earlier measurement of the same model with the same settings."""
+def cache_key(model_dir, cfg, candidates: Mapping[str, Sequence[Q]]) -> Path:
+    """The cache file of a measurement of this model with these settings and candidates."""
     from moeq2gguf.calib.ebss import model_fingerprint
-    key = json.dumps({"version": SENSITIVITY_VERSION, "model": model_fingerprint(adapter.reader.model_dir),
+    key = json.dumps({"version": SENSITIVITY_VERSION, "model": model_fingerprint(model_dir),
                       "method": cfg.method, "calib": _calib_fingerprint(cfg.calib), "n_windows": cfg.n_windows,
                       "ctx": cfg.ctx, "gptq": asdict(cfg.gptq), "device": torch.device(cfg.device).type,
                       "candidates": {n: [q.name for q in c] for n, c in sorted(candidates.items())}}, sort_keys=True)
-    path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def load_cached(path: Path) -> dict[str, dict[str, float]] | None:
     if path.is_file():
         log.info("sensitivity: reusing %s", path)
         return json.loads(path.read_text())
-    result = measure(adapter, sources, candidates, cfg, progress)
+    return None
+
+
+def store(path: Path, losses: dict[str, dict[str, float]]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.write_text(json.dumps(losses, indent=1) + "\n")
         os.replace(tmp, path)
     except OSError as exc:  # a read-only home: measure again next time
         log.warning("sensitivity: cannot cache to %s (%s)", path, exc)
+
+
+def cached_measure(adapter: FamilyAdapter, sources: list[TensorSource], candidates: Mapping[str, Sequence[Q]],
+                   cfg, progress: bool = True) -> dict[str, dict[str, float]]:
+    """measure(), reusing an earlier measurement of the same model with the same settings."""
+    path = cache_key(adapter.reader.model_dir, cfg, candidates)
+    cached = load_cached(path)
+    if cached is not None:
+        return cached
+    result = measure(adapter, sources, candidates, cfg, progress)
+    store(path, result)
     return result

@@ -88,6 +88,17 @@ class StatsCollector:
         if self.full:
             stats.weighted_xxt += torch.einsum("thk,thl->hkl", x, x)
 
+    def scale_input(self, name: str, r: torch.Tensor) -> None:
+        """The input was x and is x * r now, r [G or 1, K] (a transform of the layer, e.g. smoothing): every
+        sum follows (x x^T -> r x x^T r per group; x^2 -> r^2 x^2); counts and masses are unchanged."""
+        s = self.inputs[name]
+        r = r.to(self.device, torch.float64).expand(s.plain_sq.shape)
+        s.plain_sq *= r * r
+        s.weighted_sq *= r * r
+        if s.weighted_xxt is not None:
+            r32 = r.to(s.weighted_xxt.dtype)
+            s.weighted_xxt *= r32[:, :, None] * r32[:, None, :]
+
     def hessians(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
         """Normalised Hessians [G, K, K] for one input, with the coverage fallback applied.
 

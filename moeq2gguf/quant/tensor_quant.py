@@ -1,4 +1,5 @@
-"""Quantize one tensor to one GGML type: RTN, importance-weighted RTN, or GPTQ on collected Hessians.
+"""One tensor to one GGML type with ggml's quantizer (RTN, or its importance-weighted search), llama-imatrix's
+statistic, the reconstruction error, and llama-imatrix files. The methods (moeq2gguf/methods/) build on these.
 
 Tensors arrive in GGUF orientation and torch shape: [R, K] for a matrix, [E, R, K] for stacked
 experts (each expert a group with its own statistics). Returns the bytes for the GGUF and the
@@ -14,7 +15,6 @@ import torch
 
 from moeq2gguf import plan
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.quant.gptq import GPTQConfig, gptq_quantize
 from moeq2gguf.quant.stats import StatsCollector
 
 Q = gguf.GGMLQuantizationType
@@ -57,31 +57,6 @@ def reconstruction_error(w: torch.Tensor, q: torch.Tensor, H: torch.Tensor) -> f
     """sum_g tr((W_g - Q_g) H_g (W_g - Q_g)^T) = the (affinity-weighted) ||W X - Q X||^2 per token."""
     d = _groups(w).to(torch.float64) - _groups(q).to(torch.float64)
     return float(torch.einsum("grk,gkl,grl->", d, H.to(torch.float64), d))
-
-
-def quantize_with_stats(w: torch.Tensor, qtype: Q, method: str, collector: StatsCollector, input_name: str | None,
-                        cfg: GPTQConfig) -> tuple[np.ndarray, torch.Tensor, dict]:
-    info: dict = {"type": qtype.name, "method": "rtn"}
-    if qtype in FLOAT_TYPES or input_name is None or input_name not in collector.inputs:
-        data, deq = encode(w, qtype, None)
-        return data, deq, info
-    if method == "imatrix":
-        data, deq = encode(w, qtype, imatrix_importance(collector, input_name))
-        info["method"] = "imatrix"
-        return data, deq, info
-    from moeq2gguf.quant.grid import FormatGrid
-    H, coverage = collector.hessians(input_name, blend_rare=method == "moequant")
-    grid = FormatGrid(qtype)
-    grid.prepare(_groups(w))
-    Q3, codes, params = gptq_quantize(_groups(w), H, grid, cfg)
-    data = grid.pack(params, codes)
-    deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(w.shape).to(w.device)
-    if not torch.equal(deq, Q3.reshape(w.shape)):
-        raise AssertionError(f"packed {qtype.name} bytes do not dequantize to the weights GPTQ simulated")
-    _, deq_rtn = encode(w, qtype, None)
-    info.update(method=method, recon_error=reconstruction_error(w, deq, H), recon_error_rtn=reconstruction_error(w, deq_rtn, H),
-                coverage=coverage.__dict__ if collector.inputs[input_name].routed else None)  # experts, not heads
-    return data.reshape(*w.shape[:-1], -1), deq, info
 
 
 def load_imatrix(path: str | Path, sources) -> dict[str, torch.Tensor]:

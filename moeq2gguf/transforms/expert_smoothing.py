@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 
 import gguf
 import torch
@@ -29,6 +28,8 @@ import torch
 from moeq2gguf import nn
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec, TensorSource
+from moeq2gguf.passes.calibration import Plugin, float_pass
+from moeq2gguf.passes.layers import Layers
 
 log = logging.getLogger(__name__)
 
@@ -68,43 +69,27 @@ def _split(name: str) -> tuple[int | None, str]:
     return (int(parts[1]), ".".join(parts[2:])) if parts[0] == "blk" else (None, name)
 
 
-def calibration_pass(sources: list[TensorSource], spec: ModelSpec, windows: torch.Tensor,
-                     make_observer: Callable[[int, dict[str, torch.Tensor]], nn.Observer | None], purpose: str,
-                     batch: int = 8, device: str = "cpu",
-                     progress: Callable[[int], None] | None = None) -> dict[int, nn.Observer]:
-    """A float pass of the model given by `sources` over token windows [N, L], one layer resident at a time:
-    make_observer(bid, layer weights) gives the layer's observer (None: not observed); returns them by layer.
-    purpose names the option that needs the pass, for the error when the forward cannot run the family."""
-    reason = nn.unsupported_reason(spec)
-    if reason:
-        raise Moeq2ggufError(f"{purpose} needs the calibration forward, which cannot run {spec.family} ({reason})")
-    by_layer: dict[int | None, list[TensorSource]] = {}
-    for s in sources:
-        by_layer.setdefault(s.layer, []).append(s)
-    embd = next(s for s in sources if s.name == "token_embd.weight")
-    dev = torch.device(device)
-    x = nn.embed(windows, embd.load().reshape(embd.shape).to(dev))
-    observers: dict[int, nn.Observer] = {}
-    with torch.no_grad():
-        for bid in range(spec.n_layers):
-            w = {s.name.split(".", 2)[2]: s.load().reshape(s.shape).to(dev) for s in by_layer[bid]}
-            observer = make_observer(bid, w)
-            x = torch.cat([nn.decoder_layer(chunk, w, spec, observer, bid=bid)[0] for chunk in x.split(batch)])
-            if observer is not None:
-                observers[bid] = observer
-            del w
-            if progress:
-                progress(bid)
-    return observers
+class ExpertInputMaxima(Plugin):
+    """--smooth per-expert as a plug-in of the float calibration pass: per MoE layer, the max |x| of every
+    expert's input over the tokens routed to it (`stats` after the pass, for smooth_sources)."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.stats: dict[int, ExpertAbsMax] = {}
+
+    def observer(self, bid: int, weights: dict[str, torch.Tensor]) -> nn.Observer | None:
+        if "ffn_gate_inp.weight" not in weights:
+            return None
+        self.stats[bid] = ExpertAbsMax(self.spec.n_experts, self.spec.hidden_size)
+        return self.stats[bid]
 
 
 def expert_input_absmax(sources: list[TensorSource], spec: ModelSpec, windows: torch.Tensor, batch: int = 8,
-                        device: str = "cpu", progress: Callable[[int], None] | None = None) -> dict[int, ExpertAbsMax]:
-    """A float pass of the model given by `sources` over token windows [N, L]: per MoE layer, the
-    max |x| of every expert's input over the tokens routed to it."""
-    def make(bid: int, w: dict[str, torch.Tensor]) -> ExpertAbsMax | None:
-        return ExpertAbsMax(spec.n_experts, spec.hidden_size) if "ffn_gate_inp.weight" in w else None
-    return calibration_pass(sources, spec, windows, make, "--smooth per-expert", batch, device, progress)
+                        device: str = "cpu") -> dict[int, ExpertAbsMax]:
+    """A float pass of the model given by `sources` over token windows [N, L] with only this plug-in."""
+    plugin = ExpertInputMaxima(spec)
+    float_pass(Layers.of(sources, spec.n_layers), spec, windows, [plugin], "--smooth per-expert", device, batch)
+    return plugin.stats
 
 
 def smooth_sources(sources: list[TensorSource], spec: ModelSpec, stats: dict[int, ExpertAbsMax],

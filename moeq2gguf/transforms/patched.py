@@ -12,7 +12,7 @@ import torch
 
 from moeq2gguf import nn
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.models.base import FamilyAdapter, ModelSpec, TensorSource
+from moeq2gguf.models.base import ModelSpec, TensorSource
 from moeq2gguf.transforms import expert_hadamard, expert_smoothing
 
 SMOOTHING = ("per-expert",)
@@ -34,32 +34,34 @@ class ExpertTransforms:
         return self.smooth is not None or self.hadamard
 
 
-def apply(adapter: FamilyAdapter, sources: list[TensorSource], transforms: ExpertTransforms, calib: str,
-          n_windows: int, ctx: int, device: str = "cpu") -> tuple[list[TensorSource], Callable[[gguf.GGUFWriter], None]]:
-    """The transformed sources, and a function that writes the GGUF keys announcing them."""
-    spec, steps, before = adapter.spec, [], sources
+def apply(sources: list[TensorSource], spec: ModelSpec, transforms: ExpertTransforms,
+          stats: dict[int, expert_smoothing.ExpertAbsMax] | None = None
+          ) -> tuple[list[TensorSource], ModelSpec, Callable[[gguf.GGUFWriter], None]]:
+    """The transformed sources, the spec the calibration forward must run them with (the expert Hadamard is part
+    of the patched runtime's graph), and a function that writes the GGUF keys announcing them. stats: the
+    per-expert input maxima of a float pass (expert_smoothing.ExpertInputMaxima), for --smooth per-expert."""
+    steps, before, spec_before = [], sources, spec
     if transforms.smooth == "per-expert":
-        from moeq2gguf.calib.sources import calibration_windows
-        windows = calibration_windows(adapter.reader.model_dir, calib, n_windows, ctx)
-        stats = expert_smoothing.expert_input_absmax(sources, spec, windows, device=device)
+        if stats is None:
+            raise AssertionError("--smooth per-expert needs the float pass's expert input maxima")
         sources = expert_smoothing.smooth_sources(sources, spec, stats, transforms.alpha)
-        steps.append(lambda w: expert_smoothing.add_metadata(w, spec.gguf_arch))
+        steps.append(lambda w: expert_smoothing.add_metadata(w, spec_before.gguf_arch))
     if transforms.hadamard:
         block = expert_hadamard.hadamard_block(spec.expert_width, transforms.hadamard_max_block)
         sources = expert_hadamard.expert_hadamard_sources(sources, spec, block)
-        steps.append(lambda w: expert_hadamard.add_metadata(w, spec.gguf_arch, block))
+        steps.append(lambda w: expert_hadamard.add_metadata(w, spec_before.gguf_arch, block))
         # the model is now the patched runtime's graph: the calibration forward (nn.moe) rotates h as it does
-        adapter.spec = dataclasses.replace(spec, expert_hadamard_block=block)
+        spec = dataclasses.replace(spec, expert_hadamard_block=block)
 
-    check_forward(adapter, spec, before, sources)
+    check_forward(spec_before, spec, before, sources)
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         for step in steps:
             step(writer)
-    return sources, add_metadata
+    return sources, spec, add_metadata
 
 
-def check_forward(adapter: FamilyAdapter, spec_before: ModelSpec, before: list[TensorSource],
+def check_forward(spec_before: ModelSpec, spec_after: ModelSpec, before: list[TensorSource],
                   after: list[TensorSource], n_tokens: int = 32, tol: float = 1e-4) -> None:
     """The calibration forward (nn) must run the transformed model as the patched llama.cpp does, or the
     quantizers' statistics and the layer-by-layer inputs would be of another function: one MoE layer, transformed
@@ -74,7 +76,7 @@ def check_forward(adapter: FamilyAdapter, spec_before: ModelSpec, before: list[T
     x = torch.randn(1, n_tokens, spec_before.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = nn.decoder_layer(x, layer(before), spec_before, bid=bid)[0]
-        got = nn.decoder_layer(x, layer(after), adapter.spec, bid=bid)[0]
+        got = nn.decoder_layer(x, layer(after), spec_after, bid=bid)[0]
     err = float((got - ref).abs().max() / ref.abs().max())
     if not err <= tol:
         raise Moeq2ggufError(f"the calibration forward does not run layer {bid} with the expert transforms as the patched "

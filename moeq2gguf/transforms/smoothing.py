@@ -39,10 +39,12 @@ from collections.abc import Callable
 import gguf
 import torch
 
+from moeq2gguf import nn
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.models.base import FamilyAdapter, ModelSpec, TensorSource
+from moeq2gguf.models.base import ModelSpec, TensorSource
+from moeq2gguf.passes.calibration import BlockView, Plugin
 from moeq2gguf.transforms import rotate
-from moeq2gguf.transforms.expert_smoothing import ALPHA, calibration_pass, smoothing_scales
+from moeq2gguf.transforms.expert_smoothing import ALPHA, smoothing_scales
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +96,6 @@ class FFNAbsMax:
             self.absmax[name] = torch.zeros(self.n_experts if name.startswith("exps") else 1, x.shape[-1])
         row = 0 if expert is None else expert
         self.absmax[name][row] = torch.maximum(self.absmax[name][row], x.abs().amax(0).to(torch.float32).cpu())
-
-
-def ffn_absmax(sources: list[TensorSource], spec: ModelSpec, windows: torch.Tensor, device: str = "cpu",
-               purpose: str = "--smooth") -> dict[int, FFNAbsMax]:
-    """Every layer's FFN input and down-input maxima, from one float pass over windows [N, L]."""
-    return calibration_pass(sources, spec, windows, lambda bid, w: FFNAbsMax(spec.n_experts), purpose, device=device)
 
 
 def raw_scales(absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,33 +152,41 @@ def _layers(sources: list[TensorSource]) -> dict[int, dict[str, TensorSource]]:
     return out
 
 
+def _aggregate_scale(bid: int, keys, load: Callable[[str], torch.Tensor], stats: FFNAbsMax, spec: ModelSpec,
+                     alpha: float) -> torch.Tensor | None:
+    """Block bid's s [n_embd] (None: no FFN part to smooth); keys: the block's weight names without blk.N.,
+    load(key): that weight in float32."""
+    ffn_norm = rotate.FFN_NORM.get(spec.gguf_arch, "ffn_norm")
+    for name in keys:
+        base = name.rsplit(".", 1)[0]
+        if base not in KNOWN:
+            raise Moeq2ggufError(f"--smooth aggregate does not know whether blk.{bid}.{name} of the "
+                                 f"{spec.gguf_arch} architecture reads the FFN input; convert without it")
+    if f"{ffn_norm}.weight" not in keys:
+        raise Moeq2ggufError(f"--smooth aggregate folds 1/s into the FFN input norm, and layer {bid} of the "
+                             f"{spec.gguf_arch} file has no {ffn_norm}.weight; convert without it")
+    if "ffn_gate_up_exps.weight" in keys:
+        raise Moeq2ggufError("--smooth does not handle fused ffn_gate_up_exps tensors; convert without --smooth")
+    groups = []
+    for part, (gate, up, _) in PARTS.items():
+        if f"{up}.weight" not in keys:
+            continue
+        a = stats.absmax.get(f"{part}_in")
+        wmax = torch.maximum(load(f"{gate}.weight").abs().amax(-2), load(f"{up}.weight").abs().amax(-2))
+        wmax = wmax if wmax.dim() == 2 else wmax[None]
+        groups.append((a if a is not None else torch.zeros_like(wmax), wmax))
+    return aggregate_scales(groups, alpha) if groups else None
+
+
 def aggregate(sources: list[TensorSource], spec: ModelSpec, stats: dict[int, FFNAbsMax],
               alpha: float = ALPHA) -> list[TensorSource]:
     """The FFN norm weights / s and every FFN reader's columns * s, s per layer (module docstring)."""
     ffn_norm = rotate.FFN_NORM.get(spec.gguf_arch, "ffn_norm")
     scales: dict[int, torch.Tensor] = {}
     for bid, tensors in _layers(sources).items():
-        for name in tensors:
-            base = name.rsplit(".", 1)[0]
-            if base not in KNOWN:
-                raise Moeq2ggufError(f"--smooth aggregate does not know whether blk.{bid}.{name} of the "
-                                     f"{spec.gguf_arch} architecture reads the FFN input; convert without it")
-        if f"{ffn_norm}.weight" not in tensors:
-            raise Moeq2ggufError(f"--smooth aggregate folds 1/s into the FFN input norm, and layer {bid} of the "
-                                 f"{spec.gguf_arch} file has no {ffn_norm}.weight; convert without it")
-        if "ffn_gate_up_exps.weight" in tensors:
-            raise Moeq2ggufError("--smooth does not handle fused ffn_gate_up_exps tensors; convert without --smooth")
-        groups = []
-        for part, (gate, up, _) in PARTS.items():
-            if f"{up}.weight" not in tensors:
-                continue
-            a = stats[bid].absmax.get(f"{part}_in")
-            wmax = torch.maximum(_load(tensors[f"{gate}.weight"]).abs().amax(-2),
-                                 _load(tensors[f"{up}.weight"]).abs().amax(-2))
-            wmax = wmax if wmax.dim() == 2 else wmax[None]
-            groups.append((a if a is not None else torch.zeros_like(wmax), wmax))
-        if groups:
-            scales[bid] = aggregate_scales(groups, alpha)
+        s = _aggregate_scale(bid, tensors.keys(), lambda k, t=tensors: _load(t[k]), stats[bid], spec, alpha)
+        if s is not None:
+            scales[bid] = s
 
     out = []
     for s in sources:
@@ -199,21 +203,53 @@ def aggregate(sources: list[TensorSource], spec: ModelSpec, stats: dict[int, FFN
     return out
 
 
+def aggregate_block(view: BlockView, spec: ModelSpec, stats: FFNAbsMax, alpha: float = ALPHA) -> None:
+    """aggregate() on one block's weights in the float pass: the view gets the smoothed weights, and the inputs
+    the FFN norm feeds scale by 1/s."""
+    w = view.weights
+    s = _aggregate_scale(view.bid, w.keys(), lambda k: w[k].to(torch.float32), stats, spec, alpha)
+    if s is None:
+        return
+    ffn_norm = rotate.FFN_NORM.get(spec.gguf_arch, "ffn_norm")
+    for key in list(w):
+        base, suffix = key.rsplit(".", 1)
+        if suffix == "weight" and base == ffn_norm:
+            w[key] = w[key].to(torch.float32) / s.to(w[key].device)
+        elif suffix == "weight" and base in rotate.READS_FFN_NORM:
+            w[key] = w[key].to(torch.float32) * s.to(w[key].device)
+    for part, (_, up, _) in PARTS.items():
+        if f"{up}.weight" in w:
+            _compose(view, f"{part}_in", (1.0 / s)[None])
+
+
+def _compose(view: BlockView, name: str, r: torch.Tensor) -> None:
+    view.input_scales[name] = r if name not in view.input_scales else view.input_scales[name] * r
+
+
+def _down_scales(keys, load: Callable[[str], torch.Tensor], stats: FFNAbsMax,
+                 alpha: float) -> dict[str, torch.Tensor]:
+    """Per FFN part of one block: s [E, ff] or [ff]."""
+    if "ffn_gate_up_exps.weight" in keys:
+        raise Moeq2ggufError("--smooth does not handle fused ffn_gate_up_exps tensors; convert without --smooth")
+    scales = {}
+    for part, (_, up, dn) in PARTS.items():
+        if f"{up}.weight" not in keys:
+            continue
+        w = load(f"{dn}.weight").abs().amax(-2)   # [E, n_embd, ff] -> [E, ff]; [n_embd, ff] -> [ff]
+        a = stats.absmax.get(f"{part}_down")
+        a = a if a is not None else torch.zeros(1, w.shape[-1])
+        scales[part] = down_scales(a if w.dim() == 2 else a[0], w, alpha)
+    return scales
+
+
 def down(sources: list[TensorSource], spec: ModelSpec, stats: dict[int, FFNAbsMax],
          alpha: float = ALPHA) -> list[TensorSource]:
     """Per expert (and shared expert, dense FFN): up rows (and up bias) / s, down columns * s."""
     check(spec, ("down",))
     scales: dict[tuple[int, str], torch.Tensor] = {}   # (bid, part) -> s [E, ff] or [ff]
     for bid, tensors in _layers(sources).items():
-        if "ffn_gate_up_exps.weight" in tensors:
-            raise Moeq2ggufError("--smooth does not handle fused ffn_gate_up_exps tensors; convert without --smooth")
-        for part, (_, up, dn) in PARTS.items():
-            if f"{up}.weight" not in tensors:
-                continue
-            w = _load(tensors[f"{dn}.weight"]).abs().amax(-2)   # [E, n_embd, ff] -> [E, ff]; [n_embd, ff] -> [ff]
-            a = stats[bid].absmax.get(f"{part}_down")
-            a = a if a is not None else torch.zeros(1, w.shape[-1])
-            scales[bid, part] = down_scales(a if w.dim() == 2 else a[0], w, alpha)
+        for part, s in _down_scales(tensors.keys(), lambda k, t=tensors: _load(t[k]), stats[bid], alpha).items():
+            scales[bid, part] = s
 
     of = {name: part for part, names in PARTS.items() for name in names}
     out = []
@@ -234,6 +270,19 @@ def down(sources: list[TensorSource], spec: ModelSpec, stats: dict[int, FFNAbsMa
     return out
 
 
+def down_block(view: BlockView, spec: ModelSpec, stats: FFNAbsMax, alpha: float = ALPHA) -> None:
+    """down() on one block's weights in the float pass: up rows / s, down columns * s, down inputs scale by 1/s."""
+    w = view.weights
+    for part, s in _down_scales(w.keys(), lambda k: w[k].to(torch.float32), stats, alpha).items():
+        _, up, dn = PARTS[part]
+        s = s.to(w[f"{up}.weight"].device)
+        w[f"{up}.weight"] = w[f"{up}.weight"].to(torch.float32) / s[..., None]
+        if f"{up}.bias" in w:
+            w[f"{up}.bias"] = w[f"{up}.bias"].to(torch.float32) / s
+        w[f"{dn}.weight"] = w[f"{dn}.weight"].to(torch.float32) * s[..., None, :]
+        _compose(view, f"{part}_down", 1.0 / (s if s.dim() == 2 else s[None]))
+
+
 def _log(kind: str, alpha: float, scales: dict) -> None:
     if scales:
         lo = min(float(s.min()) for s in scales.values())
@@ -249,17 +298,29 @@ def check(spec: ModelSpec, kinds: tuple[str, ...]) -> None:
                              "act(gate)), where up / s does not give h / s; use --smooth aggregate")
 
 
-def apply(adapter: FamilyAdapter, sources: list[TensorSource], kinds: tuple[str, ...], calib: str, n_windows: int,
-          ctx: int, device: str = "cpu", alpha: float = ALPHA) -> list[TensorSource]:
-    """The smoothed sources (kinds from parse(), in order), from one calibration pass over `sources`."""
-    from moeq2gguf.calib.sources import calibration_windows
-    spec = adapter.spec
-    check(spec, kinds)
-    windows = calibration_windows(adapter.reader.model_dir, calib, n_windows, ctx)
-    stats = ffn_absmax(sources, spec, windows, device, f"--smooth {','.join(kinds)}")
-    for kind in kinds:
-        sources = {"aggregate": aggregate, "down": down}[kind](sources, spec, stats, alpha)
-    return sources
+class Smoothing(Plugin):
+    """--smooth aggregate / down as a plug-in of the float calibration pass: each block's FFN maxima; with
+    transform_blocks (a later plug-in measures the smoothed model), the block is smoothed in the pass too.
+    apply() then gives the smoothed sources (kinds in the order applied)."""
+
+    def __init__(self, spec: ModelSpec, kinds: tuple[str, ...], alpha: float = ALPHA, transform_blocks: bool = False):
+        check(spec, kinds)
+        self.spec, self.kinds, self.alpha, self.transform_blocks = spec, kinds, alpha, transform_blocks
+        self.stats: dict[int, FFNAbsMax] = {}
+
+    def observer(self, bid: int, weights: dict[str, torch.Tensor]) -> nn.Observer:
+        self.stats[bid] = FFNAbsMax(self.spec.n_experts)
+        return self.stats[bid]
+
+    def after_block(self, view: BlockView) -> None:
+        if self.transform_blocks:
+            for kind in self.kinds:
+                {"aggregate": aggregate_block, "down": down_block}[kind](view, self.spec, self.stats[view.bid], self.alpha)
+
+    def apply(self, sources: list[TensorSource]) -> list[TensorSource]:
+        for kind in self.kinds:
+            sources = {"aggregate": aggregate, "down": down}[kind](sources, self.spec, self.stats, self.alpha)
+        return sources
 
 
 def add_metadata(writer: gguf.GGUFWriter, kinds: tuple[str, ...], alpha: float = ALPHA) -> None:

@@ -1,0 +1,148 @@
+"""The quantization pass (docs/METHODS.md, layer-wise quantization), streamed in GGUF file order.
+
+For each decoder layer, with only that layer's weights in memory:
+  1. run the float layer on the current calibration hidden states, collecting the statistics the method asks
+     for (methods/: affinity-weighted or not, full second moments or diagonals);
+  2. quantize the layer's tensors with the method;
+  3. for a sequential method (gptq, moequant), re-run the layer with the dequantized weights to produce the
+     next layer's inputs, so later layers see and compensate earlier errors; otherwise (imatrix, as
+     llama-imatrix) the float layer's outputs go on.
+A method without statistics (rtn), or an --imatrix FILE, quantizes tensor by tensor and reads no text.
+`quantized_stream` yields each tensor's bytes in file order, so the writer streams them to disk.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moeq2gguf import methods, nn
+from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.models.base import ModelSpec
+from moeq2gguf.passes.layers import Layers, block_key, block_weights, input_of, run_block, short_name
+from moeq2gguf.quant import tensor_quant
+from moeq2gguf.quant.gptq import GPTQConfig
+from moeq2gguf.quant.stats import StatsCollector
+
+log = logging.getLogger(__name__)
+Q = gguf.GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "rtn"
+    calib: str = "calib"               # split name or path to the user's text
+    n_windows: int = 32
+    ctx: int = 512
+    batch_windows: int = 8             # windows per forward pass (memory)
+    device: str = "cpu"
+    gptq: GPTQConfig = GPTQConfig()
+    imatrix_file: str | None = None    # a llama-imatrix GGUF to use instead of our statistics
+
+    def __post_init__(self) -> None:
+        methods.get(self.method)   # an unknown name: the error lists the registered ones
+        if self.n_windows < 1 or self.ctx < 2:
+            raise Moeq2ggufError(f"calibration needs at least one window of 2+ tokens (got {self.n_windows} x {self.ctx})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise Moeq2ggufError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+
+
+@dataclass
+class QuantReport:
+    """Per tensor: type, method, reconstruction error vs RTN; per layer and expert: coverage."""
+    tensors: dict[str, dict] = field(default_factory=dict)
+    coverage: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, name: str, info: dict) -> None:
+        coverage = info.pop("coverage", None)
+        if coverage is not None:
+            self.coverage[name] = coverage
+        self.tensors[name] = info
+
+
+def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: QuantConfig, report: QuantReport,
+                     windows: torch.Tensor | None = None, progress: bool = True) -> Iterator[np.ndarray]:
+    """The bytes of every tensor in file order. windows [N, L]: the calibration tokens (a calibrated method)."""
+    sources = [layers.embedding, *(s for _, block in layers for s in block), *layers.tail]
+    type_of = dict(zip((s.name for s in sources), types))
+    method = methods.get(cfg.method)
+    device = torch.device(cfg.device)
+
+    if not method.calibrated or cfg.imatrix_file:
+        importance = tensor_quant.load_imatrix(cfg.imatrix_file, sources) if cfg.imatrix_file else {}
+        for s in tqdm(sources, desc=f"quantize {cfg.method}", unit="tensor", disable=not progress):
+            if s.raw_qtype is not None and type_of[s.name] == s.raw_qtype:
+                report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
+                yield s.load_raw().numpy()
+                continue
+            w = s.load().reshape(s.shape)
+            data, _ = tensor_quant.encode(w, type_of[s.name], importance.get(s.name))
+            report.tensors[s.name] = {"type": type_of[s.name].name, "method": "imatrix-file" if cfg.imatrix_file else "rtn"}
+            yield data
+        return
+
+    unsupported = nn.unsupported_reason(spec)
+    if unsupported:
+        raise Moeq2ggufError(f"--method {cfg.method} cannot calibrate {spec.family} yet ({unsupported}); "
+                             "use --method rtn or --imatrix FILE for it")
+    assert windows is not None, "a calibrated method needs the calibration windows"
+    embd = layers.embedding
+    token_embd = embd.load().reshape(embd.shape)
+    data, deq = tensor_quant.encode(token_embd, type_of[embd.name], None)
+    report.tensors[embd.name] = {"type": type_of[embd.name].name, "method": "rtn"}
+    yield data
+    # llama.cpp embeds by dequantizing rows of token_embd: a sequential method starts from those.
+    x = nn.embed(windows, (deq if method.sequential else token_embd).to(device))
+    del token_embd, deq
+
+    bar = tqdm(total=spec.n_layers, desc=f"quantize {cfg.method}", unit="layer", disable=not progress)
+    for bid, block in layers:
+        w = block_weights(block, device)
+        collector = method.collector(spec.n_experts, device)
+        x_float = run_block(x, w, spec, collector, bid, cfg.batch_windows)
+        encoded, qweights = {}, {}
+        # A second bar inside the layer, over its tensors counted in groups (a routed expert stack counts
+        # E, any other tensor 1): the expert stacks are where a big model's GPTQ time goes.
+        groups = [s.shape[0] if s.role == "expert" and len(s.shape) == 3 else 1 for s in block]
+        inner = tqdm(total=sum(groups), desc=f"layer {bid}", unit="group", leave=False, position=1,
+                     disable=not progress)
+        for s, n_groups in zip(block, groups):
+            key, qtype = block_key(s.name), type_of[s.name]
+            inner.set_postfix_str(short_name(s.name))   # the tensor being quantized
+            if s.raw_qtype is not None and qtype == s.raw_qtype:
+                # blocks the checkpoint already holds in a GGML format (GPT-OSS MXFP4 experts) are copied;
+                # w[key] holds their exact values, which the next layers then see
+                encoded[s.name], qweights[key] = s.load_raw().numpy(), w[key]
+                report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
+            else:
+                q = methods.quantize_tensor(method, w[key], qtype, collector, input_of(s.name), cfg.gptq)
+                encoded[s.name], qweights[key] = q.data, q.weights
+                report.add(s.name, q.info)
+            inner.update(n_groups)
+        inner.close()
+        x = run_block(x, qweights, spec, None, bid, cfg.batch_windows) if method.sequential else x_float
+        del w, qweights, collector, x_float
+        for s in block:
+            yield encoded.pop(s.name)
+        bar.update()
+    bar.close()
+
+    # final norm + head: the output projection is calibrated on the final normed hidden states
+    tail_w = layers.tail_weights(device)
+    output_w = tail_w.get("output.weight")
+    collector = StatsCollector(1, affinity=False, full=method.full_statistics, device=device)
+    if output_w is not None and method.calibrates_head:
+        for chunk in x.split(cfg.batch_windows):
+            normed = nn.rms_norm(chunk, tail_w["output_norm.weight"], spec.rms_norm_eps)
+            collector.observe("output", normed.reshape(-1, normed.shape[-1]), None, None)
+    for s in layers.tail:
+        q = methods.quantize_tensor(method, tail_w[s.name], type_of[s.name], collector,
+                                    "output" if s.name == "output.weight" else None, cfg.gptq)
+        q.info.pop("coverage", None)
+        report.tensors[s.name] = q.info
+        yield q.data
