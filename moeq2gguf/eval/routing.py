@@ -13,6 +13,7 @@ from moeq2gguf import nn
 from moeq2gguf.calib.sources import calibration_windows
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.registry import open_model
+from moeq2gguf.passes.layers import Layers, block_key, block_weights, run_block
 
 
 def _gguf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -24,29 +25,29 @@ def _gguf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def routing_agreement(quant: str | os.PathLike[str], model_dir: str | os.PathLike[str], text: str = "eval",
-                      windows: int = 4, ctx: int = 512) -> list[float]:
+                      windows: int = 4, ctx: int = 512, batch: int = 8) -> list[float]:
     """Per MoE layer (dense leading layers have no routing), % of tokens whose selected expert set is
-    unchanged by quantization."""
+    unchanged by quantization. One float block and one dequantized block resident at a time."""
     adapter = open_model(model_dir)
     spec = adapter.spec
     reason = nn.unsupported_reason(spec)
     if reason:
         raise Moeq2ggufError(f"routing agreement needs the calibration forward ({reason})")
-    float_w = {s.name: s.load().reshape(s.shape) for s in adapter.all_tensors()}
+    sources = adapter.all_tensors()
     quant_w = _gguf_weights(Path(quant))
-    if set(quant_w) != set(float_w):
+    if set(quant_w) != {s.name for s in sources}:
         raise Moeq2ggufError(f"{quant} does not hold the tensors of {model_dir}; pass the checkpoint it was made from")
+    layers = Layers.of(sources, spec.n_layers)
     tokens = calibration_windows(model_dir, text, windows, ctx)
+    xs = [nn.embed(tokens, layers.embedding.load().reshape(layers.embedding.shape)),
+          nn.embed(tokens, quant_w["token_embd.weight"])]
     agree = []
-    with torch.no_grad():
-        xs = [nn.embed(tokens, w["token_embd.weight"]) for w in (float_w, quant_w)]
-        for bid in range(spec.n_layers):
-            prefix = f"blk.{bid}."
-            routes = []
-            for i, w in enumerate((float_w, quant_w)):
-                layer = {k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)}
-                xs[i], r = nn.decoder_layer(xs[i], layer, spec, bid=bid)
-                routes.append(None if r is None else r.experts.sort(-1).values)
-            if routes[0] is not None:
-                agree.append(100.0 * float((routes[0] == routes[1]).all(-1).float().mean()))
+    for bid, block in layers:
+        routes: tuple[list, list] = ([], [])
+        blocks = (block_weights(block), {block_key(s.name): quant_w[s.name] for s in block})
+        for i, w in enumerate(blocks):
+            xs[i] = run_block(xs[i], w, spec, None, bid, batch, routes[i])
+        if routes[0]:
+            chosen = [torch.cat([r.experts for r in rs]).sort(-1).values for rs in routes]
+            agree.append(100.0 * float((chosen[0] == chosen[1]).all(-1).float().mean()))
     return agree

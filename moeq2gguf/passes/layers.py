@@ -63,10 +63,17 @@ def block_weights(sources: tuple[TensorSource, ...] | list[TensorSource],
 
 
 def run_block(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: nn.Observer | None, bid: int,
-              batch: int) -> torch.Tensor:
-    """One decoder block over windows x [N, L, n_embd], `batch` windows at a time."""
+              batch: int, routes: list[nn.Routing] | None = None) -> torch.Tensor:
+    """One decoder block over windows x [N, L, n_embd], `batch` windows at a time; routes: appended with each
+    chunk's expert choice (a MoE block)."""
+    out = []
     with torch.no_grad():
-        return torch.cat([nn.decoder_layer(chunk, w, spec, observer, bid=bid)[0] for chunk in x.split(batch)])
+        for chunk in x.split(batch):
+            y, routing = nn.decoder_layer(chunk, w, spec, observer, bid=bid)
+            out.append(y)
+            if routes is not None and routing is not None:
+                routes.append(routing)
+    return torch.cat(out)
 
 
 class FanOut:
