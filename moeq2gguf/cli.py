@@ -37,8 +37,10 @@ def reconstruction_summary(report) -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from moeq2gguf.config import EvalConfig
     from moeq2gguf.eval import evaluate
-    result = evaluate(args.quant, args.base, text=args.text or args.split, ctx=args.ctx, chunks=args.chunks,
+    config = EvalConfig(text=args.text or args.split, ctx=args.ctx, chunks=args.chunks)
+    result = evaluate(args.quant, args.base, text=config.text, ctx=config.ctx, chunks=config.chunks,
                       progress=not args.json)
     routing = None
     if args.routing_model:
@@ -117,10 +119,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _calibrate(args: argparse.Namespace) -> None:
     from moeq2gguf.calib import calibrate, format_report
-    result = calibrate(args.model_dir, output=args.output, ebss=args.ebss, n=args.n, length=args.len, beams=args.beams,
-                       tau=args.tau, topk=args.topk, seed=args.seed, eos_guard=not args.no_eos_guard,
-                       ngram_guard=args.ngram_guard, repetition_penalty=args.repetition_penalty, balance=args.balance,
-                       report=tuple(args.report), device=args.device, progress=not args.quiet)
+    from moeq2gguf.config import CalibrateConfig
+    config = CalibrateConfig(output=args.output, ebss=args.ebss, n=args.n, length=args.len, beams=args.beams,
+                             tau=args.tau, topk=args.topk, seed=args.seed, eos_guard=not args.no_eos_guard,
+                             ngram_guard=args.ngram_guard, repetition_penalty=args.repetition_penalty,
+                             balance=args.balance, report=tuple(args.report), device=args.device)
+    result = calibrate(args.model_dir, config, progress=not args.quiet)
     if result.ebss:
         e = result.ebss
         guards = ", ".join(f"{g} {v['changed']}/{v['of']}" if v["enabled"] else f"{g} off" for g, v in e.guards.items())
@@ -205,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: DEFAULT_TAU of moeq2gguf/calib/ebss.py, measured on the bundled models)")
     p.add_argument("--topk", type=int, default=64, help="candidates per beam and step (default 64)")
     p.add_argument("--balance", default="candidate", choices=["parent", "candidate"],
-                   help="sigma in the cost: of the parent beam (ALGORITHMS.md) or of each candidate, from one extra "
+                   help="sigma in the cost: of the parent beam (docs/METHODS.md) or of each candidate, from one extra "
                         "batched pass over all candidates per step (stronger balance, about topk/2 x the compute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-eos-guard", action="store_true", help="allow EOS and other special tokens inside sequences")

@@ -95,3 +95,57 @@ class ConvertConfig:
     @property
     def method_impl(self) -> methods.Method:
         return methods.get(self.method)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """What `moeq2gguf calibrate` is asked to do: EBSS generation into `output` and/or balance reports."""
+    output: str | None = None                # the EBSS .jsonl to write
+    ebss: bool = False
+    n: int = 128
+    length: int = 512
+    beams: int = 4
+    tau: float | None = None                 # None: calib.ebss.DEFAULT_TAU
+    topk: int = 64
+    seed: int = 0
+    eos_guard: bool = True
+    ngram_guard: int = 4
+    repetition_penalty: float = 1.1
+    balance: str = "candidate"
+    report: tuple[str, ...] = ()             # split names or files whose expert balance to print
+    device: str | None = None                # None: the GPU when present
+
+    def __post_init__(self) -> None:
+        from pathlib import Path
+        object.__setattr__(self, "report", tuple(str(r) for r in self.report))
+        if not self.ebss and not self.report:
+            raise Moeq2ggufError("calibrate: nothing to do; pass --ebss -o FILE.jsonl and/or --report SPLIT|FILE")
+        if self.ebss and self.output is None:
+            raise Moeq2ggufError("calibrate --ebss needs -o FILE.jsonl to write the generated sequences to")
+        if not self.ebss and self.output is not None:
+            raise Moeq2ggufError("calibrate -o is only used with --ebss; add --ebss or drop -o")
+        if self.ebss and Path(self.output).suffix != ".jsonl":
+            raise Moeq2ggufError(f"EBSS output {self.output} must end in .jsonl (one {{\"text\", \"ids\"}} record per line)")
+        self.ebss_config   # EBSSConfig's own checks
+
+    @property
+    def ebss_config(self):
+        from moeq2gguf.calib.ebss import DEFAULT_TAU, EBSSConfig
+        return EBSSConfig(n=self.n, length=self.length, beams=self.beams,
+                          tau=DEFAULT_TAU if self.tau is None else self.tau, topk=self.topk, seed=self.seed,
+                          eos_guard=self.eos_guard, ngram_guard=self.ngram_guard,
+                          repetition_penalty=self.repetition_penalty, balance=self.balance)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How `moeq2gguf eval` compares a quant with its float model."""
+    text: str = "eval"                       # a split name, or a .txt/.jsonl file or folder
+    ctx: int = 512                           # window length; the second half of each window is scored
+    chunks: int | None = None                # at most this many windows
+
+    def __post_init__(self) -> None:
+        if self.ctx < 4 or self.ctx % 2:
+            raise Moeq2ggufError(f"--ctx {self.ctx} must be an even number >= 4")
+        if self.chunks is not None and self.chunks < 1:
+            raise Moeq2ggufError(f"--chunks {self.chunks} must be at least 1")

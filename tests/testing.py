@@ -20,7 +20,7 @@ FAMILY_CLASSES = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 
-# Tiny shapes per family, respecting what llama.cpp assumes of each (ENVIRONMENT.md): OLMoE with
+# Tiny shapes per family, respecting what llama.cpp assumes of each (docs/PLATFORMS.md): OLMoE with
 # key/value heads = heads and eps 1e-5, Qwen3-MoE renormalised, DeepSeek-V2 lite layout (no q LoRA)
 # with q_lora_rank written as 0 in GGUF, DeepSeek-V3 with grouped sigmoid routing and a selection
 # bias, GPT-OSS with alternating sliding-window layers (default RoPE: llama.cpp's YaRN rounds the

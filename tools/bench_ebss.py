@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--tau", type=float, nargs="+", default=[DEFAULT_TAU])
     ap.add_argument("--batch", type=int, default=EBSSConfig.batch_sequences, help="sequences per batch")
     ap.add_argument("--balance", nargs="+", default=["candidate"], choices=["parent", "candidate"],
-                    help="sigma of the parent beam (ALGORITHMS.md literally) and/or of each candidate; crossed with --tau")
+                    help="sigma of the parent beam (docs/METHODS.md literally) and/or of each candidate; crossed with --tau")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest on a shared CPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="write results.json here (the EBSS data itself goes to the EBSS cache)")

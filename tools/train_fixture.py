@@ -185,7 +185,7 @@ def main() -> None:
     (out_dir / "README.md").write_text(
         f"# {out_dir.name}\n\n"
         f"A {model.config.architectures[0]} trained by moeq2gguf's `tools/train_fixture.py` on the train split of\n"
-        f"the Python {sys.version.split()[0]} standard library sources (../shared/BENCH.md), saved in bf16 in the\n"
+        f"the Python {sys.version.split()[0]} standard library sources (docs/EVALUATION.md), saved in bf16 in the\n"
         f"on-disk layout of hub checkpoints of its family.\n\n"
         f"- command: `{command}`\n"
         f"- parameters: {n_params / 1e6:.2f}M\n"

@@ -1,4 +1,4 @@
-"""Expert balance of a calibration set (ALGORITHMS.md section 5): which experts its tokens reach.
+"""Expert balance of a calibration set (docs/METHODS.md section 5): which experts its tokens reach.
 
 For every MoE layer, count how often each routed expert is selected (top-k of the router) over all
 tokens of the set. The balance metric is

@@ -1,4 +1,4 @@
-"""Text corpora: the Python standard library split (../shared/BENCH.md) and a user's own files.
+"""Text corpora: the Python standard library split (docs/EVALUATION.md) and a user's own files.
 
 The split is by file: sha1 of the path relative to the stdlib directory (POSIX form), as an
 integer, mod 10: 0 -> eval, 1 -> calib, 2..9 -> train. site-packages is excluded. Files are

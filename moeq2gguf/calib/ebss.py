@@ -1,4 +1,4 @@
-"""EBSS: expert-balanced self-sampling (MoEQuant; ALGORITHMS.md section 5).
+"""EBSS: expert-balanced self-sampling (MoEQuant; docs/METHODS.md section 5).
 
 The model writes its own calibration text, steered toward balanced expert use:
 
@@ -16,7 +16,7 @@ The model writes its own calibration text, steered toward balanced expert use:
 - at L tokens the beam with the lowest final cost -R/l + sigma/tau (its own, complete counts) is kept.
 
 Which sigma (EBSSConfig.balance; both follow the formula, select_candidates takes either):
-- "parent": balance.balance_sigma of the parent beam's counts, as ALGORITHMS.md writes it. It is the
+- "parent": balance.balance_sigma of the parent beam's counts, as docs/METHODS.md writes it. It is the
   same for all candidates of a parent, so it only ranks beams; beam search keeps the w beams close
   relatives (their sigma differs by about 0.001 on the bundled models), and the candidate's own
   experts are unknown when it is chosen. Measured: it lowers sigma a little and never raises the
@@ -101,7 +101,7 @@ class EBSSConfig:
     ngram_guard: int = 4                # ban tokens completing a repeated n-gram; 0: off
     repetition_penalty: float = 1.1     # 1.0: off
     batch_sequences: int = 8            # sequences per batch (of batch_sequences * beams rows)
-    balance: str = "candidate"          # sigma of each candidate (default) or of its parent (ALGORITHMS.md)
+    balance: str = "candidate"          # sigma of each candidate (default) or of its parent (docs/METHODS.md)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.length < 3:

@@ -91,10 +91,10 @@ def evaluate(quant: str | os.PathLike[str], base: str | os.PathLike[str], text: 
 def evaluate_many(quants: list[str | os.PathLike[str]], base: str | os.PathLike[str], text: str = "eval", ctx: int = 512,
                   chunks: int | None = None, progress: bool = True) -> list[EvalResult]:
     """Several quants of one base in one pass: each window's base logits are computed once."""
+    from moeq2gguf.config import EvalConfig
+    EvalConfig(text=text, ctx=ctx, chunks=chunks)   # the option checks
     t0 = time.time()
     quants, base = [Path(q) for q in quants], Path(base)
-    if ctx < 4 or ctx % 2:
-        raise Moeq2ggufError(f"--ctx {ctx} must be an even number >= 4")
     for q in quants:
         check_comparable(q, base)
     if any(runtime.patched_features(q) for q in quants) and not runtime.is_patched():

@@ -1,4 +1,4 @@
-"""Routing agreement, torch side (ALGORITHMS.md section 6): for each MoE layer, the share of tokens
+"""Routing agreement, torch side (docs/METHODS.md section 6): for each MoE layer, the share of tokens
 whose top-k expert set is the same in the quantized model (its GGUF dequantized with gguf-py) as in
 the float checkpoint. Each model runs on its own hidden states, as each would at inference."""
 from __future__ import annotations

@@ -13,7 +13,7 @@ An observer, when given, receives the input of every quantizable linear, once pe
 with the routing weight a(t, e) the runtime multiplies expert e's output by as token_weight for
 routed experts (after renormalisation and routed scaling where the architecture applies them; for
 GPT-OSS the softmax over the chosen k) and the sigmoid gate for a gated shared expert
-(ALGORITHMS.md section 3). MLA's per-head weight stacks (attn_k_b, attn_v_b) get x [T, H, in]: one
+(docs/METHODS.md section 3). MLA's per-head weight stacks (attn_k_b, attn_v_b) get x [T, H, in]: one
 group per head, each seeing every token.
 """
 from __future__ import annotations

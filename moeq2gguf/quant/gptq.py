@@ -1,4 +1,4 @@
-"""GPTQ into a fixed GGML grid, batched over experts (ALGORITHMS.md section 2).
+"""GPTQ into a fixed GGML grid, batched over experts (docs/METHODS.md section 2).
 
 Frantar et al., "GPTQ" (2022): walk the input columns in order, quantize column j, spread its error
 onto the columns not yet quantized through the upper Cholesky factor of H^-1, in lazy blocks.

@@ -1,6 +1,6 @@
 """Calibration statistics of one decoder layer: second moments of each linear's input.
 
-Routed experts get one Hessian per expert. With affinity weighting (MoEQuant's AGQ, ALGORITHMS.md
+Routed experts get one Hessian per expert. With affinity weighting (MoEQuant's AGQ, docs/METHODS.md
 section 3) every token's contribution is multiplied by the routing weight the runtime applies to that
 expert's output (and a gated shared expert's by its sigmoid gate); without it every routed token counts
 once, as GPTQ and llama-imatrix do. Coverage (section 4): an expert seen by fewer tokens than its input

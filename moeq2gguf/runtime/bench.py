@@ -4,7 +4,7 @@ a GGUF file through llama-cpp-python, per thread count.
 Any GGUF that llama.cpp loads works, ours or not. Each thread count runs in a fresh process
 (moeq2gguf/bench_worker.py), so its peak RSS is that process's own and no allocator state carries
 over from one row to the next (the OS page cache does: a warm file loads faster). The prompt is the first --ctx tokens of the eval split
-(../shared/BENCH.md), tokenized by the model's own tokenizer, decoded in one llama_decode; then --gen
+(docs/EVALUATION.md), tokenized by the model's own tokenizer, decoded in one llama_decode; then --gen
 greedy tokens continue it one llama_decode each. Timings are medians of --repeats runs after one
 warm-up run; llama.cpp settings are llama_cpp.Llama's defaults (mmap, F16 KV cache, flash attention
 off) with n_batch = n_ubatch = ctx.

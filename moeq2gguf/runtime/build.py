@@ -10,7 +10,7 @@ copies of those ggml libraries.
 
 `build(cuda=True)` is for an installation whose libggml has no CUDA: it builds ggml with GGML_CUDA from the
 same vendored tree next to the patched libllama, in .cache/llama-patched-cuda/ (a full ggml-cuda build is
-20 to 30 minutes on 2 cores; ENVIRONMENT.md). Only this build applies the patches that change ggml (0003, the
+20 to 30 minutes on 2 cores; docs/PLATFORMS.md). Only this build applies the patches that change ggml (0003, the
 CUDA fusion of the smoothing); the CPU build applies those outside ggml/ and links the stock libggml.
 
 `cuda_compile_check()` compiles, with nvcc and no GPU, the ggml-cuda sources that those patches touch, with the

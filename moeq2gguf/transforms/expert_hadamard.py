@@ -1,4 +1,4 @@
-"""Expert Hadamard (ALGORITHMS.md section 8): rotate each routed expert's intermediate activation.
+"""Expert Hadamard (docs/METHODS.md section 8): rotate each routed expert's intermediate activation.
 
 The patched llama.cpp (runtime_patches/) multiplies every expert's intermediate activation
 h = act(x W_gate^T) * (x W_up^T), a row of n_ff, by H = diag(H_b, ..., H_b) before the down projection:

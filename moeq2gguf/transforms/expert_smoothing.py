@@ -1,4 +1,4 @@
-"""Per-expert input smoothing (EAQuant, ALGORITHMS.md sections 6 and 8), for the patched llama.cpp.
+"""Per-expert input smoothing (EAQuant, docs/METHODS.md sections 6 and 8), for the patched llama.cpp.
 
 Per routed expert e and input channel j, from a float calibration pass over the tokens routed to e:
     s(e, j) = max_t |x(e, j)|^alpha / max(max_i |W_gate(e)[i, j]|, max_i |W_up(e)[i, j]|)^(1 - alpha)

@@ -1,4 +1,4 @@
-"""Offline residual-stream rotation (QuaRot's, ALGORITHMS.md section 7), folded into the weights.
+"""Offline residual-stream rotation (QuaRot's, docs/METHODS.md section 7), folded into the weights.
 
 With the residual stream h (a row of n_embd) replaced by h Q for an orthogonal Q, RMSNorm commutes
 with the rotation once its weight g is folded into the linears that read its output

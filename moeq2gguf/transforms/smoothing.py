@@ -1,4 +1,4 @@
-"""Smoothing folded into the weights, for stock llama.cpp (EAQuant, ALGORITHMS.md section 6).
+"""Smoothing folded into the weights, for stock llama.cpp (EAQuant, docs/METHODS.md section 6).
 
 Both scale one axis of a linear's input by s and its reader's weights by the inverse, so every output of
 the float model is unchanged; quantizing the scaled weights moves activation outliers into the weights,

@@ -1,4 +1,4 @@
-"""Hessian statistics: affinity weighting and the coverage fallback (ALGORITHMS.md sections 3-4)."""
+"""Hessian statistics: affinity weighting and the coverage fallback (docs/METHODS.md sections 3-4)."""
 from __future__ import annotations
 
 import torch
