@@ -50,6 +50,19 @@ def iter_split(split: str) -> Iterator[str]:
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
+def jsonl_records(path: Path, expect: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a .jsonl file; a line that is not JSON is an error saying
+    each line must be `expect`."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TextSourceError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {expect}") from exc
+
+
 def iter_user_texts(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield texts from a .txt file (the whole file), a .jsonl file (each line's "text" field)
     or a directory of such files (sorted)."""
@@ -64,17 +77,10 @@ def iter_user_texts(path: str | os.PathLike[str]) -> Iterator[str]:
             yield from iter_user_texts(f)
         return
     if p.suffix == ".jsonl":
-        with p.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TextSourceError(f"{p}:{lineno}: not valid JSON ({exc.msg}); each line must be an object with a \"text\" field") from exc
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise TextSourceError(f"{p}:{lineno}: expected an object with a string \"text\" field")
-                yield record["text"]
+        for lineno, record in jsonl_records(p, 'an object with a "text" field'):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise TextSourceError(f"{p}:{lineno}: expected an object with a string \"text\" field")
+            yield record["text"]
         return
     try:
         yield p.read_text(encoding="utf-8")

@@ -61,24 +61,15 @@ def _id_windows(rows: list[list[int]], tokenizer, source: str, n_windows: int, c
 def read_token_file(path: str | Path) -> list[list[int]] | None:
     """The "ids" of every record of a .jsonl written by EBSS, or None when the file is not one
     (a .txt, or a .jsonl whose records carry text only)."""
-    import json
-
     p = Path(path)
     if p.suffix != ".jsonl" or not p.is_file():
         return None
     rows = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise Moeq2ggufError(f"{p}:{lineno}: not valid JSON ({exc.msg}); each line must be an object") from exc
-            ids = record.get("ids") if isinstance(record, dict) else None
-            if ids is None:
-                return None
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-                raise Moeq2ggufError(f"{p}:{lineno}: \"ids\" must be a list of token ids")
-            rows.append(ids)
+    for lineno, record in corpus.jsonl_records(p, "an object"):
+        ids = record.get("ids") if isinstance(record, dict) else None
+        if ids is None:
+            return None
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise Moeq2ggufError(f"{p}:{lineno}: \"ids\" must be a list of token ids")
+        rows.append(ids)
     return rows or None
