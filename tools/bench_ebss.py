@@ -8,7 +8,7 @@ selected expert's token count; then per EBSS run the generation time, mean log-p
 often each guard changed the kept beams, and the magnitudes tau is judged against (spread of -R/l
 and of sigma between the beams of a sequence).
 
-usage: python tools/bench_ebss.py [--models mixtral-tiny qwen2moe-tiny] [--n 16] [--len 256]
+usage: python tools/bench_ebss.py [--models mixtral-tiny qwen2moe-tiny or checkpoint folders] [--n 16] [--len 256]
                                   [--tau 0.005 ...] [--balance candidate parent] [--threads 1] [--device cpu] [--out DIR]
        python tools/bench_ebss.py --tables DIR/results.json
 """
@@ -55,7 +55,7 @@ def main() -> None:
 
     rows, runs = [], []
     for name in args.models:
-        model_dir = REPO / "moeq2gguf" / "fixtures" / name
+        model_dir = Path(name) if Path(name).is_dir() else REPO / "moeq2gguf" / "fixtures" / name   # a folder, or a bundled model
         device = resolve_device(args.device)
         model = load_model(model_dir, device)
         for balance, tau in [(b, t) for b in args.balance for t in args.tau]:

@@ -6,11 +6,14 @@ per-expert tensor names real checkpoints use):
   mixtral : MixtralForCausalLM, 8 experts top-2, softmax renormalised over the top-2
   qwen2moe: Qwen2MoeForCausalLM, 16 fine-grained experts top-4 (not renormalised) plus the
             sigmoid-gated shared expert, qkv biases
-Both use hidden 256 and 4 layers. Widths are multiples of 256 where llama.cpp's K-quants need
+  deepseek_v3: DeepseekV3ForCausalLM, MLA attention, the first layer dense, then 16 experts top-4
+            chosen by sigmoid scores within the best 2 of 4 groups, renormalised and scaled, one shared
+            expert (not bundled: trained for the EBSS benchmark, into .cache)
+All use hidden 256 and 4 layers. Widths are multiples of 256 where llama.cpp's K-quants need
 them, except Qwen2-MoE's experts (128 wide), which like Qwen1.5-MoE-A2.7B's 1408 make llama-quantize
 fall back on ffn_down_exps; the pair stays under 40 MB in bf16.
 
-usage: python tools/train_fixture.py {mixtral,qwen2moe} -o DIR [--steps N] [--seed S]
+usage: python tools/train_fixture.py {mixtral,qwen2moe,deepseek_v3} -o DIR [--steps N] [--seed S]
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ def train_tokenizer(family: str):
 
 
 def build_model(family: str, tokenizer, aux_coef: float):
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
+                              Qwen2MoeForCausalLM)
 
     common = dict(vocab_size=VOCAB_SIZE, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -48,6 +52,16 @@ def build_model(family: str, tokenizer, aux_coef: float):
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
         return MixtralForCausalLM(cfg)
+    if family == "deepseek_v3":
+        cfg = DeepseekV3Config(**{**common, "num_key_value_heads": 4}, intermediate_size=512, moe_intermediate_size=256,
+                               n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
+                               n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                               q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
+                               v_head_dim=32, num_nextn_predict_layers=0, rms_norm_eps=1e-6,
+                               router_aux_loss_coef=aux_coef, output_router_logits=True,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        return DeepseekV3ForCausalLM(cfg)
     cfg = Qwen2MoeConfig(**common, intermediate_size=512, moe_intermediate_size=128, shared_expert_intermediate_size=512,
                          num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, rms_norm_eps=1e-6,
                          router_aux_loss_coef=aux_coef, output_router_logits=True, qkv_bias=True,
@@ -111,7 +125,7 @@ def least_used_share(router_logits, config) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("family", choices=["mixtral", "qwen2moe"])
+    ap.add_argument("family", choices=["mixtral", "qwen2moe", "deepseek_v3"])
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--steps", type=int, default=3000, help="step budget (the schedule's length)")
     ap.add_argument("--minutes", type=float, default=None,

@@ -10,8 +10,9 @@ layer). A perfectly balanced layer has sigma 0; a layer that sends every token t
 experts has sigma sqrt(k/E * (1/k - 1/E)^2 + (E-k)/E * (1/E)^2), e.g. 0.217 for k=2 of E=8.
 The same function scores one EBSS beam (its own tokens' counts) and a whole set.
 
-Selection only needs the arg-top-k of the router, which is the same for softmax or raw logits in
-the softmax-top-k families supported here; sigmoid/grouped routers (DeepSeek-V3) are not.
+Which experts a token selects is the family's own routing rule applied to the router logits transformers
+records (ExpertSelector: nn.select_experts, the calibration forward's rule), so every supported family is
+counted as llama.cpp routes it.
 """
 from __future__ import annotations
 
@@ -23,29 +24,48 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moeq2gguf import nn
 from moeq2gguf.calib.windows import read_token_file, token_windows
 from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.models.base import ModelSpec
 
 log = logging.getLogger(__name__)
 
-# model_type -> router scoring whose arg-top-k is the arg-top-k of the raw router logits
-SOFTMAX_TOPK_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+class ExpertSelector:
+    """The experts the runtime would select, from the router logits transformers records: the family's own routing
+    rule (nn.select_experts, the one the calibration forward and llama.cpp use: softmax top-k, sigmoid scores with a
+    selection bias and group-limited choice, a router bias with top-k on the logits), per MoE layer in router call
+    order with that layer's selection bias. Every family the converter supports gets it; no list to extend."""
 
+    def __init__(self, spec: ModelSpec, selection_biases: list[torch.Tensor | None]):
+        self.spec = spec
+        self.biases = selection_biases
+        self.top_k, self.n_experts = spec.n_experts_used, spec.n_experts
 
-def expert_top_k(config) -> int:
-    """k of the family's top-k routing, checked to be a softmax (or logit) top-k."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SOFTMAX_TOPK_TYPES:
-        raise Moeq2ggufError(f"expert counts need a softmax top-k router; model_type {model_type!r} is not supported "
-                             f"(supported: {', '.join(SOFTMAX_TOPK_TYPES)})")
-    return int(config.num_experts_per_tok)
+    @classmethod
+    def for_model(cls, model, model_dir: str | Path) -> "ExpertSelector":
+        """model: transformers' model of the checkpoint at model_dir (whose adapter gives the routing rule)."""
+        from moeq2gguf.models.registry import open_model
+        adapter = open_model(model_dir)
+        try:
+            spec = adapter.spec
+        finally:
+            adapter.reader.close()
+        target = model.model._can_record_outputs["router_logits"].target_class
+        biases = [getattr(m, "e_score_correction_bias", None) for m in model.modules() if isinstance(m, target)]
+        return cls(spec, biases)
 
+    def chosen(self, router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[torch.Tensor]:
+        """(T, k) expert ids per MoE layer."""
+        if len(router_logits) != len(self.biases):
+            raise AssertionError(f"{len(router_logits)} router outputs for {len(self.biases)} routers")
+        return [nn.select_experts(logits.float(), self.spec, bias).experts
+                for logits, bias in zip(router_logits, self.biases)]
 
-def n_routed_experts(config) -> int:
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    raise Moeq2ggufError(f"config of model_type {config.model_type!r} names no expert count")
+    def counts(self, router_logits, n_rows: int | None = None) -> torch.Tensor:
+        """(n_layers, E) selection counts over all tokens, or (n_rows, n_layers, E) per row (rows major, as
+        transformers flattens [batch, seq])."""
+        return selection_counts(self.chosen(router_logits), self.n_experts, n_rows)
 
 
 def router_layer_ids(model) -> list[int]:
@@ -60,19 +80,13 @@ def router_layer_ids(model) -> list[int]:
     return ids
 
 
-def selection_counts(router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], top_k: int, n_experts: int,
-                     n_rows: int | None = None) -> torch.Tensor:
-    """Expert selection counts from transformers' router logits.
-
-    router_logits: one (n_rows * seq, E) tensor per MoE layer (rows major, as transformers flattens
-    [batch, seq]). Returns (n_layers, E) int64 counts over all tokens, or (n_rows, n_layers, E)
-    per row when n_rows is given.
-    """
+def selection_counts(chosen: list[torch.Tensor], n_experts: int, n_rows: int | None = None) -> torch.Tensor:
+    """Counts of the selected expert ids: chosen, one (n_rows * seq, k) tensor per MoE layer. Returns (n_layers, E)
+    int64 counts over all tokens, or (n_rows, n_layers, E) per row when n_rows is given."""
     per_layer = []
-    for logits in router_logits:
-        chosen = logits.float().topk(top_k, dim=-1).indices          # (T, k)
-        onehot = torch.zeros(chosen.shape[0], n_experts, dtype=torch.int64, device=chosen.device)
-        onehot.scatter_(1, chosen, 1)                                  # (T, E), k ones per token
+    for ids in chosen:
+        onehot = torch.zeros(ids.shape[0], n_experts, dtype=torch.int64, device=ids.device)
+        onehot.scatter_(1, ids, 1)                                     # (T, E), k ones per token
         if n_rows is None:
             per_layer.append(onehot.sum(0))
         else:
@@ -96,9 +110,18 @@ def layer_sigma(counts: torch.Tensor) -> torch.Tensor:
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu"):
     """The checkpoint as transformers' own model, float32, eval mode."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as exc:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        raise Moeq2ggufError(
+            f"EBSS and the balance report run the checkpoint with transformers' own model, and transformers has no "
+            f"class for model_type {config.get('model_type')!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "calibrate this model from text instead (--calib FILE or the default calib split)") from exc
     return model.to(device).eval()
 
 
@@ -112,14 +135,13 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 @torch.no_grad()
-def expert_counts(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
+def expert_counts(model, windows: torch.Tensor, selector: ExpertSelector, batch: int = 8) -> torch.Tensor:
     """(n_layers, E) selection counts of every token of `windows` ([n, ctx] ids), full causal passes."""
-    top_k, n_experts = expert_top_k(model.config), n_routed_experts(model.config)
     device = next(model.parameters()).device
     total = None
     for chunk in windows.split(batch):
         out = model(input_ids=chunk.to(device), output_router_logits=True, use_cache=False, logits_to_keep=1)
-        counts = selection_counts(out.router_logits, top_k, n_experts).cpu()
+        counts = selector.counts(out.router_logits).cpu()
         total = counts if total is None else total + counts
     return total
 
@@ -176,9 +198,10 @@ def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], 
     if model is None:
         model = load_model(model_dir, resolve_device(device))
     layer_ids = router_layer_ids(model)
+    selector = ExpertSelector.for_model(model, model_dir)
     stats = []
     for s, w in windows.items():
-        counts = expert_counts(model, w)
+        counts = expert_counts(model, w, selector)
         stats.append(BalanceStats(s, w.shape[0], w.shape[1], counts.numpy(), layer_ids))
         log.info("balance of %s: %d tokens, sigma %.4f", s, stats[-1].n_tokens, stats[-1].sigma)
     return stats

@@ -50,6 +50,7 @@ numerics (hence rare ties) can depend on the batch size and the device.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,8 +66,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moeq2gguf.calib.balance import (balance_sigma, expert_top_k, layer_sigma, load_model, n_routed_experts,
-                                     resolve_device, router_layer_ids, selection_counts)
+from moeq2gguf.calib.balance import (ExpertSelector, balance_sigma, layer_sigma, load_model, resolve_device,
+                                     router_layer_ids)
 from moeq2gguf.errors import Moeq2ggufError
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,13 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def has_sliding_window(config) -> bool:
+    """Whether some attention layer of the model is a sliding-window one (GPT-OSS alternates them)."""
+    return "sliding_attention" in (getattr(config, "layer_types", None) or ()) or \
+        bool(getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False
+             and getattr(config, "model_type", "") == "gpt_oss")
+
+
 def start_tokens(n: int, seed: int, allowed: np.ndarray) -> list[int]:
     """Sequence i starts from allowed[rng(seed, i)]: independent of batching and of n."""
     return [int(allowed[np.random.default_rng([seed, i]).integers(len(allowed))]) for i in range(n)]
@@ -233,7 +241,7 @@ def recorded_router_logits(model) -> Iterator[list[torch.Tensor]]:
 
 
 @torch.no_grad()
-def candidate_counts(model, cache, candidates: torch.Tensor, top_k: int, n_experts: int) -> torch.Tensor:
+def candidate_counts(model, cache, candidates: torch.Tensor, selector: ExpertSelector) -> torch.Tensor:
     """(B, K, n_layers, E) expert selections of each of K candidate next tokens of each of B rows.
 
     One forward of the (B, K) candidates as siblings in a tree: each attends to its row's cached
@@ -253,7 +261,7 @@ def candidate_counts(model, cache, candidates: torch.Tensor, top_k: int, n_exper
         model(input_ids=candidates, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
               use_cache=True, logits_to_keep=1)
     cache.crop(-K)
-    return selection_counts(calls, top_k, n_experts, n_rows=B * K).view(B, K, len(calls), n_experts)
+    return selector.counts(calls, n_rows=B * K).view(B, K, len(calls), selector.n_experts)
 
 
 def _masked_std(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -281,7 +289,7 @@ class _Stats:
 
 @torch.no_grad()
 def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banned: torch.Tensor,
-                    special_mask: torch.Tensor, top_k: int, n_experts: int, stats: _Stats,
+                    special_mask: torch.Tensor, selector: ExpertSelector, stats: _Stats,
                     bar: tqdm | None, finished: list[torch.Tensor]) -> list[dict]:
     """EBSS for S sequences given their (S, p) prefixes; returns one dict per sequence."""
     from transformers import DynamicCache
@@ -295,7 +303,7 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
     cache = DynamicCache(config=model.config)
     out = model(input_ids=tokens[:, :p], past_key_values=cache, use_cache=True, output_router_logits=True,
                 logits_to_keep=1)
-    counts = selection_counts(out.router_logits, top_k, n_experts, n_rows=B)      # (B, n_layers, E)
+    counts = selector.counts(out.router_logits, n_rows=B)      # (B, n_layers, E)
     logits = out.logits[:, -1, :]
     V = logits.shape[-1]
     K = min(cfg.topk, V)
@@ -314,7 +322,7 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
         vals, idx = logp.topk(K, dim=-1)                                  # (B, K)
         score_sigma = sigma
         if cfg.balance == "candidate":                                    # each candidate's own balance
-            cand_sigma = balance_sigma(counts[:, None] + candidate_counts(model, cache, idx, top_k, n_experts))
+            cand_sigma = balance_sigma(counts[:, None] + candidate_counts(model, cache, idx, selector))
             score_sigma = cand_sigma.view(S, w, K)
         parent, cand, cost, R_new = select_candidates(R, score_sigma, vals.view(S, w, K), t - p, cfg.tau, w)
         if not torch.isfinite(cost).all():
@@ -366,7 +374,7 @@ def _generate_batch(model, prefixes: torch.Tensor, cfg: EBSSConfig, always_banne
         cache.reorder_cache(rows)
         # the new token's own router decisions (also for the last token: its counts decide the winner)
         out = model(input_ids=tokens[:, t:t + 1], past_key_values=cache, use_cache=True, output_router_logits=True)
-        counts += selection_counts(out.router_logits, top_k, n_experts, n_rows=B)
+        counts += selector.counts(out.router_logits, n_rows=B)
         logits = out.logits[:, -1, :]
         sigma = balance_sigma(counts).view(S, w)
         if bar is not None:
@@ -404,7 +412,13 @@ def generate_ebss(model_dir: str | Path, output: str | Path | None = None, confi
     dev = resolve_device(device) if model is None else next(model.parameters()).device
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
     model = model if model is not None else load_model(model_dir, dev)
-    top_k, n_experts = expert_top_k(model.config), n_routed_experts(model.config)
+    selector = ExpertSelector.for_model(model, model_dir)
+    if cfg.balance == "candidate" and has_sliding_window(model.config):
+        # the candidates' tree pass appends K tokens to the cache and crops them again, which transformers' sliding-
+        # window cache layers cannot undo once the window is full: rank by the parent beam's balance there
+        log.warning("EBSS: %s has sliding-window attention layers; balancing by each parent beam's sigma (--balance "
+                    "parent) instead of each candidate's", model.config.model_type)
+        cfg = dataclasses.replace(cfg, balance="parent")
     layer_ids = router_layer_ids(model)
     V = model.get_output_embeddings().weight.shape[0]
     special = sorted(i for i in _special_ids(tokenizer) if i < V)
@@ -432,7 +446,7 @@ def generate_ebss(model_dir: str | Path, output: str | Path | None = None, confi
         chunk = starts[lo:lo + cfg.batch_sequences]
         prefixes = torch.tensor([bos + [s] for s in chunk], dtype=torch.int64)
         bar.update(prefixes.numel())
-        results += _generate_batch(model, prefixes, cfg, always_banned, special_mask, top_k, n_experts, stats, bar, finished)
+        results += _generate_batch(model, prefixes, cfg, always_banned, special_mask, selector, stats, bar, finished)
     bar.close()
     seconds = time.perf_counter() - t0
 

@@ -30,7 +30,7 @@ from moeq2gguf.nn.self_attention import NORM_ROPE_ARCHS, attention, mla_attentio
 
 __all__ = ["INPUT_OF", "NORM_ROPE_ARCHS", "Observer", "Routing", "attention", "decoder_layer", "dense_ffn", "embed",
            "head", "linear", "mla_attention", "moe", "rms_norm", "rope", "rope_frequencies", "rope_mscale", "route",
-           "router_logits", "unsupported_reason"]
+           "router_logits", "select_experts", "unsupported_reason"]
 
 # weight (GGUF name without blk.N. and .weight) -> the input it reads
 INPUT_OF = {
@@ -75,7 +75,13 @@ def router_logits(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def route(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> Routing:
     """llama.cpp's build_moe_ffn selection: x [T, n_embd] -> experts and weights [T, k]."""
-    logits = router_logits(x, w)
+    return select_experts(router_logits(x, w), spec, w.get("exp_probs_b.bias"))
+
+
+def select_experts(logits: torch.Tensor, spec: ModelSpec, selection_bias: torch.Tensor | None = None) -> Routing:
+    """The family's routing rule on router logits [T, E] (a router bias already added, as GPT-OSS's is):
+    experts and weights [T, k]. selection_bias: DeepSeek-V3's exp_probs_b (biases the choice, not the weights).
+    EBSS and the balance metric count experts with this same rule (calib/balance.py)."""
     r, k = spec.routing, spec.n_experts_used
     if r.scoring == "softmax_topk":      # gpt-oss: top-k on the logits, softmax over the k chosen
         top, experts = logits.topk(k, dim=-1)
@@ -83,7 +89,7 @@ def route(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec) -> Routi
     else:
         probs = torch.softmax(logits, dim=-1) if r.scoring == "softmax" else torch.sigmoid(logits)
         # DeepSeek-V3: exp_probs_b biases the choice of experts, never their weights
-        select = probs + w["exp_probs_b.bias"] if "exp_probs_b.bias" in w else probs
+        select = probs + selection_bias.to(probs) if selection_bias is not None else probs
         if r.n_groups > 1:   # only the n_groups_used groups with the best two-expert sums compete
             groups = select.view(select.shape[0], r.n_groups, -1)
             group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)

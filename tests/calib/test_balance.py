@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from moeq2gguf.calib.balance import (balance_report, balance_sigma, expert_counts, expert_top_k, format_report,
+from moeq2gguf import nn
+from moeq2gguf.calib.balance import (ExpertSelector, balance_report, balance_sigma, expert_counts, format_report,
                                      layer_sigma, router_layer_ids, selection_counts)
-from moeq2gguf.errors import Moeq2ggufError
-from testing import make_config, random_model
+from moeq2gguf.models.registry import open_model
+from moeq2gguf.passes.layers import Layers, block_weights, run_block
+from testing import FAMILY_CLASSES, random_model, save_checkpoint
 
 
 def test_sigma_hand_computed():
@@ -29,45 +31,55 @@ def test_sigma_hand_computed():
 
 
 def test_selection_counts_hand_computed():
-    # 2 rows x 2 tokens, E = 4, k = 2, one layer
-    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0],    # row 0: experts 0, 1
-                           [0.0, 1.0, 5.0, 4.0],    # row 0: experts 2, 3
-                           [9.0, -1.0, 8.0, 0.0],   # row 1: experts 0, 2
-                           [1.0, 2.0, 3.0, -5.0]])  # row 1: experts 2, 1
-    total = selection_counts((logits, -logits), top_k=2, n_experts=4)
-    assert total.tolist() == [[2, 2, 3, 1], [2, 2, 1, 3]]
-    per_row = selection_counts((logits,), top_k=2, n_experts=4, n_rows=2)
+    # 2 rows x 2 tokens, E = 4, k = 2, one layer: the chosen ids of each token
+    chosen = torch.tensor([[0, 1], [2, 3], [0, 2], [2, 1]])
+    total = selection_counts([chosen, 3 - chosen], n_experts=4)
+    assert total.tolist() == [[2, 2, 3, 1], [1, 3, 2, 2]]
+    per_row = selection_counts([chosen], n_experts=4, n_rows=2)
     assert per_row.shape == (2, 1, 4)
     assert per_row[:, 0].tolist() == [[1, 1, 1, 1], [1, 1, 2, 0]]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2moe"])
-def test_counts_match_the_models_own_router(family):
-    """Our arg-top-k of the router logits equals the experts transformers' router itself picks."""
+@pytest.mark.parametrize("family", sorted(FAMILY_CLASSES))
+def test_counts_are_the_experts_the_family_routes_to(family, tmp_path, small_tokenizers):
+    """Every family: the experts counted from transformers' router logits with the family's own rule are the ones
+    transformers' router itself picks, and the ones the calibration forward (nn, as llama.cpp) routes to."""
     model = random_model(family, seed=3)
+    if family == "deepseek_v3":   # a selection bias that changes the choice, as trained V3 routers have
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "e_score_correction_bias"):
+                    m.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, m.e_score_correction_bias.numel()))
+    tokenizer = small_tokenizers["mixtral" if family == "mixtral" else "qwen2moe"]
+    ckpt = save_checkpoint(model, tokenizer, tmp_path / family)
+    selector = ExpertSelector.for_model(model, ckpt)
     picked = []
-    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    target = model.model._can_record_outputs["router_logits"].target_class
+    routers = [m for m in model.modules() if isinstance(m, target)]
     hooks = [r.register_forward_hook(lambda mod, inp, out: picked.append(out[2])) for r in routers]
     ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))
     try:
-        counts = expert_counts(model, ids, batch=2)
+        counts = expert_counts(model, ids, selector, batch=3)
     finally:
         for h in hooks:
             h.remove()
-    E = counts.shape[1]
-    n_layers = len(routers)
-    expected = torch.zeros(n_layers, E, dtype=torch.int64)
-    for i, idx in enumerate(picked):            # batches of 2 then 1, layers in order within each
-        expected[i % n_layers] += torch.bincount(idx.flatten(), minlength=E)
+    E, n_layers = counts.shape[1], len(routers)
+    expected = torch.stack([torch.bincount(idx.flatten(), minlength=E) for idx in picked])
     assert counts.tolist() == expected.tolist()
-    assert counts.sum(1).tolist() == [3 * 20 * model.config.num_experts_per_tok] * n_layers
-    assert router_layer_ids(model) == list(range(model.config.num_hidden_layers))
-
-
-def test_unsupported_router_is_an_error():
-    config = make_config("deepseek_v3")
-    with pytest.raises(Moeq2ggufError, match="model_type 'deepseek_v3' is not supported"):
-        expert_top_k(config)
+    assert counts.sum(1).tolist() == [3 * 20 * selector.top_k] * n_layers
+    # the calibration forward's routing of the same tokens (float32 checkpoint: same weights)
+    adapter = open_model(ckpt)
+    spec, layers = adapter.spec, Layers.of(adapter.all_tensors(), adapter.spec.n_layers)
+    x = nn.embed(ids, layers.embedding.load().reshape(layers.embedding.shape))
+    ours = []
+    for bid, block in layers:
+        routes = []
+        x = run_block(x, block_weights(block), spec, None, bid, 3, routes)
+        if routes:
+            ours.append(torch.bincount(routes[0].experts.flatten(), minlength=E))
+    assert torch.stack(ours).tolist() == counts.tolist()
+    assert router_layer_ids(model) == [i for i in range(model.config.num_hidden_layers)
+                                       if i >= getattr(model.config, "first_k_dense_replace", 0)]
 
 
 def test_report_compares_at_equal_token_count(tmp_path, biased_checkpoint, small_tokenizers):

@@ -9,7 +9,7 @@ import torch
 
 from moeq2gguf import cli
 from moeq2gguf.calib import ebss as ebss_mod
-from moeq2gguf.calib.balance import balance_sigma, expert_counts
+from moeq2gguf.calib.balance import ExpertSelector, balance_sigma, expert_counts
 from moeq2gguf.calib.ebss import (EBSSConfig, generate_ebss, guarded_logprobs, repeated_ngram_bans,
                                   select_candidates, start_tokens)
 from moeq2gguf.calib.sources import calibration_windows
@@ -82,24 +82,24 @@ def test_ties_keep_the_earlier_beam():
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2moe"])
-def test_candidate_lookahead_equals_single_steps(family):
+def test_candidate_lookahead_equals_single_steps(family, tmp_path, small_tokenizers):
     """The tree-masked pass over K candidates gives each candidate the experts a plain one-token
     step gives it, and leaves the cache as it was."""
     from transformers import DynamicCache
     model = random_model(family, seed=2)
-    top_k, E = model.config.num_experts_per_tok, model.config.num_local_experts if family == "mixtral" else model.config.num_experts
+    selector = ExpertSelector.for_model(model, save_checkpoint(model, small_tokenizers[family], tmp_path / family))
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 512, (3, 9), generator=g)
     cand = torch.randint(0, 512, (3, 5), generator=g)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=prefix, past_key_values=cache, use_cache=True)
-        got = ebss_mod.candidate_counts(model, cache, cand, top_k, E)
+        got = ebss_mod.candidate_counts(model, cache, cand, selector)
         assert cache.get_seq_length() == 9
         for k in range(5):
             ref = model(input_ids=torch.cat([prefix, cand[:, k:k + 1]], 1), output_router_logits=True, use_cache=False)
             last = tuple(r.view(3, 10, -1)[:, -1] for r in ref.router_logits)
-            assert torch.equal(got[:, k], ebss_mod.selection_counts(last, top_k, E, n_rows=3))
+            assert torch.equal(got[:, k], selector.counts(last, n_rows=3))
 
 
 def test_repeated_ngram_bans():
@@ -154,9 +154,10 @@ def test_end_to_end_biased_router(biased_checkpoint, small_tokenizers):
     assert all(_repeated_4grams(row) == 0 for row in ids.tolist())
     assert len(result.texts) == 4 and all(isinstance(t, str) and t for t in result.texts)
     # the counts tracked through the KV cache are those of a full pass over the kept sequences
-    full = expert_counts(model, ids)
+    selector = ExpertSelector.for_model(model, biased_checkpoint)
+    full = expert_counts(model, ids, selector)
     assert torch.from_numpy(result.counts).sub(full).abs().sum().item() <= 2
-    per_seq = torch.stack([expert_counts(model, ids[i:i + 1]) for i in range(4)])
+    per_seq = torch.stack([expert_counts(model, ids[i:i + 1], selector) for i in range(4)])
     assert balance_sigma(per_seq).tolist() == pytest.approx(result.sigma, abs=2e-3)
     assert all(-15 < lp < 0 for lp in result.mean_logprob)
     assert set(result.guards) == {"eos", "ngram", "repetition"}
@@ -291,3 +292,29 @@ def test_cli_calibrate_errors(tmp_path, capsys, biased_checkpoint, argv, message
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not any(tmp_path.glob("x.*"))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "deepseek_v2", "qwen3moe", "olmoe"])
+def test_convert_with_ebss_calibration(family, tmp_path, small_tokenizers, monkeypatch):
+    """--calib ebss end to end for the families whose routing is not a plain softmax top-k (and two that are):
+    EBSS counts the experts with the family's own rule; the file runs in llama-cpp-python."""
+    import numpy as np
+
+    from moeq2gguf import convert, runtime
+    monkeypatch.setenv("MOEQ2GGUF_CACHE", str(tmp_path / "cache"))
+    model = random_model(family, seed=1)
+    ckpt = save_checkpoint(model, small_tokenizers["qwen2moe"], tmp_path / family)
+    out = convert(ckpt, tmp_path / "q.gguf", type="Q4_K_M", method="moequant", calib="ebss", calib_windows=2,
+                  calib_ctx=24, progress=False).output
+    assert len(list((tmp_path / "cache" / "ebss").glob("*.jsonl"))) == 1   # the sequences EBSS wrote, cached
+    with runtime.load(out) as llm:
+        assert np.isfinite(runtime.logits(llm, list(range(5, 25)))).all()
+
+
+def test_a_family_transformers_cannot_run_gets_a_clear_error(tmp_path):
+    from moeq2gguf.calib.balance import load_model
+    from testing import random_deepseek_moe
+    ckpt = tmp_path / "dsmoe"
+    random_deepseek_moe().save_pretrained(ckpt)
+    with pytest.raises(Moeq2ggufError, match="transformers has no class for model_type 'deepseek'"):
+        load_model(ckpt)
