@@ -294,16 +294,16 @@ def test_cli_calibrate_errors(tmp_path, capsys, biased_checkpoint, argv, message
     assert not any(tmp_path.glob("x.*"))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "deepseek_v2", "qwen3moe", "olmoe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "deepseek_v2", "qwen3moe", "olmoe", "mixtral", "qwen2moe"])
 def test_convert_with_ebss_calibration(family, tmp_path, small_tokenizers, monkeypatch):
-    """--calib ebss end to end for the families whose routing is not a plain softmax top-k (and two that are):
-    EBSS counts the experts with the family's own rule; the file runs in llama-cpp-python."""
+    """--calib ebss end to end for every family transformers has a class for (DeepSeekMoE-16B has none: the next
+    test): EBSS counts the experts with the family's own rule; the file runs in llama-cpp-python."""
     import numpy as np
 
     from moeq2gguf import convert, runtime
     monkeypatch.setenv("MOEQ2GGUF_CACHE", str(tmp_path / "cache"))
     model = random_model(family, seed=1)
-    ckpt = save_checkpoint(model, small_tokenizers["qwen2moe"], tmp_path / family)
+    ckpt = save_checkpoint(model, small_tokenizers["mixtral" if family == "mixtral" else "qwen2moe"], tmp_path / family)
     out = convert(ckpt, tmp_path / "q.gguf", type="Q4_K_M", method="moequant", calib="ebss", calib_windows=2,
                   calib_ctx=24, progress=False).output
     assert len(list((tmp_path / "cache" / "ebss").glob("*.jsonl"))) == 1   # the sequences EBSS wrote, cached
