@@ -16,7 +16,10 @@ def _convert(args: argparse.Namespace) -> None:
                            calib_ctx=args.calib_ctx, rotate=args.rotate, rotate_seed=args.rotate_seed,
                            target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
                            expert_hadamard=args.expert_hadamard)
-    result = convert(args.model_dir, args.output, config, progress=not args.quiet)
+    result = convert(args.model_dir, args.output, config, progress=not args.quiet, profile=args.profile or args.verbose)
+    if result.profile is not None:
+        table = result.profile.table()
+        print(table) if args.profile else logging.getLogger("moeq2gguf.profile").info("stages:\n%s", table)
     if result.allocation:
         print(result.allocation.table())
     if result.report and any("recon_error" in t for t in result.report.tensors.values()):
@@ -181,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "applies at run time (moeq2gguf runtime build)")
     _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="print seconds and peak memory per stage (read, forward, statistics, scale search, gptq, "
+                        "round, pack, write) and per layer (also logged with -v)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("eval", help="PPL, KLD and same-top-1 of a GGUF against its float GGUF, through llama.cpp")

@@ -7,6 +7,7 @@ nothing behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moeq2gguf import plan
+from moeq2gguf import profile as profiling
 from moeq2gguf.config import ConvertConfig
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.io.vocab import load_vocab
@@ -45,6 +47,7 @@ class ConvertResult:
     peak_rss_mib: float
     report: QuantReport | None = None
     allocation: alloc.Allocation | None = None   # the recipe chosen for a size target
+    profile: profiling.Profile | None = None     # seconds and memory per stage and layer (convert(profile=True))
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -71,7 +74,7 @@ def default_rotate(config: ConvertConfig, sources: list) -> bool:
 
 
 def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], config: ConvertConfig | None = None,
-            *, progress: bool = True, **options) -> ConvertResult:
+            *, progress: bool = True, profile: bool = False, **options) -> ConvertResult:
     """Convert a Hugging Face MoE checkpoint directory to a GGUF file llama.cpp runs.
 
     config: a ConvertConfig, or its fields as keywords (type="Q4_K_M", method="moequant", ...):
@@ -89,11 +92,20 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], c
 
     Every statistic of the float model (smoothing scales, the allocator's sensitivity) comes from one float pass
     over the calibration text (passes/calibration.py), then the quantization pass streams the file
-    (passes/quantize.py); the text is read and tokenized once."""
+    (passes/quantize.py); the text is read and tokenized once. profile: record seconds and memory per stage and
+    layer (moeq2gguf/profile.py) in the result."""
     if config is None:
         config = ConvertConfig(**options)
     elif options:
         raise TypeError(f"convert() takes a ConvertConfig or keywords, not both ({', '.join(options)})")
+    if profile:
+        with profiling.collect() as prof:
+            result = _convert(model_dir, output, config, progress)
+        return dataclasses.replace(result, profile=prof)
+    return _convert(model_dir, output, config, progress)
+
+
+def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> ConvertResult:
     t0 = time.time()
     cfg = config.quant
     output = Path(output)
@@ -126,7 +138,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], c
     windows = None
     if config.stock_smooth or config.patched_smooth or budget is not None or (method.calibrated and not config.imatrix):
         from moeq2gguf.calib.sources import calibration_windows
-        windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
+        with profiling.stage("tokenize"):
+            windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
     plugins = []
     smoother = experts = sensitivity = None
     if config.stock_smooth:   # after the rotation, whose norm folding would cancel aggregate's 1/s (smoothing.py)
@@ -183,7 +196,8 @@ def convert(model_dir: str | os.PathLike[str], output: str | os.PathLike[str], c
         writer.write_ti_data_to_file()
         n_written = 0
         for data in quantized_stream(Layers.of(sources, spec.n_layers), spec, types, cfg, report, windows, progress):
-            writer.write_tensor_data(data)
+            with profiling.stage("write"):
+                writer.write_tensor_data(data)
             n_written += 1
         assert n_written == len(sources)
         writer.close()
@@ -208,8 +222,9 @@ def _float_pass(sources, spec, windows, plugins, config: ConvertConfig, progress
     what = [w for w, on in (("--smooth " + (config.smooth or ""), config.smooth),
                             ("a size target", config.targeted)) if on]
     bar = tqdm(total=spec.n_layers, desc="calibration pass", unit="layer", disable=not progress)
-    float_pass(Layers.of(sources, spec.n_layers), spec, windows, plugins, " and ".join(what), config.device,
-               config.quant.batch_windows, progress=lambda bid: bar.update())
+    with profiling.stage("float pass"):
+        float_pass(Layers.of(sources, spec.n_layers), spec, windows, plugins, " and ".join(what), config.device,
+                   config.quant.batch_windows, progress=lambda bid: bar.update())
     bar.close()
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from moeq2gguf.methods.base import Method, QuantizedTensor, register
+from moeq2gguf.profile import stage
 from moeq2gguf.quant import tensor_quant
 from moeq2gguf.quant.gptq import gptq_quantize
 
@@ -24,14 +25,17 @@ class GPTQ(Method):
 
     def _walk(self, w, qtype, stats, input_name, gptq):
         from moeq2gguf.quant.grid import FormatGrid
-        H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
+        with stage("statistics"):
+            H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
         grid = FormatGrid(qtype)
         grid.prepare(_groups(w))
-        return H, coverage, grid, gptq_quantize(_groups(w), H, grid, gptq)
+        with stage("gptq"):
+            return H, coverage, grid, gptq_quantize(_groups(w), H, grid, gptq)
 
     def quantize(self, w, qtype, stats, input_name, gptq) -> QuantizedTensor:
         H, coverage, grid, (Q3, codes, params) = self._walk(w, qtype, stats, input_name, gptq)
-        data = grid.pack(params, codes)
+        with stage("pack"):
+            data = grid.pack(params, codes)
         deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(w.shape).to(w.device)
         if not torch.equal(deq, Q3.reshape(w.shape)):
             raise AssertionError(f"packed {qtype.name} bytes do not dequantize to the weights GPTQ simulated")

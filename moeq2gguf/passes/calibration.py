@@ -21,6 +21,7 @@ from moeq2gguf import nn
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec
 from moeq2gguf.passes.layers import Layers, block_weights, fan_out, run_block
+from moeq2gguf.profile import stage
 
 
 @dataclass
@@ -64,11 +65,14 @@ def float_pass(layers: Layers, spec: ModelSpec, windows: torch.Tensor, plugins: 
     x = nn.embed(windows, token_embd.to(device))
     del token_embd
     for bid, block in layers:
-        w = block_weights(block, device)
-        x_next = run_block(x, w, spec, fan_out([p.observer(bid, w) for p in plugins]), bid, batch)
+        with stage("read", bid):
+            w = block_weights(block, device)
+        with stage("float forward", bid):
+            x_next = run_block(x, w, spec, fan_out([p.observer(bid, w) for p in plugins]), bid, batch)
         view = BlockView(bid, w)
-        for p in plugins:
-            p.after_block(view)
+        with stage("plug-ins", bid):
+            for p in plugins:
+                p.after_block(view)
         x = x_next
         del w, view
         if progress:

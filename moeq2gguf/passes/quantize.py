@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from moeq2gguf import methods, nn
+from moeq2gguf.profile import stage
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec
 from moeq2gguf.passes.layers import Layers, block_key, block_weights, input_of, run_block, short_name
@@ -80,8 +81,10 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
                 yield s.load_raw().numpy()
                 continue
-            w = s.load().reshape(s.shape)
-            data, _ = tensor_quant.encode(w, type_of[s.name], importance.get(s.name))
+            with stage("read"):
+                w = s.load().reshape(s.shape)
+            with stage("pack"):
+                data, _ = tensor_quant.encode(w, type_of[s.name], importance.get(s.name))
             report.tensors[s.name] = {"type": type_of[s.name].name, "method": "imatrix-file" if cfg.imatrix_file else "rtn"}
             yield data
         return
@@ -102,9 +105,11 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
 
     bar = tqdm(total=spec.n_layers, desc=f"quantize {cfg.method}", unit="layer", disable=not progress)
     for bid, block in layers:
-        w = block_weights(block, device)
+        with stage("read", bid):
+            w = block_weights(block, device)
         collector = method.collector(spec.n_experts, device)
-        x_float = run_block(x, w, spec, collector, bid, cfg.batch_windows)
+        with stage("forward", bid):
+            x_float = run_block(x, w, spec, collector, bid, cfg.batch_windows)
         encoded, qweights = {}, {}
         # A second bar inside the layer, over its tensors counted in groups (a routed expert stack counts
         # E, any other tensor 1): the expert stacks are where a big model's GPTQ time goes.
@@ -120,12 +125,17 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 encoded[s.name], qweights[key] = s.load_raw().numpy(), w[key]
                 report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
             else:
-                q = methods.quantize_tensor(method, w[key], qtype, collector, input_of(s.name), cfg.gptq)
+                with stage("quantize", bid):
+                    q = methods.quantize_tensor(method, w[key], qtype, collector, input_of(s.name), cfg.gptq)
                 encoded[s.name], qweights[key] = q.data, q.weights
                 report.add(s.name, q.info)
             inner.update(n_groups)
         inner.close()
-        x = run_block(x, qweights, spec, None, bid, cfg.batch_windows) if method.sequential else x_float
+        if method.sequential:
+            with stage("forward", bid):
+                x = run_block(x, qweights, spec, None, bid, cfg.batch_windows)
+        else:
+            x = x_float
         del w, qweights, collector, x_float
         for s in block:
             yield encoded.pop(s.name)

@@ -8,6 +8,7 @@ import torch
 
 from moeq2gguf.formats import get_format
 from moeq2gguf.formats.base import BlockParams
+from moeq2gguf.profile import stage
 
 
 class FormatGrid:
@@ -21,10 +22,18 @@ class FormatGrid:
         self.sigma2 = self.fmt.row_sigma2(np.ascontiguousarray(rows.reshape(-1, rows.shape[-1]).cpu().numpy(), dtype=np.float32))
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
+        with stage("scale search"):
+            return self._fit(w, importance)
+
+    def _fit(self, w: torch.Tensor, importance: torch.Tensor) -> BlockParams:
         return self.fmt.fit_scales(np.ascontiguousarray(w.cpu().numpy(), dtype=np.float32),
                                    np.ascontiguousarray(importance.cpu().numpy(), dtype=np.float32), sigma2=self.sigma2)
 
     def round(self, column: torch.Tensor, params: BlockParams, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with stage("round"):
+            return self._round(column, params, j)
+
+    def _round(self, column: torch.Tensor, params: BlockParams, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         values = np.ascontiguousarray(column.cpu().numpy(), dtype=np.float32)[:, None]
         codes = self.fmt.quantize_to_grid(values, params, j)
         rounded = self.fmt.dequantize_codes(codes, params, j)[:, 0]

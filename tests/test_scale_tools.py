@@ -1,0 +1,63 @@
+"""Issue 20's tools on the CPU: the real-shape checkpoint writer (scaled down here: same families, layouts and
+keys, small widths) writes what transformers and the converter read, and the conversion's stage profile accounts
+for the layers."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moeq2gguf import convert, runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import make_shape_checkpoint as shapes  # noqa: E402
+
+SMALL = {   # per shape: widths small enough for a test, everything else (family, routing, layout) as the real model
+    "qwen1.5-moe-a2.7b": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256,
+                              moe_intermediate_size=256, shared_expert_intermediate_size=256, num_experts=6),
+    "qwen3-30b-a3b": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                          intermediate_size=256, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2),
+    "mixtral-8x7b": dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                         num_local_experts=4),
+    "deepseek-v2-lite": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256,
+                             moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=64,
+                             qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+    "deepseek-v3": dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, intermediate_size=256,
+                        moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                        q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                        first_k_dense_replace=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(shapes.SHAPES))
+def test_shape_checkpoints_load_and_convert(name, tmp_path):
+    assert set(SMALL) == set(shapes.SHAPES)
+    small = {**SMALL[name], "vocab_size": 4096}
+    ckpt = shapes.write(name, tmp_path / name, layers=2, overrides=small, shard_bytes=2**20, log=lambda line: None)
+    assert len(list(ckpt.glob("model-*.safetensors"))) > 1 and (ckpt / "model.safetensors.index.json").is_file()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)   # every key where transformers wants it
+    assert model.config.num_hidden_layers == 2
+    result = convert(ckpt, tmp_path / "q.gguf", type="Q4_K_M", method="moequant", calib_windows=2, calib_ctx=64,
+                     progress=False, profile=True)   # the adapter reads every tensor (leftovers are an error)
+    with runtime.load(result.output) as llm:
+        assert np.isfinite(runtime.logits(llm, list(range(5, 21)))).all()
+    stages = result.profile.to_dict()
+    assert {"read", "forward", "statistics", "scale search", "gptq", "round", "pack", "write", "tokenize"} <= \
+        set(stages["stages"])
+    assert set(stages["per_layer_seconds"]) == {"0", "1"}
+
+
+def test_the_real_shapes_are_the_hub_configs():
+    """Names and shapes transformers would write, at the real widths (meta device: nothing allocated)."""
+    tensors = shapes.checkpoint_tensors(shapes.config_for("qwen1.5-moe-a2.7b", 1))
+    assert tensors["model.layers.0.mlp.experts.59.down_proj.weight"] == (2048, 1408)
+    assert tensors["model.layers.0.mlp.shared_expert.gate_proj.weight"] == (5632, 2048)
+    assert tensors["model.embed_tokens.weight"] == (151936, 2048)
+    v3 = shapes.checkpoint_tensors(shapes.config_for("deepseek-v3", 4))
+    assert v3["model.layers.3.mlp.experts.255.gate_proj.weight"] == (2048, 7168)
+    assert v3["model.layers.3.mlp.gate.e_score_correction_bias"] == (256,)
+    assert "model.layers.2.mlp.gate.weight" not in v3   # layers 0-2 are dense
