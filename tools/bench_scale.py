@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Conversion time and memory at the shapes people quantize (issue 20): per shape, write a random-weight checkpoint
+with --layers decoder layers (tools/make_shape_checkpoint.py; kept in --work for the next run), convert it with
+`--method moequant --type Q4_K_M --profile` on --device, and report seconds per stage per layer, peak host RSS, peak
+GPU memory, and the whole model's time extrapolated from the measured layers (fixed costs plus the mean MoE-layer
+time times the real layer count; dense leading layers counted at their own measured time). Then the converted file
+is loaded in llama-cpp-python and its logits checked finite. The report (JSON) is saved after every step, so a run
+stopped by a time limit keeps what it measured.
+
+    python tools/bench_scale.py --shape qwen1.5-moe-a2.7b --layers 2 --device cpu --out .cache/bench_scale/cpu.json
+    python tools/bench_scale.py --shape qwen1.5-moe-a2.7b --shape qwen3-30b-a3b --device cuda   # on a GPU machine
+
+Random weights route near uniformly, so every expert gets about its share of the calibration tokens; trained
+models with rare experts spend about the same in GPTQ (its cost does not depend on the token count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import make_shape_checkpoint as shapes  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = ""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            gpu = ", " + torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{cpu} ({len(os.sched_getaffinity(0))} cores){gpu}"
+
+
+def save(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def extrapolate(profile: dict, total_s: float, shape: str) -> dict:
+    per_layer = {int(b): sum(v.values()) for b, v in profile["per_layer_seconds"].items()}
+    real = shapes.SHAPES[shape]
+    dense = real.get("first_k_dense_replace", 0)
+    moe = [s for b, s in per_layer.items() if b >= dense]
+    dense_s = [s for b, s in per_layer.items() if b < dense]
+    fixed = total_s - sum(per_layer.values())
+    moe_mean = sum(moe) / len(moe) if moe else 0.0
+    dense_mean = sum(dense_s) / len(dense_s) if dense_s else moe_mean
+    n = real["num_hidden_layers"]
+    whole = fixed + dense * dense_mean + (n - dense) * moe_mean
+    return {"fixed_s": round(fixed, 1), "moe_layer_s": round(moe_mean, 1), "dense_layer_s": round(dense_mean, 1),
+            "layers": n, "whole_model_s": round(whole, 1)}
+
+
+def run_shape(shape: str, layers: int, device: str, work: Path, windows: int, report: dict, out: Path) -> None:
+    row = report["rows"].setdefault(shape, {"layers": layers, "device": device})
+    ckpt = work / f"{shape}-{layers}"
+    if not (ckpt / "config.json").is_file():
+        t0 = time.time()
+        shapes.write(shape, ckpt, layers)
+        row["write_checkpoint_s"] = round(time.time() - t0, 1)
+        save(report, out)
+    gguf = work / f"{shape}-{layers}-Q4_K_M.gguf"
+    code = ("import json, sys; from moeq2gguf import convert; "
+            "r = convert(sys.argv[1], sys.argv[2], type='Q4_K_M', method='moequant', device=sys.argv[3], "
+            "calib_windows=int(sys.argv[4]), progress=False, profile=True); "
+            "print(json.dumps({'seconds': r.seconds, 'peak_rss_mib': r.peak_rss_mib, 'bytes': r.n_bytes, "
+            "'profile': r.profile.to_dict()}))")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(gguf), device, str(windows)], capture_output=True,
+                          text=True, cwd=REPO)
+    if proc.returncode != 0:
+        row["error"] = proc.stderr.strip()[-3000:]
+        save(report, out)
+        raise SystemExit(f"{shape}: conversion failed: {row['error']}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    row.update(convert_s=round(time.time() - t0, 1), converter_s=round(result["seconds"], 1),
+               peak_rss_mib=round(result["peak_rss_mib"]), file_mib=round(result["bytes"] / 2**20, 1),
+               stages={k: v for k, v in result["profile"]["stages"].items()},
+               per_layer_seconds=result["profile"]["per_layer_seconds"],
+               peak_gpu_mib=max((v["peak_gpu_mib"] for v in result["profile"]["stages"].values()), default=0),
+               extrapolated=extrapolate(result["profile"], result["seconds"], shape))
+    save(report, out)
+    check = ("import sys, numpy as np; from moeq2gguf import runtime\n"
+             "with runtime.load(sys.argv[1], n_ctx=64) as llm:\n"
+             "    x = runtime.logits(llm, list(range(10, 42)))\n"
+             "print(bool(np.isfinite(x).all()), float(np.abs(x).max()))")
+    proc = subprocess.run([sys.executable, "-c", check, str(gguf)], capture_output=True, text=True, cwd=REPO)
+    row["llama_cpp_logits_finite"] = proc.stdout.strip() or proc.stderr.strip()[-500:]
+    save(report, out)
+    gguf.unlink(missing_ok=True)
+
+
+def table(report: dict) -> str:
+    lines = [f"machine: {report['machine']}; {report['date']}, commit {report['commit']}; calibration "
+             f"{report['windows']} x 512 tokens; moequant Q4_K_M"]
+    for shape, r in report["rows"].items():
+        if "extrapolated" not in r:
+            lines.append(f"{shape}: {r.get('error', 'not measured')}")
+            continue
+        e, st = r["extrapolated"], r["stages"]
+        top = sorted(st.items(), key=lambda kv: -kv[1]["seconds"])[:6]
+        lines.append(f"{shape} on {r['device']}, {r['layers']} layers measured: conversion {r['converter_s']} s, "
+                     f"peak RSS {r['peak_rss_mib']} MiB, peak GPU {r['peak_gpu_mib']:.0f} MiB; per MoE layer "
+                     f"{e['moe_layer_s']} s, fixed {e['fixed_s']} s -> whole model ({e['layers']} layers) about "
+                     f"{e['whole_model_s'] / 60:.1f} min (extrapolated); llama-cpp-python logits finite: "
+                     f"{r.get('llama_cpp_logits_finite')}")
+        lines.append("  stages (s): " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in top))
+        for b, v in r["per_layer_seconds"].items():
+            lines.append(f"  layer {b}: " + ", ".join(f"{k} {s:.1f}" for k, s in sorted(v.items(), key=lambda kv: -kv[1])[:6]))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", help=f"one of {', '.join(shapes.SHAPES)} (repeatable)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
+    ap.add_argument("--work", default=str(REPO / ".cache" / "bench_scale"))
+    ap.add_argument("--out", default=None, help="the JSON report (default WORK/report-DEVICE.json)")
+    ap.add_argument("--table", default=None, metavar="REPORT", help="only print the table of a saved report")
+    args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or work / f"report-{args.device}.json")
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit, "windows": args.windows,
+              "rows": {}}
+    for shape in args.shape or ["qwen1.5-moe-a2.7b"]:
+        run_shape(shape, args.layers, args.device, work, args.windows, report, out)
+        print(table({**report, "rows": {shape: report["rows"][shape]}}).splitlines()[1], flush=True)
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
