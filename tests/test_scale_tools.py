@@ -61,3 +61,18 @@ def test_the_real_shapes_are_the_hub_configs():
     assert v3["model.layers.3.mlp.experts.255.gate_proj.weight"] == (2048, 7168)
     assert v3["model.layers.3.mlp.gate.e_score_correction_bias"] == (256,)
     assert "model.layers.2.mlp.gate.weight" not in v3   # layers 0-2 are dense
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (issue 20's GPU check)")
+def test_cuda_and_cpu_conversions_agree(tmp_path):
+    """The same model converted with --device cuda and --device cpu: files whose KLD to each other is tiny."""
+    from moeq2gguf.eval import evaluate
+    small = {**SMALL["qwen1.5-moe-a2.7b"], "vocab_size": 4096}
+    ckpt = shapes.write("qwen1.5-moe-a2.7b", tmp_path / "m", layers=2, overrides=small, log=lambda line: None)
+    files = {d: convert(ckpt, tmp_path / f"{d}.gguf", type="Q4_K_M", method="moequant", device=d, calib_windows=4,
+                        calib_ctx=128, progress=False).output for d in ("cpu", "cuda")}
+    f32 = convert(ckpt, tmp_path / "f32.gguf", type="F32", progress=False).output
+    a, b = (evaluate(files[d], f32, "eval", ctx=128, chunks=4, progress=False) for d in ("cpu", "cuda"))
+    cross = evaluate(files["cuda"], files["cpu"], "eval", ctx=128, chunks=4, progress=False)
+    assert cross.kld_mean < 0.1 * min(a.kld_mean, b.kld_mean), (cross, a, b)
