@@ -6,7 +6,7 @@
 #   .gpu/llama-src.tar.xz  the vendored llama.cpp of the pinned llama-cpp-python, without the other backends
 #   .gpu/site              pure-Python packages the GPU image lacks: llama_cpp (without its CPU libraries),
 #                          diskcache, gguf (the image has numpy, PyYAML, jinja2: device/KINDS.md)
-#   .gpu/bin/patch         in case the machine lacks it (runtime_build applies runtime_patches/ with it)
+#   .gpu/bin/patch         in case the machine lacks it (moeq2gguf.runtime.build applies the runtime patches with it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

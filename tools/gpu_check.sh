@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 command -v patch >/dev/null || export PATH=$PATH:$PWD/.gpu/bin
 export PYTHONPATH=$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
 VERSION=$(python3 -c 'import sys; sys.path.insert(0, "tools"); import light_import
-print(light_import.module("runtime_build").LLAMA_CPP_PYTHON_VERSION)') || exit 3
+print(light_import.module("runtime.build").LLAMA_CPP_PYTHON_VERSION)') || exit 3
 VENDOR=.cache/llama-cpp-python-$VERSION/src/vendor
 mkdir -p "$VENDOR" && tar -xJf .gpu/llama-src.tar.xz -C "$VENDOR" || exit 4
 # CHECK_TIMEOUT (default 540 s, under the device's 600 s a call): past it the check stops, keeping what it measured

@@ -9,7 +9,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=.venv/bin/python
-LLAMA_CPP_PYTHON_VERSION=0.3.36   # the pin in pyproject.toml and moeq2gguf/runtime_build.py
+LLAMA_CPP_PYTHON_VERSION=0.3.36   # the pin in pyproject.toml and moeq2gguf/runtime/build.py
 SDIST_DIR=.cache/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION/sdist
 stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@"; echo "[setup] $name: $(( $(date +%s) - t0 )) s"; }
 
