@@ -15,7 +15,7 @@ def _convert(args: argparse.Namespace) -> None:
                            tensor_types=tuple(args.tensor_type), imatrix=args.imatrix, calib_windows=args.calib_windows,
                            calib_ctx=args.calib_ctx, rotate=args.rotate, rotate_seed=args.rotate_seed,
                            target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
-                           expert_hadamard=args.expert_hadamard)
+                           expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite)
     result = convert(args.model_dir, args.output, config, progress=not args.quiet, profile=args.profile or args.verbose)
     if result.profile is not None:
         table = result.profile.table()
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "applies at run time (moeq2gguf runtime build)")
     _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/Inf weights (and F16-overflowing ones) as they are instead of stopping with the "
+                        "tensor's name")
     p.add_argument("--profile", action="store_true",
                    help="print seconds and peak memory per stage (read, forward, statistics, scale search, gptq, "
                         "round, pack, write) and per layer (also logged with -v)")
@@ -283,8 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, systemd, container runtimes), raised where the process is, so that cleanup runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if hasattr(args, "threads") and not isinstance(args.threads, str):   # bench's --threads is its list
@@ -297,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"moeq2gguf: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moeq2gguf: interrupted (SIGINT); the unfinished output was removed", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("moeq2gguf: terminated (SIGTERM); the unfinished output was removed", file=sys.stderr)
+        return 143
     return 0
 
 

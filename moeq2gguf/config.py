@@ -31,6 +31,7 @@ class ConvertConfig:
     target_bpw: float | None = None
     smooth: str | None = None                # aggregate | down | aggregate,down | per-expert
     expert_hadamard: bool = False
+    allow_nonfinite: bool = False            # write NaN/Inf or F16-overflowing weights instead of refusing them
     # derived in __post_init__
     type_name: str = field(init=False)       # the validated type (for a size target: the mix standing in for it)
     stock_smooth: tuple[str, ...] = field(init=False)
@@ -51,7 +52,8 @@ class ConvertConfig:
         put("type_name", plan.validate_type(type_name))
         method = methods.get(self.method)
         put("quant", QuantConfig(method=self.method, calib=self.calib or "calib", device=self.device,
-                                 imatrix_file=self.imatrix, n_windows=self.calib_windows, ctx=self.calib_ctx))
+                                 imatrix_file=self.imatrix, n_windows=self.calib_windows, ctx=self.calib_ctx,
+                                 allow_nonfinite=self.allow_nonfinite))
         if plan.is_float(self.type_name) and (method.calibrated or self.imatrix):
             raise Moeq2ggufError(f"--method {self.method} / --imatrix quantize weights; pick a quantized --type such as "
                                  "Q4_K_M")

@@ -15,3 +15,7 @@ class CheckpointError(Moeq2ggufError):
 
 class TokenizerError(Moeq2ggufError):
     pass
+
+
+class WeightError(Moeq2ggufError):
+    """A checkpoint tensor that cannot be written as asked (NaN/Inf values, out of the target type's range)."""

@@ -65,6 +65,25 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
     return (*shape[:-1], shape[-1] // block * type_size)
 
 
+def remove_stale_temps(output: Path) -> None:
+    """Remove the temporary files (.OUT.gguf.PID.tmp) that runs killed before they could clean up (SIGKILL, the
+    OOM killer, a power cut) left next to this output; a live process's one is left alone and named."""
+    for tmp in output.parent.glob(f".{output.name}.*.tmp"):
+        pid = tmp.name[len(output.name) + 2:-len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.warning("removing %s (%.1f MiB), left by an interrupted conversion (process %s)", tmp,
+                        tmp.stat().st_size / 2**20, pid)
+            tmp.unlink(missing_ok=True)
+        except PermissionError:   # another user's live process
+            log.warning("%s belongs to process %s, which is still running and writes the same output", tmp, pid)
+        else:
+            log.warning("%s belongs to process %s, which is still running and writes the same output", tmp, pid)
+
+
 def default_rotate(config: ConvertConfig, sources: list) -> bool:
     """Whether a conversion that did not say --rotate / --no-rotate rotates: where the method rotates by default,
     and not where rotation would lose something: a checkpoint holding GGML blocks (GPT-OSS MXFP4 experts, otherwise
@@ -114,6 +133,7 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     if output.is_dir():
         raise Moeq2ggufError(f"-o {output} is a directory; give a file name such as {output / 'model.gguf'}")
 
+    remove_stale_temps(output)
     adapter = open_model(model_dir)
     spec = adapter.spec
     sources = adapter.all_tensors()

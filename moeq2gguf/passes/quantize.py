@@ -44,6 +44,7 @@ class QuantConfig:
     device: str = "cpu"
     gptq: GPTQConfig = GPTQConfig()
     imatrix_file: str | None = None    # a llama-imatrix GGUF to use instead of our statistics
+    allow_nonfinite: bool = False      # write NaN/Inf (and F16-overflowing) weights instead of refusing them
 
     def __post_init__(self) -> None:
         methods.get(self.method)   # an unknown name: the error lists the registered ones
@@ -72,6 +73,11 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
     sources = [layers.embedding, *(s for _, block in layers for s in block), *layers.tail]
     type_of = dict(zip((s.name for s in sources), types))
     method = methods.get(cfg.method)
+
+    def check(name: str, w: torch.Tensor, qtype: Q) -> None:
+        if not cfg.allow_nonfinite:
+            tensor_quant.check_weights(name, w, qtype)
+
     device = torch.device(cfg.device)
 
     if not method.calibrated or cfg.imatrix_file:
@@ -83,6 +89,7 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 continue
             with stage("read"):
                 w = s.load().reshape(s.shape)
+            check(s.name, w, type_of[s.name])
             with stage("pack"):
                 data, _ = tensor_quant.encode(w, type_of[s.name], importance.get(s.name))
             report.tensors[s.name] = {"type": type_of[s.name].name, "method": "imatrix-file" if cfg.imatrix_file else "rtn"}
@@ -96,6 +103,7 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
     assert windows is not None, "a calibrated method needs the calibration windows"
     embd = layers.embedding
     token_embd = embd.load().reshape(embd.shape)
+    check(embd.name, token_embd, type_of[embd.name])
     data, deq = tensor_quant.encode(token_embd, type_of[embd.name], None)
     report.tensors[embd.name] = {"type": type_of[embd.name].name, "method": "rtn"}
     yield data
@@ -107,6 +115,9 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
     for bid, block in layers:
         with stage("read", bid):
             w = block_weights(block, device)
+            for s in block:
+                if s.raw_qtype is None or type_of[s.name] != s.raw_qtype:
+                    check(s.name, w[block_key(s.name)], type_of[s.name])
         collector = method.collector(spec.n_experts, device)
         with stage("forward", bid):
             x_float = run_block(x, w, spec, collector, bid, cfg.batch_windows)
@@ -144,6 +155,8 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
 
     # final norm + head: the output projection is calibrated on the final normed hidden states
     tail_w = layers.tail_weights(device)
+    for name, t in tail_w.items():
+        check(name, t, type_of[name])
     output_w = tail_w.get("output.weight")
     collector = StatsCollector(1, affinity=False, full=method.full_statistics, device=device)
     if output_w is not None and method.calibrates_head:

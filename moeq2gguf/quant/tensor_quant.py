@@ -25,6 +25,27 @@ def _groups(w: torch.Tensor) -> torch.Tensor:
     return w if w.dim() == 3 else w.unsqueeze(0)
 
 
+F16_MAX = 65504.0
+
+
+def check_weights(name: str, w: torch.Tensor, qtype: Q) -> None:
+    """Refuse values the file could not hold as the checkpoint has them: NaN or infinite (a GGUF with them gives NaN
+    logits; ggml's quantizers fail on them without naming the tensor), and for F16 magnitudes beyond its range
+    (they would become infinite)."""
+    from moeq2gguf.errors import WeightError
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        raise WeightError(f"{name}: {int(bad.sum())} of {w.numel()} values are NaN or infinite in the checkpoint; the "
+                          "converted model would compute NaN. Repair the checkpoint, or pass --allow-nonfinite to write "
+                          "them anyway")
+    if qtype == Q.F16:
+        over = w.abs() > F16_MAX
+        if bool(over.any()):
+            raise WeightError(f"{name}: {int(over.sum())} values exceed F16's largest value {F16_MAX:g} (max |w| "
+                              f"{float(w.abs().max()):.4g}) and would become infinite; convert with --type BF16 or F32, "
+                              f"or keep this tensor in F32 with --tensor-type '{name}=F32' (or --allow-nonfinite)")
+
+
 def encode(w: torch.Tensor, qtype: Q, importance: torch.Tensor | None) -> tuple[np.ndarray, torch.Tensor]:
     """RTN (importance None) or ggml's importance-weighted quantizer; importance [G, K] per group."""
     if qtype in FLOAT_TYPES:
