@@ -486,8 +486,16 @@ def write_ebss(result: EBSSResult, output: str | Path) -> Path:
         for ids, text, lp, sg in zip(result.ids.tolist(), result.texts, result.mean_logprob, result.sigma):
             fh.write(json.dumps({"text": text, "ids": ids, "mean_logprob": round(lp, 6), "sigma": round(sg, 6)}) + "\n")
     os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps(result.summary(), indent=1) + "\n", encoding="utf-8")
+    sidecar = sidecar_path(out)   # never calib.json next to calib.jsonl: a file the user may own
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps(result.summary(), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, sidecar)
     return out
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """The settings and statistics of an EBSS file: OUT.jsonl -> OUT.jsonl.ebss.json."""
+    return Path(f"{output}.ebss.json")
 
 
 def cache_dir() -> Path:
@@ -497,16 +505,10 @@ def cache_dir() -> Path:
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the weights, config and tokenizer files of a checkpoint directory."""
-    d = Path(model_dir)
-    h = hashlib.sha256()
-    names = sorted(p.name for p in d.iterdir() if p.suffix == ".safetensors" or p.name in ("config.json", "tokenizer.json"))
-    for name in names:
-        h.update(name.encode() + b"\0")
-        with (d / name).open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-    return h.hexdigest()
+    """The checkpoint's fingerprint (io/fingerprint.py: names, sizes, mtimes, headers, sampled blocks; tokenizer
+    and config files whole)."""
+    from moeq2gguf.io.fingerprint import checkpoint_fingerprint
+    return checkpoint_fingerprint(model_dir)
 
 
 def cache_path(model_dir: str | Path, config: EBSSConfig, device: torch.device) -> Path:

@@ -186,7 +186,9 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
             alloc.check_budget(writer, sources, config.overrides, budget, config.method)   # fail fast, before measuring
             # smoothing replaces the values of tensors a checkpoint holds as GGML blocks: measure those too
             measured = alloc.measured_candidates(sources, include_raw=bool(config.stock_smooth))
-            cache = sens.cache_key(adapter.reader.model_dir, cfg, measured)
+            transforms = {"rotate": None if rotation is None else [rotation.kind, rotation.seed],
+                          "smooth": list(config.stock_smooth)}
+            cache = sens.cache_key(adapter.reader.model_dir, cfg, measured, transforms)
             losses = sens.load_cached(cache) if measured else {}
             if losses is None:
                 sensitivity = sens.Sensitivity(spec, measured, method, cfg.gptq, device=cfg.device, batch=cfg.batch_windows,

@@ -225,10 +225,12 @@ def _calib_fingerprint(source: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_dir, cfg, candidates: Mapping[str, Sequence[Q]]) -> Path:
-    """The cache file of a measurement of this model with these settings and candidates."""
-    from moeq2gguf.calib.ebss import model_fingerprint
-    key = json.dumps({"version": SENSITIVITY_VERSION, "model": model_fingerprint(model_dir),
+def cache_key(model_dir, cfg, candidates: Mapping[str, Sequence[Q]], transforms: Mapping | None = None) -> Path:
+    """The cache file of a measurement of this model with these settings, candidates and transforms (what was done to
+    the weights before measuring: rotation and its seed, smoothing kinds), by this code."""
+    from moeq2gguf.io.fingerprint import checkpoint_fingerprint, code_fingerprint
+    key = json.dumps({"version": SENSITIVITY_VERSION, "model": checkpoint_fingerprint(model_dir),
+                      "code": code_fingerprint(), "transforms": dict(transforms or {}),
                       "method": cfg.method, "calib": _calib_fingerprint(cfg.calib), "n_windows": cfg.n_windows,
                       "ctx": cfg.ctx, "gptq": asdict(cfg.gptq), "device": torch.device(cfg.device).type,
                       "candidates": {n: [q.name for q in c] for n, c in sorted(candidates.items())}}, sort_keys=True)
@@ -255,7 +257,7 @@ def store(path: Path, losses: dict[str, dict[str, float]]) -> None:
 def cached_measure(adapter: FamilyAdapter, sources: list[TensorSource], candidates: Mapping[str, Sequence[Q]],
                    cfg, progress: bool = True) -> dict[str, dict[str, float]]:
     """measure(), reusing an earlier measurement of the same model with the same settings."""
-    path = cache_key(adapter.reader.model_dir, cfg, candidates)
+    path = cache_key(adapter.reader.model_dir, cfg, candidates, {"rotate": None, "smooth": []})
     cached = load_cached(path)
     if cached is not None:
         return cached
