@@ -212,3 +212,39 @@ def test_importing_the_package_makes_openmp_threads_wait_passively():
     env["OMP_WAIT_POLICY"] = "ACTIVE"   # a user's own choice is kept
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "ACTIVE"
+
+
+def test_the_sdist_pin_is_the_same_in_setup_and_in_the_package():
+    setup = (Path(__file__).resolve().parents[1] / "tools" / "setup_env.sh").read_text()
+    assert f"SDIST_SHA256={runtime_build.SDIST_SHA256}" in setup
+    sdist = runtime_build._sdist_dir() / "sdist" / f"llama_cpp_python-{runtime_build.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if sdist.is_file():   # set-up downloaded it: it is the pinned file
+        runtime_build.check_sdist(sdist)
+
+
+def test_a_different_sdist_is_refused_and_deleted(tmp_path):
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    fake.write_bytes(b"not the sdist")
+    with pytest.raises(Moeq2ggufError, match="not the pinned"):
+        runtime_build.check_sdist(fake)
+    assert not fake.exists()
+
+
+@pytest.mark.parametrize("has_filter", [True, False], ids=["tarfile filter", "older Python"])
+def test_sdist_extraction_refuses_paths_outside(tmp_path, monkeypatch, has_filter):
+    import io
+    import tarfile
+    if not has_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
+    for path, name in ((good, "pkg/vendor/ok.txt"), (bad, "pkg/../../escape.txt")):
+        with tarfile.open(path, "w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ok"))
+    with tarfile.open(good) as tar:
+        runtime_build.safe_extract(tar, tar.getmembers(), tmp_path / "out")
+    assert (tmp_path / "out" / "pkg" / "vendor" / "ok.txt").read_text() == "ok"
+    with tarfile.open(bad) as tar, pytest.raises((Moeq2ggufError, tarfile.TarError)):
+        runtime_build.safe_extract(tar, tar.getmembers(), tmp_path / "out2")
+    assert not (tmp_path / "escape.txt").exists()

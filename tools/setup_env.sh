@@ -10,6 +10,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=.venv/bin/python
 LLAMA_CPP_PYTHON_VERSION=0.3.36   # the pin in pyproject.toml and moeq2gguf/runtime/build.py
+SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e   # = runtime/build.py's SDIST_SHA256
 SDIST_DIR=.cache/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION/sdist
 stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@"; echo "[setup] $name: $(( $(date +%s) - t0 )) s"; }
 
@@ -22,6 +23,9 @@ bindings() {
   mkdir -p "$SDIST_DIR"
   [ -f "$SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" ] || "$PY" -m pip download -q --no-deps \
     --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$SDIST_DIR"
+  echo "$SDIST_SHA256  $SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" | sha256sum -c --quiet - || {
+    rm -f "$SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+    echo "[setup] the llama-cpp-python sdist is not the pinned file (sha256 $SDIST_SHA256); deleted it, check the package index"; exit 1; }
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip_quiet --no-cache-dir --no-deps \
     "$SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
   pip_quiet "typing-extensions>=4.5" "numpy>=1.20" "diskcache>=5.6.1" "jinja2>=2.11.3"

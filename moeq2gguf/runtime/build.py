@@ -54,6 +54,8 @@ from moeq2gguf.errors import Moeq2ggufError
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"   # the pin in pyproject.toml and tools/setup_env.sh
+# sha256 of its sdist (llama_cpp_python-0.3.36.tar.gz, the file the package index serves); tools/setup_env.sh checks it too
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PATCH_DIR = Path(__file__).resolve().parent / "patches"   # package data (runtime_patches/ in a checkout links here)
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,6 +147,7 @@ def vendored_source() -> Path:
         log.info("downloading the llama-cpp-python %s sdist", LLAMA_CPP_PYTHON_VERSION)
         _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
               f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(sdist.parent)], "pip download")
+    check_sdist(sdist)
     tmp = own.with_name("src.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -153,10 +156,34 @@ def vendored_source() -> Path:
         members = [m for m in tar.getmembers() if m.name.startswith(f"{top}/vendor/llama.cpp/")]
         for m in members:
             m.name = m.name[len(top) + 1:]
-        tar.extractall(tmp, members=members, filter="data")
+        safe_extract(tar, members, tmp)
     shutil.rmtree(own, ignore_errors=True)
     tmp.rename(own)
     return own / "vendor" / "llama.cpp"
+
+
+def check_sdist(sdist: Path) -> None:
+    """The downloaded sdist is the one this version pins (a different file is deleted and named)."""
+    digest = _file_digest(sdist)
+    if digest != SDIST_SHA256:
+        sdist.unlink()
+        raise Moeq2ggufError(f"{sdist.name} has sha256 {digest}, not the pinned {SDIST_SHA256}: the package index served "
+                             "another file (deleted); check the index you install from, then run the build again")
+
+
+def safe_extract(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path) -> None:
+    """extractall refusing absolute paths, '..', links, devices: tarfile's "data" filter where this Python has it
+    (3.12, 3.11.4, 3.10.12 and later), the same checks by hand before."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, members=members, filter="data")
+        return
+    root = dest.resolve()
+    for m in members:
+        target = (dest / m.name).resolve()
+        if m.name.startswith("/") or not str(target).startswith(str(root)) or not (m.isfile() or m.isdir()):
+            raise Moeq2ggufError(f"the sdist holds {m.name!r}, which is not a plain file inside the archive's folder; "
+                                 "refusing to extract it")
+    tar.extractall(dest, members=members)
 
 
 def _file_digest(path: Path) -> str:
