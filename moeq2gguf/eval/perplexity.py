@@ -12,7 +12,6 @@ patched llama.cpp gives a stock file the stock logits (tests/test_runtime_patche
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -100,26 +99,37 @@ def evaluate_many(quants: list[str | os.PathLike[str]], base: str | os.PathLike[
     if any(runtime.patched_features(q) for q in quants) and not runtime.is_patched():
         return _evaluate_in_patched_process(quants, base, text, ctx, chunks, progress)
     content = corpus.read_text(text)
-    with contextlib.ExitStack() as stack:
-        base_llm = stack.enter_context(runtime.load(base, n_ctx=ctx))
-        quant_llms = [stack.enter_context(runtime.load(q, n_ctx=ctx)) for q in quants]
-        tokens = np.asarray(runtime.tokenize(base_llm, content), dtype=np.int64)
-        n_windows = len(tokens) // ctx
-        if chunks is not None:
-            n_windows = min(n_windows, chunks)
-        if n_windows < 1:
-            raise Moeq2ggufError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {ctx}; "
-                                 "give more text or a smaller --ctx")
-        bos = base_llm.token_bos() if base_llm._model.add_bos_token() else None
-        first = ctx // 2
-        accs = [QualityAccumulator() for _ in quants]
-        for w in tqdm(range(n_windows), desc="eval", unit="window", disable=not progress):
-            window = tokens[w * ctx:(w + 1) * ctx].copy()
+    first = ctx // 2
+    accs = [QualityAccumulator() for _ in quants]
+    # One model in memory at a time: the base's logits of every scored position go to a file on disk first (as
+    # llama-perplexity's --kl-divergence-base does), then each quant is loaded in turn and compared window by window.
+    with tempfile.TemporaryDirectory(prefix="moeq2gguf-eval-") as tmp:
+        with runtime.load(base, n_ctx=ctx) as base_llm:
+            tokens = np.asarray(runtime.tokenize(base_llm, content), dtype=np.int64)
+            n_windows = len(tokens) // ctx
+            if chunks is not None:
+                n_windows = min(n_windows, chunks)
+            if n_windows < 1:
+                raise Moeq2ggufError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {ctx}; "
+                                     "give more text or a smaller --ctx")
+            bos = base_llm.token_bos() if base_llm._model.add_bos_token() else None
+            windows = tokens[:n_windows * ctx].reshape(n_windows, ctx).copy()
             if bos is not None:
-                window[0] = bos
-            base_logits = runtime.logits(base_llm, window)[first:ctx - 1]
-            for llm, acc in zip(quant_llms, accs):
-                acc.add(base_logits, runtime.logits(llm, window)[first:ctx - 1], window[first + 1:])
+                windows[:, 0] = bos
+            base_logits = None
+            for w in tqdm(range(n_windows), desc="eval base", unit="window", disable=not progress):
+                logits = runtime.logits(base_llm, windows[w])[first:ctx - 1]
+                if base_logits is None:
+                    base_logits = np.lib.format.open_memmap(Path(tmp) / "base.npy", mode="w+", dtype=np.float32,
+                                                            shape=(n_windows, *logits.shape))
+                base_logits[w] = logits
+            base_logits.flush()
+        for q, acc in zip(quants, accs):
+            with runtime.load(q, n_ctx=ctx) as llm:
+                for w in tqdm(range(n_windows), desc=f"eval {q.name}", unit="window", disable=not progress):
+                    acc.add(np.asarray(base_logits[w]), runtime.logits(llm, windows[w])[first:ctx - 1],
+                            windows[w][first + 1:])
+        del base_logits
     seconds = time.time() - t0
     return [EvalResult(quant=str(q), base=str(base), ctx=ctx, windows=n_windows, seconds=seconds, **acc.summary())
             for q, acc in zip(quants, accs)]

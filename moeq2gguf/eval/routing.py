@@ -16,12 +16,14 @@ from moeq2gguf.models.registry import open_model
 from moeq2gguf.passes.layers import Layers, block_key, block_weights, run_block
 
 
-def _gguf_weights(path: Path) -> dict[str, torch.Tensor]:
-    weights = {}
-    for t in gguf.GGUFReader(path).tensors:
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        weights[t.name] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
-    return weights
+def _gguf_tensors(path: Path) -> dict[str, object]:
+    """The GGUF's tensors by name, memory-mapped (nothing dequantized yet)."""
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def _dequantize(t) -> torch.Tensor:
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
 
 
 def routing_agreement(quant: str | os.PathLike[str], model_dir: str | os.PathLike[str], text: str = "eval",
@@ -34,17 +36,17 @@ def routing_agreement(quant: str | os.PathLike[str], model_dir: str | os.PathLik
     if reason:
         raise Moeq2ggufError(f"routing agreement needs the calibration forward ({reason})")
     sources = adapter.all_tensors()
-    quant_w = _gguf_weights(Path(quant))
+    quant_w = _gguf_tensors(Path(quant))
     if set(quant_w) != {s.name for s in sources}:
         raise Moeq2ggufError(f"{quant} does not hold the tensors of {model_dir}; pass the checkpoint it was made from")
     layers = Layers.of(sources, spec.n_layers)
     tokens = calibration_windows(model_dir, text, windows, ctx)
     xs = [nn.embed(tokens, layers.embedding.load().reshape(layers.embedding.shape)),
-          nn.embed(tokens, quant_w["token_embd.weight"])]
+          nn.embed(tokens, _dequantize(quant_w["token_embd.weight"]))]
     agree = []
     for bid, block in layers:
         routes: tuple[list, list] = ([], [])
-        blocks = (block_weights(block), {block_key(s.name): quant_w[s.name] for s in block})
+        blocks = (block_weights(block), {block_key(s.name): _dequantize(quant_w[s.name]) for s in block})
         for i, w in enumerate(blocks):
             xs[i] = run_block(xs[i], w, spec, None, bid, batch, routes[i])
         if routes[0]:

@@ -477,7 +477,7 @@ def build_stock(jobs: int | None = None, force: bool = False, say=log.info) -> B
     if not cached:
         stamp.unlink(missing_ok=True)
         _build_stock_tree(vendored_source(), bld, choice, STOCK_TARGETS, jobs)
-        stamp.write_text(f"{key}\n{choice.summary()}\n")
+        _write_atomic(stamp, f"{key}\n{choice.summary()}\n")
     if install_libs(bld / "bin", bindings_lib_dir()):
         say(f"installed the libraries into {bindings_lib_dir()}")
     return BuildResult(bld / "bin", time.perf_counter() - t0, cached)
@@ -631,7 +631,7 @@ def cuda_compile_check(arch: str = "90", files: list[str] | None = None, jobs: i
     if failed:
         raise Moeq2ggufError(f"nvcc ({nvcc}) failed for sm_{arch} on {len(failed)} of {len(files)} patched ggml-cuda "
                              "files:\n" + "\n".join(failed))
-    passed.write_text(json.dumps({"key": key, "results": [(f, seconds) for f, seconds, _, _ in results]}))
+    _write_atomic(passed, json.dumps({"key": key, "results": [(f, seconds) for f, seconds, _, _ in results]}))
     return [(f, seconds) for f, seconds, _, _ in results]
 
 
