@@ -312,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"moeq2gguf: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:   # the disk full, a file not writable: one line, the partial output already removed
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"moeq2gguf: error: {exc.strerror or exc}{where}; nothing was written, free the space or fix the "
+              "permission and run again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("moeq2gguf: interrupted (SIGINT); the unfinished output was removed", file=sys.stderr)
         return 130

@@ -114,3 +114,34 @@ def test_a_killed_conversions_temp_is_removed_by_the_next_run(tmp_path, caplog):
     assert not stale.exists() and out.is_file()
     assert any("left by an interrupted conversion" in r.message for r in caplog.records)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_a_corrupted_shard_header_is_named(checkpoint_with, tmp_path):
+    from moeq2gguf.errors import Moeq2ggufError
+    ckpt = checkpoint_with(lambda model: None)
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"#" * 32   # the JSON header's start
+    weights.write_bytes(bytes(data))
+    before = tree_hash(ckpt)
+    with pytest.raises(Moeq2ggufError, match="model.safetensors"):
+        convert(ckpt, tmp_path / "m.gguf", type="F16", progress=False)
+    assert not (tmp_path / "m.gguf").exists() and tree_hash(ckpt) == before
+
+
+def test_a_full_disk_ends_with_one_line_and_no_file(tmp_path):
+    """A size-limited file system, simulated with RLIMIT_FSIZE on the child (writes past 2 MiB fail with EFBIG)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2**20, 2 * 2**20))
+    out = tmp_path / "m.gguf"
+    code = "import sys; from moeq2gguf.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "convert", str(FIXTURE), "-o", str(out), "--type", "F32", "-q"],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"moeq2gguf: error: writing {out} failed after "), proc.stderr
+    assert "the disk or a quota is probably full; nothing was written" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -213,16 +213,19 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
             allocation = alloc.allocate(writer, sources, config.overrides, budget, config.method, losses)
             types = allocation.types
         n_bytes = _add_tensor_infos(writer, sources, types)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        n_written = 0
-        for data in quantized_stream(Layers.of(sources, spec.n_layers), spec, types, cfg, report, windows, progress):
-            with profiling.stage("write"):
-                writer.write_tensor_data(data)
-            n_written += 1
-        assert n_written == len(sources)
-        writer.close()
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            n_written = 0
+            for data in quantized_stream(Layers.of(sources, spec.n_layers), spec, types, cfg, report, windows, progress):
+                with profiling.stage("write"):
+                    writer.write_tensor_data(data)
+                n_written += 1
+            assert n_written == len(sources)
+            writer.close()
+        except OSError as exc:
+            raise Moeq2ggufError(_write_failure(tmp, output, n_bytes, exc)) from exc
         if allocation is not None:
             alloc.check_written(tmp, allocation, n_bytes)
         os.replace(tmp, output)
@@ -238,6 +241,18 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     log.info("wrote %s: %d tensors, %.1f MiB in %.1f s, peak RSS %.0f MiB", output, result.n_tensors,
              n_bytes / 2**20, result.seconds, result.peak_rss_mib)
     return result
+
+
+def _write_failure(tmp: Path, output: Path, n_bytes: int, exc: OSError) -> str:
+    """The message for a write that failed: how far it got, and the room left where the output goes."""
+    import shutil
+    written = tmp.stat().st_size if tmp.exists() else 0
+    try:
+        free = f"{shutil.disk_usage(output.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"writing {output} failed after {written / 2**20:,.1f} of about {n_bytes / 2**20:,.1f} MiB ({exc}; {free}): "
+            "the disk or a quota is probably full; nothing was written, free the space and run again")
 
 
 def _float_pass(sources, spec, windows, plugins, config: ConvertConfig, progress: bool) -> None:
