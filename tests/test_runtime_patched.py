@@ -118,8 +118,9 @@ def test_quantized_file_runs_on_patched_runtime(patched_lib, tmp_path, small_tok
     assert np.median(per_token) < 0.05 and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def _rewrite(src, dst, arch: str, drop: tuple[str, ...] = (), keys: dict | None = None):
-    """A copy of an F32 GGUF file without the tensors in `drop` and with some uint32 keys changed."""
+def _rewrite(src, dst, arch: str, drop: tuple[str, ...] = (), keys: dict | None = None, half: tuple[str, ...] = ()):
+    """A copy of an F32 GGUF file without the tensors in `drop`, those in `half` stored as F16, and with some uint32
+    keys changed."""
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(dst, arch)
     keys = keys or {}
@@ -135,7 +136,7 @@ def _rewrite(src, dst, arch: str, drop: tuple[str, ...] = (), keys: dict | None 
         writer.add_uint32(name, value)
     for t in reader.tensors:
         if t.name not in drop:
-            writer.add_tensor(t.name, np.array(t.data))
+            writer.add_tensor(t.name, np.array(t.data).astype(np.float16 if t.name in half else np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -160,6 +161,8 @@ def test_patched_loader_checks_the_file(patched_lib, tmp_path, small_tokenizers,
         "expert_hadamard_block = 48 is not a power of two": dict(keys={"llama.expert_hadamard_block": 48}),
         # a Hadamard tensor of another order than the key announces
         "tensor 'ffn_exps_hadamard' has wrong shape": dict(keys={"llama.expert_hadamard_block": 16}),
+        # the smoothing vector in another type: refused at load, not a failure inside the graph
+        "tensor 'blk.1.ffn_exps_smooth' has type f16; expert smoothing needs F32": dict(half=("blk.1.ffn_exps_smooth",)),
     }
     for i, (message, change) in enumerate(cases.items()):
         bad = _rewrite(path, tmp_path / f"bad{i}.gguf", "llama", **change)
