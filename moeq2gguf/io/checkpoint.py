@@ -19,6 +19,10 @@ from moeq2gguf.errors import CheckpointError
 
 # Buffers some exporters save that carry no weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# quantization_config.quant_method values whose weights are read: none, FP8 with block scales (DeepSeek-V3 and the
+# releases that copy its layout), GPT-OSS's MXFP4 experts (kept as MXFP4 by its adapter)
+SUPPORTED_QUANTIZATION = (None, "fp8", "mxfp4")
 
 
 def _read_header(path: Path) -> dict:
@@ -53,6 +57,11 @@ class CheckpointReader:
             self.config: dict = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        stored_as = (self.config.get("quantization_config") or {}).get("quant_method")
+        if stored_as not in SUPPORTED_QUANTIZATION:
+            raise CheckpointError(f"{config_path} says the weights are quantized with {stored_as!r}, which this converter "
+                                  f"does not read (it reads {', '.join(m for m in SUPPORTED_QUANTIZATION if m)}); "
+                                  "dequantize the checkpoint to BF16 first")
         self._file_of: dict[str, Path] = {}
         self._header: dict[str, dict] = {}
         self._index_tensors()
@@ -97,8 +106,31 @@ class CheckpointReader:
             return handle.get_tensor(name)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor as float32 (a fresh copy, safe to modify)."""
-        return self.get_raw(name).to(torch.float32)
+        """The tensor as float32 (a fresh copy, safe to modify); FP8 weights dequantized with their block scales."""
+        raw = self.get_raw(name)
+        if raw.dtype in FP8_DTYPES:
+            return self._dequantize_fp8(name, raw)
+        return raw.to(torch.float32)
+
+    def _dequantize_fp8(self, name: str, raw: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's FP8 layout (also Kimi-K2's, Qwen3's and GLM's FP8 releases): the weight in e4m3 and
+        `<name>_scale_inv` [ceil(rows / b0), ceil(cols / b1)] in float32, one scale per b0 x b1 block
+        (quantization_config.weight_block_size, [128, 128]); the value is e4m3 * scale, computed in float32."""
+        scale_name = f"{name}_scale_inv"
+        if not self.has(scale_name):
+            raise CheckpointError(f"{name} is stored as {raw.dtype} but the checkpoint has no {scale_name}; only FP8 "
+                                  "with block scales (weight_scale_inv, as DeepSeek-V3 ships it) is supported")
+        scale = self.get_raw(scale_name).to(torch.float32)
+        b0, b1 = (self.config.get("quantization_config") or {}).get("weight_block_size", (128, 128))
+        if raw.dim() != 2:
+            raise CheckpointError(f"{name}: FP8 weights with block scales must be matrices, got shape {tuple(raw.shape)}")
+        rows, cols = raw.shape
+        want = (-(-rows // b0), -(-cols // b1))
+        if tuple(scale.shape) != want:
+            raise CheckpointError(f"{scale_name} has shape {tuple(scale.shape)}, expected {want} for {b0} x {b1} blocks "
+                                  f"of {name} {tuple(raw.shape)}; the checkpoint's weight_block_size may be wrong")
+        per_element = scale.repeat_interleave(b0, 0)[:rows].repeat_interleave(b1, 1)[:, :cols]
+        return raw.to(torch.float32) * per_element
 
     def mark_used(self, name: str) -> None:
         self._consumed.add(name)

@@ -397,6 +397,7 @@ class FamilyAdapter:
     def check_all_used(self, sources: list[TensorSource]) -> None:
         """Leftover checkpoint tensors mean the adapter misread the family: refuse rather than drop weights."""
         used = {name for s in sources for name in s.inputs}
+        used |= {f"{name}_scale_inv" for name in used}   # FP8 block scales, read with their weight (io/checkpoint.py)
         if self.spec.tie_embeddings:
             used.add("lm_head.weight")
         leftover = [n for n in self.reader.names()

@@ -65,10 +65,6 @@ class DeepseekV2Adapter(FamilyAdapter):
     def make_spec(self, config: dict) -> ModelSpec:
         arch = config["architectures"][0]
         is_v3 = arch == "DeepseekV3ForCausalLM"
-        quant = (config.get("quantization_config") or {}).get("quant_method")
-        if quant:
-            raise Moeq2ggufError(f"the checkpoint is quantized ({quant}); dequantize it to BF16 first "
-                                 "(DeepSeek ships fp8_cast_bf16.py for its FP8 weights)")
         if config.get("attention_bias"):
             raise Moeq2ggufError("attention_bias=true: llama.cpp's deepseek2 graph has no attention biases")
         if config.get("moe_layer_freq", 1) != 1:
