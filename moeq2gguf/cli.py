@@ -16,7 +16,12 @@ def _convert(args: argparse.Namespace) -> None:
                            calib_ctx=args.calib_ctx, rotate=args.rotate, rotate_seed=args.rotate_seed,
                            target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
                            expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite)
-    result = convert(args.model_dir, args.output, config, progress=not args.quiet, profile=args.profile or args.verbose)
+    result = convert(args.model_dir, args.output, config, progress=not args.quiet and not args.json,
+                     profile=args.profile or args.verbose or args.json)
+    if args.json:
+        import json
+        print(json.dumps(result.to_dict(), indent=1))
+        return
     if result.profile is not None:
         table = result.profile.table()
         print(table) if args.profile else logging.getLogger("moeq2gguf.profile").info("stages:\n%s", table)
@@ -138,6 +143,16 @@ def _calibrate(args: argparse.Namespace) -> None:
         print(format_report(result.report))
 
 
+def _version() -> str:
+    import importlib.metadata
+    from moeq2gguf import __version__
+    try:
+        llama = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        llama = "not installed"
+    return f"moeq2gguf {__version__} (llama-cpp-python {llama})"
+
+
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads for torch, numba and llama.cpp alike (default: the cores this process may use)")
@@ -146,6 +161,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeq2gguf", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint directory to GGUF")
@@ -184,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "applies at run time (moeq2gguf runtime build)")
     _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary (file, sizes, types, method, time, memory, coverage, stage profile)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write NaN/Inf weights (and F16-overflowing ones) as they are instead of stopping with the "
                         "tensor's name")

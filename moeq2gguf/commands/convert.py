@@ -49,6 +49,20 @@ class ConvertResult:
     allocation: alloc.Allocation | None = None   # the recipe chosen for a size target
     profile: profiling.Profile | None = None     # seconds and memory per stage and layer (convert(profile=True))
 
+    def to_dict(self) -> dict:
+        """The summary `convert --json` prints."""
+        import collections
+        types = collections.Counter(t["type"] for t in (self.report.tensors.values() if self.report else ()))
+        methods_used = collections.Counter(t.get("method") for t in (self.report.tensors.values() if self.report else ()))
+        fallbacks = collections.Counter(f for c in (self.report.coverage.values() if self.report else ())
+                                        for f in c["fallback"])
+        return {"output": str(self.output), "bytes": self.n_bytes, "mib": round(self.n_bytes / 2**20, 3),
+                "tensors": self.n_tensors, "seconds": round(self.seconds, 3), "peak_rss_mib": round(self.peak_rss_mib),
+                "types": dict(types), "methods": dict(methods_used),
+                "expert_coverage": dict(fallbacks),   # own / blended / pooled Hessians over experts and tensors
+                "recipe": json.loads(self.allocation.recipe_json()) if self.allocation else None,
+                "profile": self.profile.to_dict() if self.profile else None}
+
 
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
