@@ -15,7 +15,8 @@ def _convert(args: argparse.Namespace) -> None:
                            tensor_types=tuple(args.tensor_type), imatrix=args.imatrix, calib_windows=args.calib_windows,
                            calib_ctx=args.calib_ctx, rotate=args.rotate, rotate_seed=args.rotate_seed,
                            target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
-                           expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite)
+                           expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite,
+                           split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors)
     result = convert(args.model_dir, args.output, config, progress=not args.quiet and not args.json,
                      profile=args.profile or args.verbose or args.json)
     if args.json:
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "applies at run time (moeq2gguf runtime build)")
     _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--split-max-size", default=None, metavar="SIZE",
+                   help="split the output into parts of at most SIZE (50G, 2GiB, bytes) as llama.cpp does "
+                        "(OUT-00001-of-0000N.gguf; load the first part)")
+    p.add_argument("--split-max-tensors", type=int, default=0, metavar="N", help="split into parts of at most N tensors")
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (file, sizes, types, method, time, memory, coverage, stage profile)")
     p.add_argument("--allow-nonfinite", action="store_true",

@@ -32,12 +32,15 @@ class ConvertConfig:
     smooth: str | None = None                # aggregate | down | aggregate,down | per-expert
     expert_hadamard: bool = False
     allow_nonfinite: bool = False            # write NaN/Inf or F16-overflowing weights instead of refusing them
+    split_max_size: str | int | None = None  # split the output into parts of at most this size ('50G', bytes)
+    split_max_tensors: int = 0               # ... or of at most this many tensors (0: no limit)
     # derived in __post_init__
     type_name: str = field(init=False)       # the validated type (for a size target: the mix standing in for it)
     stock_smooth: tuple[str, ...] = field(init=False)
     patched_smooth: tuple[str, ...] = field(init=False)
     overrides: tuple[tuple[re.Pattern[str], Q], ...] = field(init=False)
     quant: QuantConfig = field(init=False)
+    split_max_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         from moeq2gguf.plan import alloc
@@ -80,6 +83,13 @@ class ConvertConfig:
                                  "--imatrix FILE (statistics of the untransformed model) or a size target does not "
                                  "apply; use --method with --type")
         put("overrides", tuple(parse_override(t) for t in self.tensor_types))
+        put("split_max_bytes", alloc.parse_size(self.split_max_size, "--split-max-size")
+            if self.split_max_size is not None else 0)
+        if self.split_max_tensors < 0:
+            raise Moeq2ggufError(f"--split-max-tensors {self.split_max_tensors}: give a positive number of tensors per part")
+        if (self.split_max_bytes or self.split_max_tensors) and self.targeted:
+            raise Moeq2ggufError("a size target bounds one file; convert to one file with --target-size, or split "
+                                 "without a size target")
 
     @property
     def targeted(self) -> bool:

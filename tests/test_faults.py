@@ -96,8 +96,9 @@ def test_an_interrupted_conversion_leaves_nothing(tmp_path, sig, code, word):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines == [f"moeq2gguf: {'interrupted' if sig == signal.SIGINT else 'terminated'} ({word}); the unfinished "
-                     "output was removed"], err
+    # the last line is the message, and no traceback (a library's warning printed earlier may precede it)
+    assert lines[-1] == (f"moeq2gguf: {'interrupted' if sig == signal.SIGINT else 'terminated'} ({word}); the "
+                         "unfinished output was removed") and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
     assert tree_hash(FIXTURE) == before
 

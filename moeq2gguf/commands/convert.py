@@ -82,10 +82,13 @@ def _byte_shape(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tup
 def remove_stale_temps(output: Path) -> None:
     """Remove the temporary files (.OUT.gguf.PID.tmp) that runs killed before they could clean up (SIGKILL, the
     OOM killer, a power cut) left next to this output; a live process's one is left alone and named."""
-    for tmp in output.parent.glob(f".{output.name}.*.tmp"):
-        pid = tmp.name[len(output.name) + 2:-len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    import re
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(\d+)(\.tmp|-\d{{5}}-of-\d{{5}}\.gguf)")   # file or split part
+    for tmp in output.parent.glob(f".{output.name}.*"):
+        match = pattern.fullmatch(tmp.name)
+        if not match or int(match.group(1)) == os.getpid():
             continue
+        pid = match.group(1)
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -185,8 +188,10 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
         plugins.append(experts)
 
     report = QuantReport()
-    writer = gguf.GGUFWriter(None, adapter.arch_name)
+    writer = gguf.GGUFWriter(None, adapter.arch_name, split_max_tensors=config.split_max_tensors,
+                             split_max_size=config.split_max_bytes)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    temps = [tmp]
     try:
         expert_tf = None
         if config.patched_runtime:   # files for the patched llama.cpp (runtime_patches/)
@@ -227,6 +232,8 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
             allocation = alloc.allocate(writer, sources, config.overrides, budget, config.method, losses)
             types = allocation.types
         n_bytes = _add_tensor_infos(writer, sources, types)
+        # split output as llama.cpp writes it (gguf-py's writer): OUT-00001-of-0000N.gguf, the split.* keys
+        temps, finals = writer.format_shard_names(tmp), writer.format_shard_names(output)
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
@@ -239,13 +246,16 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
             assert n_written == len(sources)
             writer.close()
         except OSError as exc:
-            raise Moeq2ggufError(_write_failure(tmp, output, n_bytes, exc)) from exc
+            raise Moeq2ggufError(_write_failure(temps, output, n_bytes, exc)) from exc
         if allocation is not None:
             alloc.check_written(tmp, allocation, n_bytes)
-        os.replace(tmp, output)
+        for part, final in zip(temps, finals):
+            os.replace(part, final)
+        output = finals[0]
     except BaseException:
         writer.close()
-        tmp.unlink(missing_ok=True)
+        for part in temps:
+            part.unlink(missing_ok=True)
         raise
     finally:
         adapter.reader.close()
@@ -257,10 +267,10 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     return result
 
 
-def _write_failure(tmp: Path, output: Path, n_bytes: int, exc: OSError) -> str:
+def _write_failure(temps: list[Path], output: Path, n_bytes: int, exc: OSError) -> str:
     """The message for a write that failed: how far it got, and the room left where the output goes."""
     import shutil
-    written = tmp.stat().st_size if tmp.exists() else 0
+    written = sum(t.stat().st_size for t in temps if t.exists())
     try:
         free = f"{shutil.disk_usage(output.parent).free / 2**20:,.0f} MiB free there"
     except OSError:

@@ -136,6 +136,23 @@ def _field_value(f: gguf.ReaderField):
     return f.contents()
 
 
+def _other_parts(path: Path, meta: dict) -> list[Path]:
+    """The other files of a split GGUF (llama.cpp's OUT-00001-of-0000N.gguf naming), given its first part."""
+    import re
+    count = int(meta.get("split.count", 1) or 1)
+    if count <= 1:
+        return []
+    match = re.fullmatch(r"(.*)-00001-of-(\d{5})\.gguf", path.name)
+    if not match or int(match.group(2)) != count:
+        raise Moeq2ggufError(f"{path} is part {int(meta.get('split.no', 0)) + 1} of a {count}-part split GGUF; pass the "
+                             "first part, named ...-00001-of-...gguf")
+    parts = [path.with_name(f"{match.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise Moeq2ggufError(f"{path} is the first of {count} parts, and {', '.join(missing)} is missing next to it")
+    return parts
+
+
 def _inspect_gguf(path: Path) -> InspectResult:
     try:
         reader = gguf.GGUFReader(path)
@@ -144,8 +161,9 @@ def _inspect_gguf(path: Path) -> InspectResult:
     meta = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     arch = str(meta.get("general.architecture", "?"))
     ftype = meta.get("general.file_type")
+    readers = [reader, *(gguf.GGUFReader(p) for p in _other_parts(path, meta))]
     tensors = [TensorRow(t.name, tuple(int(x) for x in t.shape), t.tensor_type.name, int(t.n_elements), int(t.n_bytes))
-               for t in reader.tensors]
+               for r in readers for t in r.tensors]
     return InspectResult(
         path=path, kind="gguf", architecture=arch, n_layers=int(meta.get(f"{arch}.block_count", 0)),
         n_experts=int(meta.get(f"{arch}.expert_count", 0)), n_experts_used=int(meta.get(f"{arch}.expert_used_count", 0)),

@@ -108,21 +108,22 @@ def tensor_nbytes(shape: Sequence[int], qtype: Q) -> int:
 # Budgets
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}   # llama.cpp's --split-max-size 50G: powers of 10
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, option: str = "--target-size") -> int:
     """'6GiB' -> 6442450944; also B, KB/MB/GB/TB (powers of 10), KiB/MiB/GiB/TiB, or a plain byte count."""
     if isinstance(text, int):
         value, unit = float(text), ""
     else:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
         if not m or m.group(2).upper() not in _UNITS:
-            raise Moeq2ggufError(f"--target-size {text!r} is not a size; write e.g. 6GiB, 6.5GB, 500MiB or a byte count")
+            raise Moeq2ggufError(f"{option} {text!r} is not a size; write e.g. 6GiB, 6.5GB, 50G, 500MiB or a byte count")
         value, unit = float(m.group(1)), m.group(2).upper()
     n = int(value * _UNITS[unit])
     if n <= 0:
-        raise Moeq2ggufError(f"--target-size {text!r} must be positive")
+        raise Moeq2ggufError(f"{option} {text!r} must be positive")
     return n
 
 
