@@ -41,6 +41,12 @@ CASES = {
     "gpt_oss": ("gpt_oss", dict(num_hidden_layers=3)),
     "gpt_oss-yarn-mqa": ("gpt_oss", dict(rope_parameters=GPT_OSS_YARN, max_position_embeddings=2048,
                                          num_key_value_heads=1, sliding_window=8, num_experts_per_tok=3)),
+    # layer 0 dense, q/k/v biases, partial RoPE (half of each head), sigmoid + selection bias, shared expert
+    "glm4moe": ("glm4moe", dict(num_hidden_layers=3)),
+    # per-head q/k norm, 4 expert groups of which 2 compete, a quarter of each head rotated
+    "glm4moe-qknorm-groups": ("glm4moe", dict(use_qk_norm=True, n_group=4, topk_group=2, first_k_dense_replace=0,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.25})),
 }
 
 

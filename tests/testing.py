@@ -18,6 +18,7 @@ FAMILY_CLASSES = {
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
+    "glm4moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
 }
 
 # Tiny shapes per family, respecting what llama.cpp assumes of each (docs/PLATFORMS.md): OLMoE with
@@ -45,6 +46,11 @@ _FAMILY_DEFAULTS = {
                         num_nextn_predict_layers=0, bos_token_id=None, eos_token_id=None),
     "gpt_oss": dict(head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
                     rms_norm_eps=1e-5, max_position_embeddings=1024),
+    "glm4moe": dict(head_dim=32, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                    norm_topk_prob=True, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=False,
+                    rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
 }
 
 

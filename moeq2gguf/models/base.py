@@ -236,7 +236,7 @@ class FamilyAdapter:
         writer.add_head_count(s.n_heads)
         writer.add_head_count_kv(s.n_kv_heads)
         writer.add_rope_freq_base(s.rope_theta)
-        writer.add_rope_dimension_count(s.head_dim)
+        writer.add_rope_dimension_count(s.rope_dim or s.head_dim)
         writer.add_layer_norm_rms_eps(s.rms_norm_eps)
         writer.add_expert_count(s.n_experts)
         writer.add_expert_used_count(s.n_experts_used)

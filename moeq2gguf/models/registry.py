@@ -15,6 +15,7 @@ ARCH_TO_MODULE: dict[str, str] = {
     "DeepseekV2ForCausalLM": "deepseek2",
     "DeepseekV3ForCausalLM": "deepseek2",
     "GptOssForCausalLM": "gpt_oss",
+    "Glm4MoeForCausalLM": "glm4moe",
 }
 
 _ADAPTERS: dict[str, type] = {}

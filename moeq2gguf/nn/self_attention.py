@@ -1,8 +1,9 @@
 """Self-attention of one decoder layer as llama.cpp's graphs compute it (src/models/*.cpp, build_attn).
 
 Two shapes:
-- llama-style (llama, qwen2moe, qwen3moe, olmoe, deepseek, gpt-oss): q/k/v projections with optional
-  biases, optional q/k RMSNorm (per head for qwen3moe, over the whole projection for olmoe), RoPE,
+- llama-style (llama, qwen2moe, qwen3moe, olmoe, deepseek, gpt-oss, glm4moe): q/k/v projections with
+  optional biases, optional q/k RMSNorm (per head for qwen3moe and glm4moe, over the whole projection for
+  olmoe), RoPE (partial for glm4moe: the first rope_dim dimensions of each head),
   causal GQA, optionally a sliding window and learned sink logits (gpt-oss), output projection with
   an optional bias;
 - MLA (deepseek2) in the absorbed form llama.cpp runs: queries are moved into the kv latent space by
@@ -124,9 +125,14 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, obse
         q = rms_norm(q, w["attn_q_norm.weight"], spec.rms_norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], spec.rms_norm_eps)
     positions = torch.arange(L, device=x.device)
-    inv_freq, mscale = rope_frequencies(spec, spec.rope_dim or spec.head_dim), rope_mscale(spec)
+    n_rot = spec.rope_dim or spec.head_dim
+    inv_freq, mscale = rope_frequencies(spec, n_rot), rope_mscale(spec)
     neox = spec.gguf_arch not in NORM_ROPE_ARCHS
-    q, k = rope(q, positions, inv_freq, mscale, neox), rope(k, positions, inv_freq, mscale, neox)
+    if n_rot < spec.head_dim:   # partial RoPE (glm4moe): the first n_rot dimensions of a head rotate, the rest pass
+        q = torch.cat([rope(q[..., :n_rot], positions, inv_freq, mscale, neox), q[..., n_rot:]], dim=-1)
+        k = torch.cat([rope(k[..., :n_rot], positions, inv_freq, mscale, neox), k[..., n_rot:]], dim=-1)
+    else:
+        q, k = rope(q, positions, inv_freq, mscale, neox), rope(k, positions, inv_freq, mscale, neox)
     window = 0
     if spec.swa_layers:
         if bid is None:

@@ -53,9 +53,9 @@ def _names(*tensors: gguf.MODEL_TENSOR) -> frozenset[str]:
 
 
 ATTN_NORM = "attn_norm"
-# The norm whose output feeds the FFN: ffn_norm, except GPT-OSS, whose post_attention_layernorm is
-# written as post_attention_norm (llama.cpp's gpt-oss graph norms the FFN input with it).
-FFN_NORM = {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS]: "post_attention_norm"}
+# The norm whose output feeds the FFN: ffn_norm, except GPT-OSS and GLM-4.5, whose post_attention_layernorm
+# is written as post_attention_norm (their llama.cpp graphs norm the FFN input with it).
+FFN_NORM = {gguf.MODEL_ARCH_NAMES[arch]: "post_attention_norm" for arch in (gguf.MODEL_ARCH.GPT_OSS, gguf.MODEL_ARCH.GLM4_MOE)}
 READS_ATTN_NORM = _names(T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_QKV, T.ATTN_Q_A, T.ATTN_KV_A_MQA)
 READS_FFN_NORM = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_GATE_UP_EXP,
                         T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_GATE, T.FFN_UP)
