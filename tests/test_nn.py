@@ -47,6 +47,8 @@ CASES = {
     "glm4moe-qknorm-groups": ("glm4moe", dict(use_qk_norm=True, n_group=4, topk_group=2, first_k_dense_replace=0,
                                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                "partial_rotary_factor": 0.25})),
+    # q/k norm over the whole projection, partial RoPE, sigmoid + selection bias, renormalised, no shared expert
+    "minimax_m2": ("minimax_m2", dict(num_hidden_layers=3)),
 }
 
 

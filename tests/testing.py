@@ -19,6 +19,7 @@ FAMILY_CLASSES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
     "glm4moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM"),
 }
 
 # Tiny shapes per family, respecting what llama.cpp assumes of each (docs/PLATFORMS.md): OLMoE with
@@ -51,6 +52,8 @@ _FAMILY_DEFAULTS = {
                     norm_topk_prob=True, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=False,
                     rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "minimax_m2": dict(head_dim=32, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rotary_dim=16,
+                       rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=None),
 }
 
 

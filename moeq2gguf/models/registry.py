@@ -16,6 +16,7 @@ ARCH_TO_MODULE: dict[str, str] = {
     "DeepseekV3ForCausalLM": "deepseek2",
     "GptOssForCausalLM": "gpt_oss",
     "Glm4MoeForCausalLM": "glm4moe",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
 }
 
 _ADAPTERS: dict[str, type] = {}

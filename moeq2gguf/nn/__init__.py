@@ -4,7 +4,7 @@ Weights are the tensors the GGUF will hold (keys are GGUF names without the `blk
 `attn_q.weight`, `ffn_gate_exps.weight` [E, ff, n_embd]), so calibration statistics are about the
 exact tensors that get quantized. Checked against transformers' layers (tests/test_nn.py) for every
 family the adapters convert: Mixtral (llama), Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeekMoE (deepseek),
-DeepSeek-V2/V3 (deepseek2), GPT-OSS and GLM-4.5 (glm4moe). Attention lives in nn.self_attention; the feed-forward half
+DeepSeek-V2/V3 (deepseek2), GPT-OSS, GLM-4.5 (glm4moe) and MiniMax-M2. Attention lives in nn.self_attention; the feed-forward half
 (dense FFN, routing, routed and shared experts) here.
 
 An observer, when given, receives the input of every quantizable linear, once per distinct input
@@ -44,7 +44,7 @@ INPUT_OF = {
     "output": "output",
 }
 
-SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe")
+SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2")
 
 
 def unsupported_reason(spec: ModelSpec) -> str | None:
