@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint directory to GGUF")
-    p.add_argument("model_dir")
+    p = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint (folder or Hub id) to GGUF")
+    p.add_argument("model_dir", metavar="MODEL", help="a checkpoint folder (config.json, *.safetensors, tokenizer) or a Hugging Face Hub id such as Qwen/Qwen3-30B-A3B[@revision], resolved through the HF cache (downloaded when online)")
     p.add_argument("-o", "--output", required=True, help="output .gguf path")
     p.add_argument("--type", default="F16", help="F32, F16, BF16 or a llama.cpp mix: Q8_0, Q4_0, Q4_K_M, Q3_K_M, Q2_K, IQ4_XS, ...")
     from moeq2gguf import methods
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="write EBSS calibration data (the model samples itself, balancing its experts) "
                                          "and/or report the expert balance of calibration sets")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", metavar="MODEL", help="a checkpoint folder (config.json, *.safetensors, tokenizer) or a Hugging Face Hub id such as Qwen/Qwen3-30B-A3B[@revision], resolved through the HF cache (downloaded when online)")
     p.add_argument("--ebss", action="store_true", help="generate expert-balanced self-sampled sequences into -o")
     p.add_argument("-o", "--output", default=None, help="output .jsonl ({\"text\", \"ids\"} per line; usable as convert --calib)")
     p.add_argument("--n", type=int, default=128, help="sequences (default 128)")

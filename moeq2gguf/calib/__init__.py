@@ -30,7 +30,8 @@ def calibrate(model_dir: str | Path, config=None, *, progress: bool = True, **op
         config = CalibrateConfig(**options)
     elif options:
         raise TypeError(f"calibrate() takes a CalibrateConfig or keywords, not both ({', '.join(options)})")
-    model_dir = Path(model_dir)
+    from moeq2gguf.io.hub import resolve_model
+    model_dir = resolve_model(model_dir)
     if not model_dir.is_dir():
         raise Moeq2ggufError(f"model directory {model_dir} is not a directory; pass a Hugging Face checkpoint folder")
     result = CalibrateResult()

@@ -25,6 +25,7 @@ from moeq2gguf import plan
 from moeq2gguf import profile as profiling
 from moeq2gguf.config import ConvertConfig
 from moeq2gguf.errors import Moeq2ggufError
+from moeq2gguf.io.hub import model_display_name, resolve_model
 from moeq2gguf.io.vocab import load_vocab
 from moeq2gguf.models.registry import open_model
 from moeq2gguf.passes.calibration import float_pass
@@ -151,6 +152,8 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
         raise Moeq2ggufError(f"-o {output} is a directory; give a file name such as {output / 'model.gguf'}")
 
     remove_stale_temps(output)
+    model_name = model_display_name(model_dir)
+    model_dir = resolve_model(model_dir)   # a local folder, or a Hub id found in / fetched into the HF cache
     adapter = open_model(model_dir)
     spec = adapter.spec
     sources = adapter.all_tensors()
@@ -198,7 +201,7 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
             from moeq2gguf.transforms import patched
             expert_tf = patched.ExpertTransforms(smooth=next(iter(config.patched_smooth), None),
                                                  hadamard=config.expert_hadamard)
-        _add_metadata(writer, model_dir, type_name, config, budget, rotation, adapter)
+        _add_metadata(writer, model_name, type_name, config, budget, rotation, adapter)
         if expert_tf is None:
             vocab.add_to(writer)
         if budget is not None:   # every other key is in the writer now: the file's size is exact for any types
@@ -289,8 +292,8 @@ def _float_pass(sources, spec, windows, plugins, config: ConvertConfig, progress
     bar.close()
 
 
-def _add_metadata(writer, model_dir, type_name: str, config: ConvertConfig, budget, rotation, adapter) -> None:
-    writer.add_name(Path(model_dir).resolve().name)
+def _add_metadata(writer, model_name: str, type_name: str, config: ConvertConfig, budget, rotation, adapter) -> None:
+    writer.add_name(model_name)
     writer.add_file_type(plan.file_type(type_name))
     if not plan.is_float(type_name):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
