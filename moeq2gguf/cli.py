@@ -132,7 +132,9 @@ def _calibrate(args: argparse.Namespace) -> None:
     config = CalibrateConfig(output=args.output, ebss=args.ebss, n=args.n, length=args.len, beams=args.beams,
                              tau=args.tau, topk=args.topk, seed=args.seed, eos_guard=not args.no_eos_guard,
                              ngram_guard=args.ngram_guard, repetition_penalty=args.repetition_penalty,
-                             balance=args.balance, report=tuple(args.report), device=args.device)
+                             balance=args.balance, report=tuple(args.report), device=args.device,
+                             imatrix_out=args.imatrix_out, imatrix_weighting=args.imatrix_weighting, calib=args.calib,
+                             calib_windows=args.calib_windows, calib_ctx=args.calib_ctx)
     result = calibrate(args.model_dir, config, progress=not args.quiet)
     if result.ebss:
         e = result.ebss
@@ -140,6 +142,10 @@ def _calibrate(args: argparse.Namespace) -> None:
         print(f"wrote {e.output}: {e.ids.shape[0]} x {e.ids.shape[1]} tokens in {e.seconds:.1f} s "
               f"({e.tokens_per_s:.0f} tok/s), sigma {e.set_sigma:.4f}, mean log-prob {sum(e.mean_logprob) / len(e.mean_logprob):.3f}; "
               f"steps where a guard changed the kept beams: {guards}")
+    if result.imatrix:
+        m = result.imatrix
+        print(f"wrote {m.output}: {m.entries} weights, {m.weighting}-weighted statistics of {m.windows} x {m.ctx} tokens "
+              f"in {m.seconds:.1f} s (llama.cpp GGUF imatrix: llama-quantize --imatrix {m.output} ...)")
     if result.report:
         print(format_report(result.report))
 
@@ -250,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="append", default=[], metavar="SPLIT|FILE",
                    help="print the expert balance (sigma, min/max expert tokens per layer) of a split or file, next to "
                         "the EBSS data, at equal token count (repeatable)")
+    p.add_argument("--imatrix-out", default=None, metavar="FILE.gguf",
+                   help="write per-expert input statistics from the calibration forward as llama.cpp's GGUF imatrix "
+                        "(for llama-quantize --imatrix and ik_llama.cpp)")
+    p.add_argument("--imatrix-weighting", default="plain", choices=["plain", "affinity"],
+                   help="plain (default): llama-imatrix's statistic, per expert; affinity: each token's x^2 weighted by "
+                        "its routing weight for that expert")
+    p.add_argument("--calib", default=None, help="text for --imatrix-out: a split name, .txt/.jsonl file or folder "
+                                                 "(default: the --ebss output when given, else the calib split)")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows for --imatrix-out (default 32)")
+    p.add_argument("--calib-ctx", type=int, default=512, help="tokens per window for --imatrix-out (default 512)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: the GPU when present")
     _add_threads(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -126,12 +126,26 @@ class CalibrateConfig:
     balance: str = "candidate"
     report: tuple[str, ...] = ()             # split names or files whose expert balance to print
     device: str | None = None                # None: the GPU when present
+    imatrix_out: str | None = None           # write our statistics as a llama.cpp GGUF imatrix here
+    imatrix_weighting: str = "plain"         # plain | affinity (calib/imatrix_export.py)
+    calib: str | None = None                 # the text for --imatrix-out (None: the EBSS file when --ebss, else calib)
+    calib_windows: int = 32
+    calib_ctx: int = 512
 
     def __post_init__(self) -> None:
         from pathlib import Path
+
+        from moeq2gguf.calib.imatrix_export import WEIGHTINGS
         object.__setattr__(self, "report", tuple(str(r) for r in self.report))
-        if not self.ebss and not self.report:
-            raise Moeq2ggufError("calibrate: nothing to do; pass --ebss -o FILE.jsonl and/or --report SPLIT|FILE")
+        if not self.ebss and not self.report and not self.imatrix_out:
+            raise Moeq2ggufError("calibrate: nothing to do; pass --ebss -o FILE.jsonl, --report SPLIT|FILE and/or "
+                                 "--imatrix-out FILE.gguf")
+        if self.imatrix_out is not None and Path(self.imatrix_out).suffix != ".gguf":
+            raise Moeq2ggufError(f"--imatrix-out {self.imatrix_out} must end in .gguf (llama.cpp's GGUF imatrix format)")
+        if self.imatrix_weighting not in WEIGHTINGS:
+            raise Moeq2ggufError(f"--imatrix-weighting {self.imatrix_weighting} is not one of {', '.join(WEIGHTINGS)}")
+        if self.calib_windows < 1 or self.calib_ctx < 2:
+            raise Moeq2ggufError(f"--calib-windows {self.calib_windows} / --calib-ctx {self.calib_ctx} must be positive")
         if self.ebss and self.output is None:
             raise Moeq2ggufError("calibrate --ebss needs -o FILE.jsonl to write the generated sequences to")
         if not self.ebss and self.output is not None:
