@@ -49,6 +49,12 @@ CASES = {
                                                                "partial_rotary_factor": 0.25})),
     # q/k norm over the whole projection, partial RoPE, sigmoid + selection bias, renormalised, no shared expert
     "minimax_m2": ("minimax_m2", dict(num_hidden_layers=3)),
+    # Gated DeltaNet layers (0-2; key heads tiled over twice as many value heads) then gated full attention (3),
+    # every layer MoE with a gated shared expert; 40 tokens are run in chunks of 64, then of 16 (below)
+    "qwen35moe": ("qwen35moe", dict()),
+    # equal key and value heads, two full-attention layers (interval 2), MQA
+    "qwen35moe-equal-heads": ("qwen35moe", dict(linear_num_value_heads=2, num_key_value_heads=1,
+                                                 layer_types=["linear_attention", "full_attention"] * 2)),
 }
 
 
@@ -197,3 +203,19 @@ def test_unsupported_reason_is_truthful(tmp_path, small_tokenizers):
     assert nn.unsupported_reason(adapter.spec) is None
     assert "not bailingmoe" in nn.unsupported_reason(dataclasses.replace(adapter.spec, gguf_arch="bailingmoe"))
     assert "gelu" in nn.unsupported_reason(dataclasses.replace(adapter.spec, expert_activation="gelu"))
+
+
+@pytest.mark.parametrize("chunk, length", [(16, 40), (8, 8), (64, 5)])
+def test_chunked_delta_rule_equals_the_token_loop(chunk, length):
+    """The chunked (WY) form of the Gated DeltaNet recurrence equals running it token by token, across chunk
+    boundaries, a padded last chunk and strong decays."""
+    from moeq2gguf.nn.linear_attention import delta_rule_chunked, delta_rule_loop
+    gen = torch.Generator().manual_seed(0)
+    b, h, dk, dv = 2, 3, 8, 6
+    q, k = (torch.nn.functional.normalize(torch.randn(b, h, length, dk, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(b, h, length, dv, generator=gen)
+    g = -torch.rand(b, h, length, generator=gen) * 3          # decays exp(g) in (0.05, 1]
+    beta = torch.rand(b, h, length, generator=gen)
+    ref = delta_rule_loop(q.double(), k.double(), v.double(), g.double(), beta.double())
+    got = delta_rule_chunked(q.double(), k.double(), v.double(), g.double(), beta.double(), chunk=chunk)
+    assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)

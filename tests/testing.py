@@ -20,6 +20,7 @@ FAMILY_CLASSES = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
     "glm4moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM"),
+    "qwen35moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
 }
 
 # Tiny shapes per family, respecting what llama.cpp assumes of each (docs/PLATFORMS.md): OLMoE with
@@ -54,6 +55,13 @@ _FAMILY_DEFAULTS = {
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     "minimax_m2": dict(head_dim=32, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rotary_dim=16,
                        rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None, pad_token_id=None),
+    # three Gated DeltaNet layers then one gated full-attention layer; 2 key heads tiled over 4 value heads
+    "qwen35moe": dict(num_hidden_layers=4, head_dim=32, linear_key_head_dim=16, linear_value_head_dim=16,
+                      linear_num_key_heads=2, linear_num_value_heads=4, linear_conv_kernel_dim=4,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+                      num_experts_per_tok=2, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                       "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
 }
 
 

@@ -52,8 +52,12 @@ class ExpertSelector:
         finally:
             adapter.reader.close()
         target = model.model._can_record_outputs["router_logits"].target_class
-        biases = [getattr(m, "e_score_correction_bias", None) for m in model.modules() if isinstance(m, target)]
-        return cls(spec, biases)
+        modules = dict(model.named_modules())
+
+        def selection_bias(name: str):   # on the router (DeepSeek-V3, GLM-4.5) or its MoE block (MiniMax-M2)
+            bias = getattr(modules[name], "e_score_correction_bias", None)
+            return bias if bias is not None else getattr(modules.get(name.rpartition(".")[0]), "e_score_correction_bias", None)
+        return cls(spec, [selection_bias(n) for n, m in modules.items() if isinstance(m, target)])
 
     def chosen(self, router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[torch.Tensor]:
         """(T, k) expert ids per MoE layer."""

@@ -220,6 +220,16 @@ def has_sliding_window(config) -> bool:
              and getattr(config, "model_type", "") == "gpt_oss")
 
 
+def cache_cannot_crop(config) -> str | None:
+    """Why transformers' cache of this model cannot drop appended tokens again (None: it can): sliding-window
+    layers once the window is full, recurrent (linear-attention) layers always."""
+    if has_sliding_window(config):
+        return "sliding-window attention layers"
+    if "linear_attention" in (getattr(config, "layer_types", None) or ()):
+        return "linear-attention (recurrent) layers"
+    return None
+
+
 def start_tokens(n: int, seed: int, allowed: np.ndarray) -> list[int]:
     """Sequence i starts from allowed[rng(seed, i)]: independent of batching and of n."""
     return [int(allowed[np.random.default_rng([seed, i]).integers(len(allowed))]) for i in range(n)]
@@ -413,11 +423,13 @@ def generate_ebss(model_dir: str | Path, output: str | Path | None = None, confi
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_dir))
     model = model if model is not None else load_model(model_dir, dev)
     selector = ExpertSelector.for_model(model, model_dir)
-    if cfg.balance == "candidate" and has_sliding_window(model.config):
+    uncroppable = cache_cannot_crop(model.config)
+    if cfg.balance == "candidate" and uncroppable:
         # the candidates' tree pass appends K tokens to the cache and crops them again, which transformers' sliding-
-        # window cache layers cannot undo once the window is full: rank by the parent beam's balance there
-        log.warning("EBSS: %s has sliding-window attention layers; balancing by each parent beam's sigma (--balance "
-                    "parent) instead of each candidate's", model.config.model_type)
+        # window cache layers cannot undo once the window is full, nor recurrent layers ever: rank by the parent
+        # beam's balance there
+        log.warning("EBSS: %s has %s; balancing by each parent beam's sigma (--balance parent) instead of each "
+                    "candidate's", model.config.model_type, uncroppable)
         cfg = dataclasses.replace(cfg, balance="parent")
     layer_ids = router_layer_ids(model)
     V = model.get_output_embeddings().weight.shape[0]

@@ -54,6 +54,25 @@ class MLA:
 
 
 @dataclass(frozen=True)
+class LinearAttention:
+    """Gated DeltaNet sizes (Qwen3.5 / Qwen3-Next linear-attention layers; llama.cpp's ssm.* keys). Value heads are
+    tiled over key heads in GGUF order: value head h reads key head h % n_k_heads."""
+    n_k_heads: int
+    n_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.n_k_heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.n_v_heads * self.head_v_dim
+
+
+@dataclass(frozen=True)
 class RopeScaling:
     """YaRN context extension as llama.cpp reads it (rope.scaling.*). log_mul is DeepSeek-V2's
     mscale_all_dim (written times 0.1, llama.cpp's own convention for deepseek2)."""
@@ -103,6 +122,9 @@ class ModelSpec:
     expert_bias: bool = False          # routed experts' gate/up/down carry biases (GPT-OSS)
     swiglu_alpha: float = 0.0
     swiglu_limit: float = 0.0
+    attn_output_gate: bool = False     # Qwen3.5: q_proj also gives a per-head gate; attention output * sigmoid(gate)
+    linear_attention: LinearAttention | None = None   # Qwen3.5: Gated DeltaNet in the layers of linear_layers
+    linear_layers: tuple[int, ...] = ()
     # the patched llama.cpp's expert Hadamard (transforms/expert_hadamard.py): each expert's intermediate activation
     # is rotated blockwise by this power-of-two order before the down projection; 0: off (stock llama.cpp)
     expert_hadamard_block: int = 0
@@ -124,7 +146,7 @@ class TensorSource:
     """One GGUF tensor and how to produce it from the checkpoint (float32, torch order)."""
     name: str
     shape: tuple[int, ...]
-    role: str                        # embedding | output | attention | router | expert | shared | dense | norm | bias
+    role: str                        # embedding | output | attention | router | expert | shared | dense | norm | bias | conv
     load: Callable[[], torch.Tensor]
     layer: int | None = None
     inputs: tuple[str, ...] = ()     # the checkpoint tensors it is made from

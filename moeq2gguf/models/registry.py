@@ -17,6 +17,8 @@ ARCH_TO_MODULE: dict[str, str] = {
     "GptOssForCausalLM": "gpt_oss",
     "Glm4MoeForCausalLM": "glm4moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
+    "Qwen3_5MoeForCausalLM": "qwen35moe",
+    "Qwen3_5MoeForConditionalGeneration": "qwen35moe",
 }
 
 _ADAPTERS: dict[str, type] = {}

@@ -4,7 +4,8 @@ Weights are the tensors the GGUF will hold (keys are GGUF names without the `blk
 `attn_q.weight`, `ffn_gate_exps.weight` [E, ff, n_embd]), so calibration statistics are about the
 exact tensors that get quantized. Checked against transformers' layers (tests/test_nn.py) for every
 family the adapters convert: Mixtral (llama), Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeekMoE (deepseek),
-DeepSeek-V2/V3 (deepseek2), GPT-OSS, GLM-4.5 (glm4moe) and MiniMax-M2. Attention lives in nn.self_attention; the feed-forward half
+DeepSeek-V2/V3 (deepseek2), GPT-OSS, GLM-4.5 (glm4moe), MiniMax-M2 and
+Qwen3.5-MoE (qwen35moe, with its Gated DeltaNet layers in nn.linear_attention). Attention lives in nn.self_attention; the feed-forward half
 (dense FFN, routing, routed and shared experts) here.
 
 An observer, when given, receives the input of every quantizable linear, once per distinct input
@@ -25,10 +26,12 @@ import torch.nn.functional as F
 
 from moeq2gguf.models.base import ModelSpec
 from moeq2gguf.nn.hadamard import apply_blocks
+from moeq2gguf.nn.linear_attention import gated_delta_net
 from moeq2gguf.nn.ops import Observer, linear, rms_norm
 from moeq2gguf.nn.self_attention import NORM_ROPE_ARCHS, attention, mla_attention, rope, rope_frequencies, rope_mscale
 
 __all__ = ["INPUT_OF", "NORM_ROPE_ARCHS", "Observer", "Routing", "attention", "decoder_layer", "dense_ffn", "embed",
+           "gated_delta_net",
            "head", "linear", "mla_attention", "moe", "rms_norm", "rope", "rope_frequencies", "rope_mscale", "route",
            "router_logits", "select_experts", "unsupported_reason"]
 
@@ -42,9 +45,12 @@ INPUT_OF = {
     "ffn_gate_exps": "exps_in", "ffn_up_exps": "exps_in", "ffn_down_exps": "exps_down",
     "ffn_gate_shexp": "shexp_in", "ffn_up_shexp": "shexp_in", "ffn_down_shexp": "shexp_down",
     "output": "output",
+    # qwen35moe's Gated DeltaNet layers: four projections of the normed input, and the gated-normed output
+    "attn_qkv": "attn_in", "attn_gate": "attn_in", "ssm_alpha": "attn_in", "ssm_beta": "attn_in",
+    "ssm_out": "ssm_out_in",
 }
 
-SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2")
+SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "qwen35moe")
 
 
 def unsupported_reason(spec: ModelSpec) -> str | None:
@@ -166,7 +172,11 @@ def decoder_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, 
                   routing: Routing | None = None, *, bid: int | None = None) -> tuple[torch.Tensor, Routing | None]:
     """One decoder layer: x [B, L, n_embd] -> (x', routing of its B*L tokens, None for a dense layer).
     bid: the layer's index, needed by families whose layers differ by index (gpt-oss's sliding window)."""
-    h = x + attention(rms_norm(x, w["attn_norm.weight"], spec.rms_norm_eps), w, spec, observer, bid)
+    normed = rms_norm(x, w["attn_norm.weight"], spec.rms_norm_eps)
+    if "ssm_out.weight" in w:   # qwen35moe's linear-attention layers
+        h = x + gated_delta_net(normed, w, spec, observer)
+    else:
+        h = x + attention(normed, w, spec, observer, bid)
     # gpt-oss normalises the FFN input with attn_post_norm (GGUF post_attention_norm)
     ffn_norm = w["ffn_norm.weight"] if "ffn_norm.weight" in w else w["post_attention_norm.weight"]
     normed = rms_norm(h, ffn_norm, spec.rms_norm_eps)

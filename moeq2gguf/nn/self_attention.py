@@ -1,11 +1,13 @@
 """Self-attention of one decoder layer as llama.cpp's graphs compute it (src/models/*.cpp, build_attn).
 
-Two shapes:
+Shapes:
 - llama-style (llama, qwen2moe, qwen3moe, olmoe, deepseek, gpt-oss, glm4moe): q/k/v projections with
   optional biases, optional q/k RMSNorm (per head for qwen3moe and glm4moe, over the whole projection for
-  olmoe), RoPE (partial for glm4moe: the first rope_dim dimensions of each head),
+  olmoe), RoPE (partial for glm4moe, minimax-m2 and qwen35moe: the first rope_dim dimensions of each head),
+  qwen35moe's output gate (attn_q gives [q | gate] per head; the output is multiplied by sigmoid(gate)),
   causal GQA, optionally a sliding window and learned sink logits (gpt-oss), output projection with
   an optional bias;
+- Gated DeltaNet linear attention (qwen35moe's other layers) lives in nn.linear_attention;
 - MLA (deepseek2) in the absorbed form llama.cpp runs: queries are moved into the kv latent space by
   attn_k_b, attention is MQA over the normalised latent (+ one shared rotary key), and attn_v_b maps
   each head's latent output to its values. Calibration then sees every quantized tensor's runtime
@@ -115,6 +117,10 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, obse
     if observer:
         observer.observe("attn_in", flat, None, None)
     q, k, v = linear(flat, w, "attn_q"), linear(flat, w, "attn_k"), linear(flat, w, "attn_v")
+    gate = None
+    if spec.attn_output_gate:   # qwen35moe: attn_q gives [q | gate] per head
+        q, gate = q.view(b * L, spec.n_heads, 2, spec.head_dim).unbind(2)
+        gate = gate.reshape(b * L, spec.n_heads * spec.head_dim)
     if spec.qk_norm == "full":   # olmoe: over the whole projection, before the head split
         q = rms_norm(q, w["attn_q_norm.weight"], spec.rms_norm_eps)
         k = rms_norm(k, w["attn_k_norm.weight"], spec.rms_norm_eps)
@@ -140,6 +146,8 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, obse
         window = spec.sliding_window if bid in spec.swa_layers else 0
     out = attend(q, k, v, 1 / math.sqrt(spec.head_dim), window, w.get("attn_sinks.weight"))
     out = out.transpose(1, 2).reshape(b * L, spec.n_heads * spec.head_dim)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
     if observer:
         observer.observe("attn_output", out, None, None)
     return linear(out, w, "attn_output").view(b, L, -1)

@@ -38,7 +38,7 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
 # When a row length (ne[0]) is not a multiple of the block size.
 FALLBACK = {Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
-NOT_QUANTIZED_MARKERS = ("_norm.weight", "ffn_gate_inp.weight")
+NOT_QUANTIZED_MARKERS = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d")
 
 
 def parse_override(text: str) -> tuple[re.Pattern[str], Q]:

@@ -1,7 +1,7 @@
 """Which GGML type each GGUF tensor gets.
 
-llama.cpp never quantizes norms, biases or routers (ffn_gate_inp*): they stay F32 whatever the
-requested type, exactly as llama-quantize and llama.cpp's converter leave them.
+llama.cpp never quantizes norms, biases, routers (ffn_gate_inp*) or the linear attention's short
+convolution (ssm_conv1d): they stay F32 whatever the requested type, exactly as llama-quantize and llama.cpp's converter leave them.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ FLOAT_TYPES: dict[str, tuple[Q, F]] = {
     "F16": (Q.F16, F.MOSTLY_F16),
     "BF16": (Q.BF16, F.MOSTLY_BF16),
 }
-KEEP_F32_ROLES = ("norm", "bias", "router")
+KEEP_F32_ROLES = ("norm", "bias", "router", "conv")
 
 
 def validate_type(type_name: str) -> str:

@@ -55,13 +55,16 @@ def _names(*tensors: gguf.MODEL_TENSOR) -> frozenset[str]:
 ATTN_NORM = "attn_norm"
 # The norm whose output feeds the FFN: ffn_norm, except GPT-OSS and GLM-4.5, whose post_attention_layernorm
 # is written as post_attention_norm (their llama.cpp graphs norm the FFN input with it).
-FFN_NORM = {gguf.MODEL_ARCH_NAMES[arch]: "post_attention_norm" for arch in (gguf.MODEL_ARCH.GPT_OSS, gguf.MODEL_ARCH.GLM4_MOE)}
-READS_ATTN_NORM = _names(T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_QKV, T.ATTN_Q_A, T.ATTN_KV_A_MQA)
+FFN_NORM = {gguf.MODEL_ARCH_NAMES[arch]: "post_attention_norm"
+            for arch in (gguf.MODEL_ARCH.GPT_OSS, gguf.MODEL_ARCH.GLM4_MOE, gguf.MODEL_ARCH.QWEN35MOE)}
+# (qwen35moe's linear attention reads the normed stream with attn_qkv, attn_gate, ssm_alpha, ssm_beta and writes with ssm_out)
+READS_ATTN_NORM = _names(T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_QKV, T.ATTN_Q_A, T.ATTN_KV_A_MQA, T.ATTN_GATE,
+                         T.SSM_ALPHA, T.SSM_BETA)
 READS_FFN_NORM = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_GATE_UP_EXP,
                         T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_GATE, T.FFN_UP)
-WRITES = _names(T.ATTN_OUT, T.FFN_DOWN_EXP, T.FFN_DOWN_SHEXP, T.FFN_DOWN)
+WRITES = _names(T.ATTN_OUT, T.FFN_DOWN_EXP, T.FFN_DOWN_SHEXP, T.FFN_DOWN, T.SSM_OUT)
 UNTOUCHED = _names(T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_Q_A_NORM, T.ATTN_KV_A_NORM, T.ATTN_Q_B, T.ATTN_K_B,
-                   T.ATTN_V_B, T.ATTN_KV_B, T.ATTN_SINKS, T.FFN_EXP_PROBS_B)
+                   T.ATTN_V_B, T.ATTN_KV_B, T.ATTN_SINKS, T.FFN_EXP_PROBS_B, T.SSM_CONV1D, T.SSM_A, T.SSM_DT, T.SSM_NORM)
 assert _names(T.ATTN_NORM, T.FFN_NORM, T.ATTN_POST_NORM) == {ATTN_NORM, "ffn_norm", *FFN_NORM.values()}
 CHUNK_ELEMENTS = 1 << 22   # rows rotated at a time, in float64 (32 MiB)
 
@@ -126,6 +129,8 @@ def random_rotation(n: int, seed: int = 0, kind: str | None = None) -> Rotation:
 def _split(name: str) -> tuple[int | None, str, str]:
     """blk.3.ffn_up_exps.weight -> (3, ffn_up_exps, weight); output.weight -> (None, output, weight)."""
     parts = name.split(".")
+    if parts[-1] not in ("weight", "bias"):   # qwen35moe's blk.N.ssm_a has no suffix
+        parts.append("")
     if parts[0] == "blk":
         return int(parts[1]), ".".join(parts[2:-1]), parts[-1]
     return None, ".".join(parts[:-1]), parts[-1]

@@ -18,7 +18,7 @@ from util import eval_tokens, llama_logits, relative_error
 N_TOKENS = 64
 # one shape per family (test_rotate.SHAPES); GPT-OSS's swiglu_oai is not linear in up: no --smooth down
 FAMILIES = ("mixtral", "qwen2moe-h96", "qwen3moe", "olmoe", "deepseek", "deepseek2-v2-lite", "deepseek2-v3", "gpt-oss",
-            "glm4moe-qknorm", "minimax-m2")
+            "glm4moe-qknorm", "minimax-m2", "qwen35moe")
 VARIANTS = ("aggregate", "down", "rotate+aggregate,down")
 CASES = [(shape, v) for shape in FAMILIES for v in VARIANTS if not (shape == "gpt-oss" and "down" in v)]
 CASES.append(("gpt-oss", "rotate+aggregate"))
@@ -76,7 +76,7 @@ def test_smoothed_f32_equals_unsmoothed(shape, variant, family_model, calib_file
     a, b = _tensors(plain), _tensors(out)
     if variant.startswith("rotate+"):   # the reference for what smoothing changed is the rotated, unsmoothed file
         a = _tensors(convert(path, tmp_path / "r.gguf", type="F32", rotate=True, progress=False).output)
-    ffn_norm = "post_attention_norm" if shape.startswith(("gpt-oss", "glm4moe")) else "ffn_norm"
+    ffn_norm = "post_attention_norm" if shape.startswith(("gpt-oss", "glm4moe", "qwen35moe")) else "ffn_norm"
 
     def named(*ends: str) -> list[str]:
         return [n for n in b if n.endswith(tuple(f"{e}.weight" for e in ends))]
