@@ -21,6 +21,7 @@ FAMILY_CLASSES = {
     "glm4moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM"),
     "qwen35moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
 }
 
 # Tiny shapes per family, respecting what llama.cpp assumes of each (docs/PLATFORMS.md): OLMoE with
@@ -62,6 +63,13 @@ _FAMILY_DEFAULTS = {
                       num_experts_per_tok=2, rms_norm_eps=1e-6,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                                        "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+    # Scout's layout in small: dense and MoE layers alternating (step 2), NoPE in layer 3, top-1 sigmoid routing
+    # onto the experts' inputs, one shared expert; llama3 RoPE scaling
+    "llama4": dict(num_hidden_layers=4, head_dim=16, intermediate_size=32, intermediate_size_mlp=96,
+                   num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, rms_norm_eps=1e-5,
+                   bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
 }
 
 

@@ -111,6 +111,7 @@ class ModelSpec:
     # Added for the families beyond Mixtral/Qwen2-MoE; the defaults describe those two.
     n_shared_experts: int = 0          # shared experts fused into one FFN of shared_expert_width
     qk_norm: str = ""                  # "" | head (RMSNorm per head: Qwen3-MoE) | full (over the whole projection: OLMoE)
+                                       # | l2 (Llama-4: weightless RMSNorm per head after RoPE, RoPE layers only)
     mla: MLA | None = None             # DeepSeek-V2/V3 latent attention; n_kv_heads/head_dim then describe the expanded heads
     rope_dim: int = 0                  # rotated dimensions per head when not head_dim (MLA: qk_rope_head_dim)
     rope_scaling: RopeScaling | None = None
@@ -122,6 +123,13 @@ class ModelSpec:
     expert_bias: bool = False          # routed experts' gate/up/down carry biases (GPT-OSS)
     swiglu_alpha: float = 0.0
     swiglu_limit: float = 0.0
+    # Llama-4: routed experts read x * (their routing weight) and their outputs are summed unweighted; layers in
+    # nope_layers have no RoPE (and llama.cpp's temperature tuning of q); rope_freq_factors: llama3 RoPE scaling
+    # (GGUF rope_freqs: each frequency divided by its factor); attention_chunk: chunked attention of the RoPE layers
+    expert_weight_on_input: bool = False
+    nope_layers: tuple[int, ...] = ()
+    rope_freq_factors: tuple[float, ...] | None = None
+    attention_chunk: int = 0
     attn_output_gate: bool = False     # Qwen3.5: q_proj also gives a per-head gate; attention output * sigmoid(gate)
     linear_attention: LinearAttention | None = None   # Qwen3.5: Gated DeltaNet in the layers of linear_layers
     linear_layers: tuple[int, ...] = ()

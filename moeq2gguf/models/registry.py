@@ -19,6 +19,8 @@ ARCH_TO_MODULE: dict[str, str] = {
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "Qwen3_5MoeForCausalLM": "qwen35moe",
     "Qwen3_5MoeForConditionalGeneration": "qwen35moe",
+    "Llama4ForCausalLM": "llama4",
+    "Llama4ForConditionalGeneration": "llama4",
 }
 
 _ADAPTERS: dict[str, type] = {}

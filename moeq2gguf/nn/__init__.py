@@ -4,15 +4,15 @@ Weights are the tensors the GGUF will hold (keys are GGUF names without the `blk
 `attn_q.weight`, `ffn_gate_exps.weight` [E, ff, n_embd]), so calibration statistics are about the
 exact tensors that get quantized. Checked against transformers' layers (tests/test_nn.py) for every
 family the adapters convert: Mixtral (llama), Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeekMoE (deepseek),
-DeepSeek-V2/V3 (deepseek2), GPT-OSS, GLM-4.5 (glm4moe), MiniMax-M2 and
-Qwen3.5-MoE (qwen35moe, with its Gated DeltaNet layers in nn.linear_attention). Attention lives in nn.self_attention; the feed-forward half
+DeepSeek-V2/V3 (deepseek2), GPT-OSS, GLM-4.5 (glm4moe), MiniMax-M2,
+Qwen3.5-MoE (qwen35moe, with its Gated DeltaNet layers in nn.linear_attention) and Llama-4 (llama4). Attention lives in nn.self_attention; the feed-forward half
 (dense FFN, routing, routed and shared experts) here.
 
 An observer, when given, receives the input of every quantizable linear, once per distinct input
 (INPUT_OF maps each weight to the input it reads):
   observe(input_name, x [T, in], token_weight [T] | None, expert: int | None)
 with the routing weight a(t, e) the runtime multiplies expert e's output by as token_weight for
-routed experts (after renormalisation and routed scaling where the architecture applies them; for
+routed experts (None for Llama-4, whose weight scales the expert's input instead: x * a is observed) (after renormalisation and routed scaling where the architecture applies them; for
 GPT-OSS the softmax over the chosen k) and the sigmoid gate for a gated shared expert
 (docs/METHODS.md section 3). MLA's per-head weight stacks (attn_k_b, attn_v_b) get x [T, H, in]: one
 group per head, each seeing every token.
@@ -50,7 +50,7 @@ INPUT_OF = {
     "ssm_out": "ssm_out_in",
 }
 
-SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "qwen35moe")
+SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "qwen35moe", "llama4")
 
 
 def unsupported_reason(spec: ModelSpec) -> str | None:
@@ -64,7 +64,7 @@ def unsupported_reason(spec: ModelSpec) -> str | None:
         return f"expert activation {spec.expert_activation!r} is not implemented"
     if spec.rope_scaling is not None and spec.rope_scaling.kind != "yarn":
         return f"rope scaling {spec.rope_scaling.kind!r} is not implemented"
-    if spec.qk_norm not in ("", "head", "full"):
+    if spec.qk_norm not in ("", "head", "full", "l2"):
         return f"q/k norm {spec.qk_norm!r} is not implemented"
     return None
 
@@ -132,6 +132,8 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: 
         xe, a = x[tok], routing.weights[tok, slot]
         if smooth is not None:
             xe = xe * smooth[e]
+        if spec.expert_weight_on_input:   # llama4: the weight scales the expert's input; its output counts once
+            xe, a = xe * a[:, None], None
         if observer:
             observer.observe("exps_in", xe, a, e)
         gate, up = xe @ gate_w[e].T, xe @ up_w[e].T
@@ -145,7 +147,7 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: 
         y = h @ down_w[e].T
         if down_b is not None:
             y = y + down_b[e]
-        out.index_add_(0, tok, y * a[:, None])
+        out.index_add_(0, tok, y * a[:, None] if a is not None else y)
     if "ffn_up_shexp.weight" in w:
         gate = torch.sigmoid(x @ w["ffn_gate_inp_shexp.weight"][:, None])[:, 0] if "ffn_gate_inp_shexp.weight" in w else None
         if observer:

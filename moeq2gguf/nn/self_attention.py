@@ -5,6 +5,7 @@ Shapes:
   optional biases, optional q/k RMSNorm (per head for qwen3moe and glm4moe, over the whole projection for
   olmoe), RoPE (partial for glm4moe, minimax-m2 and qwen35moe: the first rope_dim dimensions of each head),
   qwen35moe's output gate (attn_q gives [q | gate] per head; the output is multiplied by sigmoid(gate)),
+  llama4's NoPE layers (temperature-scaled q), weightless q/k norm after RoPE and chunked attention,
   causal GQA, optionally a sliding window and learned sink logits (gpt-oss), output projection with
   an optional bias;
 - Gated DeltaNet linear attention (qwen35moe's other layers) lives in nn.linear_attention;
@@ -26,7 +27,7 @@ from moeq2gguf.models.base import ModelSpec
 from moeq2gguf.nn.ops import Observer, linear, rms_norm
 
 # llama.cpp rotates adjacent pairs (NORM) for these archs, the two halves of each head (NEOX) otherwise.
-NORM_ROPE_ARCHS = ("llama", "deepseek", "deepseek2")
+NORM_ROPE_ARCHS = ("llama", "deepseek", "deepseek2", "llama4")
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -53,9 +54,12 @@ def rope_mscale(spec: ModelSpec) -> float:
 
 
 def rope_frequencies(spec: ModelSpec, n_rot: int) -> torch.Tensor:
-    """Inverse frequencies [n_rot/2] (float64): theta^(-2i/n_rot), with YaRN blending each toward
-    freq/factor outside ggml_rope_yarn_corr_dims' (floored, ceiled) range of dimensions."""
+    """Inverse frequencies [n_rot/2] (float64): theta^(-2i/n_rot), divided by the rope_freqs factors where the
+    file has them (llama3 scaling), with YaRN blending each toward freq/factor outside
+    ggml_rope_yarn_corr_dims' (floored, ceiled) range of dimensions."""
     inv_freq = spec.rope_theta ** (-torch.arange(0, n_rot, 2, dtype=torch.float64) / n_rot)
+    if spec.rope_freq_factors:
+        inv_freq = inv_freq / torch.tensor(spec.rope_freq_factors, dtype=torch.float64)
     s = spec.rope_scaling
     if s is None:
         return inv_freq
@@ -84,19 +88,24 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, mscal
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int = 0,
-           sinks: torch.Tensor | None = None) -> torch.Tensor:
+           sinks: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
     """softmax(q k^T * scale) v, causal: q [B, H, L, Dk], k [B, Hkv, L, Dk], v [B, Hkv, L, Dv] with
     H a multiple of Hkv (head h reads kv head h // (H / Hkv)). window > 0: a query at position i sees
     keys i - window < j <= i (llama.cpp's standard SWA). sinks [H]: a learned logit per head that joins
     every softmax and adds nothing to the output (gpt-oss); it is run as one extra key with k = v = 0
-    and the sink as its additive mask, so the fused attention kernels still apply."""
+    and the sink as its additive mask, so the fused attention kernels still apply. chunk > 0: a query sees
+    the keys of its own chunk of that many tokens only (llama4's chunked attention)."""
     gqa = q.shape[1] != k.shape[1]
-    if not window and sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     L = q.shape[2]
+    if chunk >= L:
+        chunk = 0
+    if not window and sinks is None and not chunk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     pos = torch.arange(L, device=q.device)
     dist = pos[:, None] - pos[None, :]
     allowed = (dist >= 0) & (dist < window) if window else dist >= 0
+    if chunk:
+        allowed &= (pos[:, None] // chunk) == (pos[None, :] // chunk)
     mask = torch.zeros(L, L, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         h = q.shape[1]
@@ -134,17 +143,26 @@ def attention(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, obse
     n_rot = spec.rope_dim or spec.head_dim
     inv_freq, mscale = rope_frequencies(spec, n_rot), rope_mscale(spec)
     neox = spec.gguf_arch not in NORM_ROPE_ARCHS
-    if n_rot < spec.head_dim:   # partial RoPE (glm4moe): the first n_rot dimensions of a head rotate, the rest pass
+    nope = bid in spec.nope_layers
+    if spec.nope_layers and bid is None:
+        raise ValueError(f"{spec.family} has layers without RoPE: pass the layer index (bid)")
+    if nope:   # llama4: no RoPE; q scaled by llama.cpp's temperature (1 below 8191 tokens)
+        q = q * (torch.log(torch.floor((positions.to(q.dtype) + 1) / 8192) + 1) * 0.1 + 1)[:, None]
+    elif n_rot < spec.head_dim:   # partial RoPE: the first n_rot dimensions of a head rotate, the rest pass
         q = torch.cat([rope(q[..., :n_rot], positions, inv_freq, mscale, neox), q[..., n_rot:]], dim=-1)
         k = torch.cat([rope(k[..., :n_rot], positions, inv_freq, mscale, neox), k[..., n_rot:]], dim=-1)
     else:
         q, k = rope(q, positions, inv_freq, mscale, neox), rope(k, positions, inv_freq, mscale, neox)
+    if spec.qk_norm == "l2" and not nope:   # llama4: weightless RMSNorm per head, after RoPE
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
+    chunk = spec.attention_chunk if not nope else 0   # llama4's RoPE layers attend within chunks of tokens
     window = 0
     if spec.swa_layers:
         if bid is None:
             raise ValueError(f"{spec.family} has sliding-window layers: pass the layer index (bid)")
         window = spec.sliding_window if bid in spec.swa_layers else 0
-    out = attend(q, k, v, 1 / math.sqrt(spec.head_dim), window, w.get("attn_sinks.weight"))
+    out = attend(q, k, v, 1 / math.sqrt(spec.head_dim), window, w.get("attn_sinks.weight"), chunk)
     out = out.transpose(1, 2).reshape(b * L, spec.n_heads * spec.head_dim)
     if gate is not None:
         out = out * torch.sigmoid(gate)

@@ -65,6 +65,7 @@ READS_FFN_NORM = _names(T.FFN_GATE_INP, T.FFN_GATE_INP_SHEXP, T.FFN_GATE_EXP, T.
 WRITES = _names(T.ATTN_OUT, T.FFN_DOWN_EXP, T.FFN_DOWN_SHEXP, T.FFN_DOWN, T.SSM_OUT)
 UNTOUCHED = _names(T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_Q_A_NORM, T.ATTN_KV_A_NORM, T.ATTN_Q_B, T.ATTN_K_B,
                    T.ATTN_V_B, T.ATTN_KV_B, T.ATTN_SINKS, T.FFN_EXP_PROBS_B, T.SSM_CONV1D, T.SSM_A, T.SSM_DT, T.SSM_NORM)
+GLOBAL_UNTOUCHED = _names(T.ROPE_FREQS)   # llama4's llama3 RoPE factors
 assert _names(T.ATTN_NORM, T.FFN_NORM, T.ATTN_POST_NORM) == {ATTN_NORM, "ffn_norm", *FFN_NORM.values()}
 CHUNK_ELEMENTS = 1 << 22   # rows rotated at a time, in float64 (32 MiB)
 
@@ -201,7 +202,7 @@ def rotate_sources(sources: list[TensorSource], spec: ModelSpec, rotation: Rotat
             out.append(reader(s, norm_of(bid, ATTN_NORM, s.name)))
         elif bid is not None and base in READS_FFN_NORM:
             out.append(reader(s, norm_of(bid, ffn_norm, s.name)))
-        elif bid is not None and base in UNTOUCHED:
+        elif bid is not None and base in UNTOUCHED or bid is None and base in GLOBAL_UNTOUCHED:
             out.append(s)
         else:
             raise Moeq2ggufError(f"--rotate does not know how {s.name} of the {spec.gguf_arch} architecture touches the "
