@@ -46,7 +46,7 @@ def family_of(nodeid: str) -> str:
     if stem == "deepseek":
         return "deepseek"
     if stem == "deepseek2":
-        return "deepseek_v3" if param.startswith("v3") else "deepseek_v2"
+        return "deepseek_v3" if param.startswith(("v3", "kimi")) else "deepseek_v2"
     if stem in ("float_export", "nn", "quantized_families"):
         name = param.split("-")[0]
         return {"gpt": "gpt_oss", "minimax": "minimax_m2"}.get(name, name)

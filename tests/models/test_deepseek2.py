@@ -12,6 +12,10 @@ from util import eval_tokens, llama_logits, relative_error, transformers_logits
 
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=64,
             beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)
+KIMI_K2 = dict(n_routed_experts=384, num_experts_per_tok=8, n_group=1, topk_group=1, moe_intermediate_size=16,
+               n_shared_experts=1, routed_scaling_factor=2.827, first_k_dense_replace=1, max_position_embeddings=2048,
+               rope_parameters=dict(rope_type="yarn", rope_theta=50000.0, factor=32.0, original_max_position_embeddings=64,
+                                    beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))
 SHAPES = {
     # V2-Lite layout: q_proj, softmax, no renormalisation, one leading dense layer, 2 shared experts
     "v2-lite": ("deepseek_v2", dict()),
@@ -24,6 +28,9 @@ SHAPES = {
     "v3-grouped": ("deepseek_v3", dict()),
     # V3 with halves RoPE (rope_interleave=false): rotary rows permuted to pairs; no dense layer
     "v3-halves-rope": ("deepseek_v3", dict(rope_interleave=False, first_k_dense_replace=0, n_shared_experts=2)),
+    # Kimi-K2's DeepseekV3 config in small: 384 routed experts, 8 active, one group (no group limit), 1 shared,
+    # routed scaling 2.827, q LoRA, YaRN with mscale = mscale_all_dim = 1
+    "kimi-k2": ("deepseek_v3", KIMI_K2),
 }
 
 
