@@ -36,7 +36,7 @@ bindings() {
 "$PY" -c "import torch" 2>/dev/null || stage "torch 2.13.0 (CPU)" pip_quiet "torch==2.13.0"
 stage "llama-cpp-python $LLAMA_CPP_PYTHON_VERSION bindings" bindings
 "$PY" -c "import moeq2gguf, pytest, transformers, numba" 2>/dev/null && [ ! pyproject.toml -nt .venv/.moeq2gguf-installed ] \
-  || { stage "moeq2gguf and its dependencies" pip_quiet -e ".[dev]" && touch .venv/.moeq2gguf-installed; }
+  || { stage "moeq2gguf and its dependencies" pip_quiet -e ".[dev,server,plot]" && touch .venv/.moeq2gguf-installed; }
 # shared libraries (into llama_cpp/lib) + llama-quantize / llama-imatrix / llama-perplexity, cached in .cache
 stage "llama.cpp for this CPU" .venv/bin/moeq2gguf runtime build --stock
 # libllama with runtime_patches/ applied, linked to the stock libggml above (cached under .cache/llama-patched)
