@@ -49,6 +49,10 @@ def _eval(args: argparse.Namespace) -> None:
     from moeq2gguf.config import EvalConfig
     from moeq2gguf.eval import evaluate
     config = EvalConfig(text=args.text or args.split, ctx=args.ctx, chunks=args.chunks)
+    if args.plot:
+        from moeq2gguf.commands.plots import _pyplot, check_path
+        check_path(args.plot)
+        _pyplot()
     result = evaluate(args.quant, args.base, text=config.text, ctx=config.ctx, chunks=config.chunks,
                       progress=not args.json)
     routing = None
@@ -65,12 +69,26 @@ def _eval(args: argparse.Namespace) -> None:
         print(result.table())
         if routing is not None:
             print("routing agreement (same top-k set), per layer: " + " ".join(f"{a:.1f}%" for a in routing))
+    if args.plot:
+        from moeq2gguf.commands.plots import eval_plot
+        out = eval_plot(result, args.plot, routing)
+        if not args.json:
+            print(f"wrote {out}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
     from moeq2gguf.commands.inspect import inspect
+    if args.plot:
+        from moeq2gguf.commands.plots import _pyplot, check_path
+        check_path(args.plot)
+        _pyplot()
     result = inspect(args.path, type=args.type)
     print(result.to_json() if args.json else result.table())
+    if args.plot:
+        from moeq2gguf.commands.plots import recipe_plot
+        out = recipe_plot(result, args.plot)
+        if not args.json:
+            print(f"wrote {out}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -232,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--routing-model", default=None, metavar="MODEL_DIR",
                    help="also report per-layer routing agreement against this float checkpoint (torch side)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the per-token KLD distribution (and, with --routing-model, the per-layer routing "
+                        "agreement) into this image (needs matplotlib: the plot extra)")
     _add_threads(p)
     p.set_defaults(func=_eval)
 
@@ -276,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a .gguf file or a Hugging Face checkpoint directory")
     p.add_argument("--type", default="F16", help="for a checkpoint: the --type convert would be given (default F16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the bits per weight of every layer x tensor kind (the allocation at a glance) into this "
+                        "image (needs matplotlib: the plot extra)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("bench", help="load time, peak RSS, prompt and generation tokens/s of any GGUF through "

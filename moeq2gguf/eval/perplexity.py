@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +45,13 @@ class EvalResult:
     kld_p99_9: float
     same_top1_pct: float
     seconds: float
+    # per-token KLD counts in metrics.LogHistogram's bins (for eval --plot); not in the JSON summary
+    kld_hist_counts: list[int] = field(default_factory=list, repr=False, compare=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        summary = asdict(self)
+        summary.pop("kld_hist_counts")
+        return json.dumps(summary, indent=1)
 
     def table(self) -> str:
         return (f"windows {self.windows} x ctx {self.ctx} ({self.tokens_scored} tokens scored)\n"
@@ -131,7 +135,8 @@ def evaluate_many(quants: list[str | os.PathLike[str]], base: str | os.PathLike[
                             windows[w][first + 1:])
         del base_logits
     seconds = time.time() - t0
-    return [EvalResult(quant=str(q), base=str(base), ctx=ctx, windows=n_windows, seconds=seconds, **acc.summary())
+    return [EvalResult(quant=str(q), base=str(base), ctx=ctx, windows=n_windows, seconds=seconds, **acc.summary(),
+                       kld_hist_counts=acc.kld_hist.counts.tolist())
             for q, acc in zip(quants, accs)]
 
 
