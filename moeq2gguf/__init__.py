@@ -15,6 +15,7 @@ _PUBLIC = {
     "convert": ("moeq2gguf.commands.convert", "convert"),
     "ConvertResult": ("moeq2gguf.commands.convert", "ConvertResult"),
     "inspect": ("moeq2gguf.commands.inspect", "inspect"),
+    "diff": ("moeq2gguf.commands.diff", "diff"),
     "demo": ("moeq2gguf.commands.demo", "demo"),
     "calibrate": ("moeq2gguf.calib", "calibrate"),
     "evaluate": ("moeq2gguf.eval", "evaluate"),

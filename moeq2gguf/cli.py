@@ -91,6 +91,12 @@ def _inspect(args: argparse.Namespace) -> None:
             print(f"wrote {out}")
 
 
+def _diff(args: argparse.Namespace) -> None:
+    from moeq2gguf.commands.diff import diff
+    result = diff(args.a, args.b)
+    print(result.to_json() if args.json else result.table())
+
+
 def _bench(args: argparse.Namespace) -> None:
     from moeq2gguf.runtime.bench import bench_file, machine_info, table, to_json
     try:
@@ -150,7 +156,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     config = CalibrateConfig(output=args.output, ebss=args.ebss, n=args.n, length=args.len, beams=args.beams,
                              tau=args.tau, topk=args.topk, seed=args.seed, eos_guard=not args.no_eos_guard,
                              ngram_guard=args.ngram_guard, repetition_penalty=args.repetition_penalty,
-                             balance=args.balance, report=tuple(args.report), device=args.device,
+                             balance=args.balance, report=tuple(args.report), device=args.device, reach=args.reach,
                              imatrix_out=args.imatrix_out, imatrix_weighting=args.imatrix_weighting, calib=args.calib,
                              calib_windows=args.calib_windows, calib_ctx=args.calib_ctx)
     result = calibrate(args.model_dir, config, progress=not args.quiet)
@@ -166,6 +172,11 @@ def _calibrate(args: argparse.Namespace) -> None:
               f"in {m.seconds:.1f} s (llama.cpp GGUF imatrix: llama-quantize --imatrix {m.output} ...)")
     if result.report:
         print(format_report(result.report))
+        if args.reach:
+            from moeq2gguf.calib.balance import format_reach
+            from moeq2gguf.models.registry import open_model
+            from moeq2gguf.io.hub import resolve_model
+            print(format_reach(result.report, open_model(resolve_model(args.model_dir)).spec.n_experts_used))
 
 
 def _version() -> str:
@@ -277,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="append", default=[], metavar="SPLIT|FILE",
                    help="print the expert balance (sigma, min/max expert tokens per layer) of a split or file, next to "
                         "the EBSS data, at equal token count (repeatable)")
+    p.add_argument("--reach", action="store_true",
+                   help="with --report: per source, the experts it never selects, with the best rank and highest routing "
+                        "probability its tokens gave them (an expert no source reaches cannot be calibrated by any text)")
     p.add_argument("--imatrix-out", default=None, metavar="FILE.gguf",
                    help="write per-expert input statistics from the calibration forward as llama.cpp's GGUF imatrix "
                         "(for llama-quantize --imatrix and ik_llama.cpp)")
@@ -301,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the bits per weight of every layer x tensor kind (the allocation at a glance) into this "
                         "image (needs matplotlib: the plot extra)")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("diff", help="where two GGUF files of one model differ: per tensor types, share of differing "
+                                    "bytes and largest dequantized difference; differing metadata")
+    p.add_argument("a", help="a .gguf file (the first part of a split file)")
+    p.add_argument("b", help="another .gguf file of the same model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_diff)
 
     p = sub.add_parser("bench", help="load time, peak RSS, prompt and generation tokens/s of any GGUF through "
                                      "llama-cpp-python, each thread count in a fresh process")

@@ -125,6 +125,7 @@ class CalibrateConfig:
     repetition_penalty: float = 1.1
     balance: str = "candidate"
     report: tuple[str, ...] = ()             # split names or files whose expert balance to print
+    reach: bool = False                      # with report: the experts each source never selects, and how near they came
     device: str | None = None                # None: the GPU when present
     imatrix_out: str | None = None           # write our statistics as a llama.cpp GGUF imatrix here
     imatrix_weighting: str = "plain"         # plain | affinity (calib/imatrix_export.py)
@@ -140,6 +141,8 @@ class CalibrateConfig:
         if not self.ebss and not self.report and not self.imatrix_out:
             raise Moeq2ggufError("calibrate: nothing to do; pass --ebss -o FILE.jsonl, --report SPLIT|FILE and/or "
                                  "--imatrix-out FILE.gguf")
+        if self.reach and not self.report:
+            raise Moeq2ggufError("calibrate --reach extends --report; add --report SPLIT|FILE (e.g. --report calib)")
         if self.imatrix_out is not None and Path(self.imatrix_out).suffix != ".gguf":
             raise Moeq2ggufError(f"--imatrix-out {self.imatrix_out} must end in .gguf (llama.cpp's GGUF imatrix format)")
         if self.imatrix_weighting not in WEIGHTINGS:

@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeq2gguf.calib.balance import BalanceStats, balance_report, balance_sigma, format_report
+from moeq2gguf.calib.balance import BalanceStats, balance_report, balance_sigma, format_reach, format_report
 from moeq2gguf.calib.ebss import DEFAULT_TAU, EBSSConfig, EBSSResult, cached_ebss, generate_ebss
 from moeq2gguf.calib.imatrix_export import ImatrixResult, export_imatrix
 from moeq2gguf.errors import Moeq2ggufError
 
 __all__ = ["BalanceStats", "CalibrateResult", "DEFAULT_TAU", "EBSSConfig", "EBSSResult", "balance_report",
-           "balance_sigma", "cached_ebss", "calibrate", "export_imatrix", "format_report", "generate_ebss"]
+           "balance_sigma", "cached_ebss", "calibrate", "export_imatrix", "format_reach", "format_report",
+           "generate_ebss"]
 
 
 @dataclass
@@ -50,5 +51,5 @@ def calibrate(model_dir: str | Path, config=None, *, progress: bool = True, **op
                                         config.imatrix_weighting, resolve_device(config.device), progress)
     sources = ([str(result.ebss.output)] if result.ebss else []) + list(config.report)
     if config.report:
-        result.report = balance_report(model_dir, sources, device=config.device, model=model)
+        result.report = balance_report(model_dir, sources, device=config.device, model=model, reach=config.reach)
     return result

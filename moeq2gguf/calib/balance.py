@@ -66,6 +66,18 @@ class ExpertSelector:
         return [nn.select_experts(logits.float(), self.spec, bias).experts
                 for logits, bias in zip(router_logits, self.biases)]
 
+    def reach(self, router_logits) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per MoE layer and expert over these tokens: the best rank the family's selection score gave it (0 = first
+        choice; selected when < top_k) and its highest routing probability; (n_layers, E) each."""
+        ranks, probs = [], []
+        for logits, bias in zip(router_logits, self.biases):
+            p, select = nn.selection_scores(logits.float(), self.spec, bias)
+            if self.spec.routing.scoring == "softmax_topk":
+                p = torch.softmax(p, dim=-1)
+            ranks.append(select.argsort(-1, descending=True).argsort(-1).min(0).values)
+            probs.append(p.max(0).values)
+        return torch.stack(ranks), torch.stack(probs)
+
     def counts(self, router_logits, n_rows: int | None = None) -> torch.Tensor:
         """(n_layers, E) selection counts over all tokens, or (n_rows, n_layers, E) per row (rows major, as
         transformers flattens [batch, seq])."""
@@ -139,14 +151,20 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 @torch.no_grad()
-def expert_counts(model, windows: torch.Tensor, selector: ExpertSelector, batch: int = 8) -> torch.Tensor:
-    """(n_layers, E) selection counts of every token of `windows` ([n, ctx] ids), full causal passes."""
+def expert_counts(model, windows: torch.Tensor, selector: ExpertSelector, batch: int = 8,
+                  reach: dict | None = None) -> torch.Tensor:
+    """(n_layers, E) selection counts of every token of `windows` ([n, ctx] ids), full causal passes. reach: a dict
+    that receives "best_rank" and "max_prob" (n_layers, E) over the same tokens (ExpertSelector.reach)."""
     device = next(model.parameters()).device
     total = None
     for chunk in windows.split(batch):
         out = model(input_ids=chunk.to(device), output_router_logits=True, use_cache=False, logits_to_keep=1)
         counts = selector.counts(out.router_logits).cpu()
         total = counts if total is None else total + counts
+        if reach is not None:
+            rank, prob = (t.cpu() for t in selector.reach(out.router_logits))
+            reach["best_rank"] = rank if "best_rank" not in reach else torch.minimum(reach["best_rank"], rank)
+            reach["max_prob"] = prob if "max_prob" not in reach else torch.maximum(reach["max_prob"], prob)
     return total
 
 
@@ -158,6 +176,8 @@ class BalanceStats:
     ctx: int
     counts: np.ndarray                       # (n_layers, E) selections
     layer_ids: list[int] = field(default_factory=list)
+    best_rank: np.ndarray | None = None      # (n_layers, E) best rank under the routing rule (reach; 0 = first choice)
+    max_prob: np.ndarray | None = None       # (n_layers, E) highest routing probability (reach)
 
     @property
     def n_tokens(self) -> int:
@@ -179,7 +199,7 @@ class BalanceStats:
 
 def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], ctx: int | None = None,
                    n_windows: int | None = None, equal_tokens: bool = True, device: str | None = "cpu",
-                   model=None) -> list[BalanceStats]:
+                   model=None, reach: bool = False) -> list[BalanceStats]:
     """Balance of each source (a stdlib split, a .txt/.jsonl file, an EBSS .jsonl) on the model.
 
     ctx defaults to the shortest EBSS sequence among the sources (else 512); n_windows to the
@@ -205,8 +225,10 @@ def balance_report(model_dir: str | Path, sources: list[str] | tuple[str, ...], 
     selector = ExpertSelector.for_model(model, model_dir)
     stats = []
     for s, w in windows.items():
-        counts = expert_counts(model, w, selector)
-        stats.append(BalanceStats(s, w.shape[0], w.shape[1], counts.numpy(), layer_ids))
+        found = {} if reach else None
+        counts = expert_counts(model, w, selector, reach=found)
+        stats.append(BalanceStats(s, w.shape[0], w.shape[1], counts.numpy(), layer_ids,
+                                  *((found["best_rank"].numpy(), found["max_prob"].numpy()) if reach else ())))
         log.info("balance of %s: %d tokens, sigma %.4f", s, stats[-1].n_tokens, stats[-1].sigma)
     return stats
 
@@ -223,4 +245,25 @@ def format_report(stats: list[BalanceStats]) -> str:
     lines.append(f"{'all':>5}" + "".join(f" | {s.sigma:>{width}.4f} {int(s.counts.min()):>7} {int(s.counts.max()):>7}"
                                          for s in stats))
     lines.append(f"{'tok':>5}" + "".join(f" | {s.n_tokens:>{width}d} {'':>7} {'':>7}" for s in stats))
+    return "\n".join(lines)
+
+
+def format_reach(stats: list[BalanceStats], top_k: int, limit: int = 12) -> str:
+    """Per source, the experts it never selected, with the best rank and highest routing probability any of its tokens
+    gave them: an expert no text reaches shows here for every source (no calibration set can give it tokens)."""
+    lines = []
+    for s in stats:
+        if s.best_rank is None:
+            continue
+        name = Path(s.source).name if Path(s.source).suffix else s.source
+        never = [(layer, e) for i, layer in enumerate(s.layer_ids) for e in np.nonzero(s.counts[i] == 0)[0]]
+        lines.append(f"reach of {name} ({s.n_tokens} tokens, top-{top_k} of {s.counts.shape[1]} experts): "
+                     + ("every expert of every MoE layer selected at least once" if not never else
+                        f"{len(never)} experts never selected (best rank / highest routing probability):"))
+        for i, layer in enumerate(s.layer_ids):
+            missing = np.nonzero(s.counts[i] == 0)[0]
+            if len(missing):
+                cells = [f"e{e} {int(s.best_rank[i, e])}/{float(s.max_prob[i, e]):.3f}" for e in missing[:limit]]
+                more = f" ... ({len(missing) - limit} more)" if len(missing) > limit else ""
+                lines.append(f"  layer {layer}: " + "  ".join(cells) + more)
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from moeq2gguf.nn.self_attention import NORM_ROPE_ARCHS, attention, mla_attentio
 __all__ = ["INPUT_OF", "NORM_ROPE_ARCHS", "Observer", "Routing", "attention", "decoder_layer", "dense_ffn", "embed",
            "gated_delta_net",
            "head", "linear", "mla_attention", "moe", "rms_norm", "rope", "rope_frequencies", "rope_mscale", "route",
-           "router_logits", "select_experts", "unsupported_reason"]
+           "router_logits", "select_experts", "selection_scores", "unsupported_reason"]
 
 # weight (GGUF name without blk.N. and .weight) -> the input it reads
 INPUT_OF = {
@@ -93,20 +93,32 @@ def select_experts(logits: torch.Tensor, spec: ModelSpec, selection_bias: torch.
         top, experts = logits.topk(k, dim=-1)
         weights = torch.softmax(top, dim=-1)
     else:
-        probs = torch.softmax(logits, dim=-1) if r.scoring == "softmax" else torch.sigmoid(logits)
-        # DeepSeek-V3: exp_probs_b biases the choice of experts, never their weights
-        select = probs + selection_bias.to(probs) if selection_bias is not None else probs
-        if r.n_groups > 1:   # only the n_groups_used groups with the best two-expert sums compete
-            groups = select.view(select.shape[0], r.n_groups, -1)
-            group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(r.n_groups_used, dim=-1).indices, True)
-            select = groups.masked_fill(~keep[..., None], float("-inf")).view_as(select)
+        probs, select = selection_scores(logits, spec, selection_bias)
         experts = select.topk(k, dim=-1).indices
         weights = probs.gather(1, experts)
     if r.renormalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(6.103515625e-5)
     return Routing(experts, weights * r.scale)
+
+
+def selection_scores(logits: torch.Tensor, spec: ModelSpec,
+                     selection_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, the scores the top-k is taken over) [T, E] under the family's rule: softmax or sigmoid,
+    plus DeepSeek-V3's selection bias, with the experts of groups that do not compete at -inf. For top-k on raw
+    logits (gpt-oss) both are the logits."""
+    r = spec.routing
+    if r.scoring == "softmax_topk":
+        return logits, logits
+    probs = torch.softmax(logits, dim=-1) if r.scoring == "softmax" else torch.sigmoid(logits)
+    # DeepSeek-V3: exp_probs_b biases the choice of experts, never their weights
+    select = probs + selection_bias.to(probs) if selection_bias is not None else probs
+    if r.n_groups > 1:   # only the n_groups_used groups with the best two-expert sums compete
+        groups = select.view(select.shape[0], r.n_groups, -1)
+        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(r.n_groups_used, dim=-1).indices, True)
+        select = groups.masked_fill(~keep[..., None], float("-inf")).view_as(select)
+    return probs, select
 
 
 def _expert_activation(gate: torch.Tensor, up: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

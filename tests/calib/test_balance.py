@@ -98,3 +98,26 @@ def test_report_compares_at_equal_token_count(tmp_path, biased_checkpoint, small
     assert len(text.splitlines()) == 2 + 2 + 2         # header, 2 layers, all, tokens
     d = stats[1].to_dict()
     assert d["tokens"] == 96 and set(d["layers"]) == {"0", "1"}
+
+
+def test_reach_names_the_experts_no_token_selects(tmp_path, small_tokenizers):
+    """--reach: an expert whose selection bias keeps it out of every top-k is listed for every layer, with the last
+    rank; every expert that was selected has a best rank below top-k, every one never selected at or above it."""
+    from moeq2gguf.calib import calibrate, format_reach
+    model = random_model("glm4moe", seed=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias[3] = -100.0
+    ckpt = save_checkpoint(model, small_tokenizers["qwen2moe"], tmp_path / "glm")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"word{i % 97} text{i % 13}" for i in range(3000)))
+    (stats,) = calibrate(ckpt, report=[str(calib)], reach=True, progress=False).report
+    k = model.config.num_experts_per_tok
+    selected = stats.counts > 0
+    assert (stats.best_rank[selected] < k).all() and (stats.best_rank[~selected] >= k).all()
+    assert not selected[:, 3].any() and (stats.best_rank[:, 3] == model.config.n_routed_experts - 1).all()
+    text = format_reach([stats], k)
+    assert "experts never selected" in text
+    assert all(f"layer {layer}: " in text for layer in stats.layer_ids)
+    assert text.count(" e3 ") + text.count(": e3 ") >= len(stats.layer_ids)
