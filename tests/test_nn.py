@@ -66,6 +66,8 @@ CASES = {
     "llama4": ("llama4", dict()),
     # every layer MoE, top-2, chunked attention over 40 tokens in chunks of 16 (the forward's chunk, set below)
     "llama4-chunked": ("llama4", dict(interleave_moe_layer_step=1, num_experts_per_tok=2, attention_chunk_size=16)),
+    # a leading dense layer, softmax top-k over selection-biased scores, renormalised, 2 shared experts
+    "ernie4_5_moe": ("ernie4_5_moe", dict()),
 }
 
 

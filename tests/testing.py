@@ -22,6 +22,7 @@ FAMILY_CLASSES = {
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM"),
     "qwen35moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM"),
 }
 
 # Tiny shapes per family, respecting what llama.cpp assumes of each (docs/PLATFORMS.md): OLMoE with
@@ -70,6 +71,10 @@ _FAMILY_DEFAULTS = {
                    bos_token_id=None, eos_token_id=None, pad_token_id=None,
                    rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # ERNIE-4.5-21B-A3B's layout in small: one leading dense layer, softmax routing with a selection bias, 2 shared
+    "ernie4_5_moe": dict(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                         num_experts_per_tok=2, moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_interval=1,
+                         rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None),
 }
 
 

@@ -25,7 +25,8 @@ COLUMNS = {
         "tests/models/test_float_export.py::test_trained_model_f32_f16_bf16",
         "tests/models/test_deepseek.py::test_f32_matches_reference",
         *(f"tests/models/test_{m}.py::test_f32_matches_transformers"
-          for m in ("deepseek2", "qwen3moe", "olmoe", "gpt_oss", "glm4moe", "minimax_m2", "qwen35moe", "llama4")),
+          for m in ("deepseek2", "qwen3moe", "olmoe", "gpt_oss", "glm4moe", "minimax_m2", "qwen35moe", "llama4",
+                    "ernie4_5_moe")),
         "tests/models/test_qwen35moe.py::test_hub_multimodal_layout",
         "tests/models/test_llama4.py::test_hub_multimodal_layout",
     ],
@@ -34,8 +35,8 @@ COLUMNS = {
     "moequant runs": ["tests/models/test_quantized_families.py::test_moequant_calibrates_every_family"],
 }
 FAMILIES = ["mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek_v2", "deepseek_v3", "gpt_oss",
-            "glm4moe", "minimax_m2", "qwen35moe", "llama4"]
-NEW = {"glm4moe", "minimax_m2", "qwen35moe", "llama4"}
+            "glm4moe", "minimax_m2", "qwen35moe", "llama4", "ernie4_5_moe"]
+NEW = {"glm4moe", "minimax_m2", "qwen35moe", "llama4", "ernie4_5_moe"}
 
 
 def family_of(nodeid: str) -> str:

@@ -54,9 +54,14 @@ class ExpertSelector:
         target = model.model._can_record_outputs["router_logits"].target_class
         modules = dict(model.named_modules())
 
-        def selection_bias(name: str):   # on the router (DeepSeek-V3, GLM-4.5) or its MoE block (MiniMax-M2)
-            bias = getattr(modules[name], "e_score_correction_bias", None)
-            return bias if bias is not None else getattr(modules.get(name.rpartition(".")[0]), "e_score_correction_bias", None)
+        def selection_bias(name: str):
+            # on the router (DeepSeek-V3, GLM-4.5), in a child of it (ERNIE-4.5's moe_statics, [1, E]) or on its MoE
+            # block (MiniMax-M2)
+            for module in (*modules[name].modules(), modules.get(name.rpartition(".")[0])):
+                bias = getattr(module, "e_score_correction_bias", None)
+                if bias is not None:
+                    return bias.reshape(-1)
+            return None
         return cls(spec, [selection_bias(n) for n, m in modules.items() if isinstance(m, target)])
 
     def chosen(self, router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ ARCH_TO_MODULE: dict[str, str] = {
     "Qwen3_5MoeForConditionalGeneration": "qwen35moe",
     "Llama4ForCausalLM": "llama4",
     "Llama4ForConditionalGeneration": "llama4",
+    "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
 }
 
 _ADAPTERS: dict[str, type] = {}

@@ -50,7 +50,7 @@ INPUT_OF = {
     "ssm_out": "ssm_out_in",
 }
 
-SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "qwen35moe", "llama4")
+SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "gpt-oss", "glm4moe", "minimax-m2", "qwen35moe", "llama4", "ernie4_5-moe")
 
 
 def unsupported_reason(spec: ModelSpec) -> str | None:

@@ -27,7 +27,7 @@ from moeq2gguf.models.base import ModelSpec
 from moeq2gguf.nn.ops import Observer, linear, rms_norm
 
 # llama.cpp rotates adjacent pairs (NORM) for these archs, the two halves of each head (NEOX) otherwise.
-NORM_ROPE_ARCHS = ("llama", "deepseek", "deepseek2", "llama4")
+NORM_ROPE_ARCHS = ("llama", "deepseek", "deepseek2", "llama4", "ernie4_5-moe")
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:

@@ -295,7 +295,7 @@ def test_cli_calibrate_errors(tmp_path, capsys, biased_checkpoint, argv, message
     assert not any(tmp_path.glob("x.*"))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "deepseek_v2", "qwen3moe", "olmoe", "mixtral", "qwen2moe", "glm4moe", "minimax_m2", "qwen35moe", "llama4"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "deepseek_v2", "qwen3moe", "olmoe", "mixtral", "qwen2moe", "glm4moe", "minimax_m2", "qwen35moe", "llama4", "ernie4_5_moe"])
 def test_convert_with_ebss_calibration(family, tmp_path, small_tokenizers, monkeypatch):
     """--calib ebss end to end for every family transformers has a class for (DeepSeekMoE-16B has none: the next
     test): EBSS counts the experts with the family's own rule; the file runs in llama-cpp-python."""

@@ -24,6 +24,7 @@ FAMILIES = {
     "minimax_m2": dict(hidden_size=256),
     "qwen35moe": dict(hidden_size=256),
     "llama4": dict(hidden_size=256),
+    "ernie4_5_moe": dict(hidden_size=256),
 }
 
 
@@ -48,7 +49,7 @@ def test_rtn_is_byte_identical_to_llama_quantize(checkpoint, mix, tmp_path):
 
 # every family's calibration forward: dense leading layers (deepseek, V2-Lite), MLA with per-head
 # attn_k_b/attn_v_b statistics, V3's grouped sigmoid routing, gpt-oss's sinks, windows and biases
-CALIBRATED = ("deepseek", "deepseek_v2", "deepseek_v3", "glm4moe", "gpt_oss", "llama4", "minimax_m2", "mixtral", "olmoe",
+CALIBRATED = ("deepseek", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4moe", "gpt_oss", "llama4", "minimax_m2", "mixtral", "olmoe",
               "qwen2moe", "qwen35moe", "qwen3moe")
 
 

@@ -41,6 +41,7 @@ SHAPES = {
     "minimax-m2": ("minimax_m2", dict()),
     "qwen35moe": ("qwen35moe", dict()),
     "llama4": ("llama4", dict()),
+    "ernie4_5_moe": ("ernie4_5_moe", dict()),
     # n_embd 88 = 8 x 11 has no Hadamard matrix here: the random orthogonal rotation
     "gpt-oss-tied-orthogonal": ("gpt_oss", dict(num_hidden_layers=3, num_key_value_heads=1, sliding_window=8,
                                                 num_local_experts=6, num_experts_per_tok=3, hidden_size=88,

@@ -18,7 +18,7 @@ from util import eval_tokens, llama_logits, relative_error
 N_TOKENS = 64
 # one shape per family (test_rotate.SHAPES); GPT-OSS's swiglu_oai is not linear in up: no --smooth down
 FAMILIES = ("mixtral", "qwen2moe-h96", "qwen3moe", "olmoe", "deepseek", "deepseek2-v2-lite", "deepseek2-v3", "gpt-oss",
-            "glm4moe-qknorm", "minimax-m2", "qwen35moe", "llama4")
+            "glm4moe-qknorm", "minimax-m2", "qwen35moe", "llama4", "ernie4_5_moe")
 VARIANTS = ("aggregate", "down", "rotate+aggregate,down")
 CASES = [(shape, v) for shape in FAMILIES for v in VARIANTS if not (shape == "gpt-oss" and "down" in v)]
 CASES.append(("gpt-oss", "rotate+aggregate"))
