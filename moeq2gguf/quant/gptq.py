@@ -65,7 +65,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
     importance = H.diagonal(dim1=-2, dim2=-1).to(torch.float32)  # [G, K]
     W = W.to(torch.float32).clone()
     Q = torch.empty_like(W)
-    codes = torch.empty(W.shape, dtype=torch.int32)
+    codes = torch.empty(W.shape, dtype=torch.int32, device=W.device)   # on W's device: no per-column host copy
     params: list[Any] = []
     B = min(cfg.lazy_block, K)
     inner = min(32, grid.group, B)  # errors spread eagerly only inside 32 columns; matmuls do the rest
@@ -93,4 +93,4 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
                 Err[:, :, j] = err
             W1[:, :, i1:] -= Err[:, :, i0:i1] @ U1[:, i0:i1, i1:]
         W[:, :, b1:] -= Err @ U[:, b0:b1, b1:]
-    return Q, codes, params
+    return Q, codes.cpu(), params
