@@ -1,0 +1,308 @@
+"""IQ2_XXS (2.06 bits per weight): the first i-quant, a port of ggml's quantizer, byte for byte.
+
+A 256-weight super-block is an fp16 d and eight 32-weight sub-blocks; each sub-block is four groups of 8 weights
+and one 32-bit word of 4 x 7 sign bits plus a 4-bit scale ls. A group is one of 256 grid points (8 magnitudes, each
+one of three levels: value 2l+1 in the search, 8 / 25 / 43 in the runtime's table) with 7 stored signs; the 8th is
+the parity of the 7, so a group always has an even number of negatives. Weight value: d * (0.5 + ls) / 4 * grid *
+sign.
+
+The search (ggml-quants.c's quantize_row_iq2_xxs_impl, which needs an importance vector):
+- weights w = importance * sqrt(mean(x^2 over the super-block) + x^2); the neighbour search uses sqrt(w);
+- per group |x|, and when the number of negatives is odd, the element with the smallest w x^2 flips sign (it stays
+  negative through the search, so it lands on the lowest level);
+- make_qp_quants gives a first scale s0 (keeping its codes in uint8: a negative code wraps, as in C); 13 candidate
+  inverse scales (5 + 0.1 is) / (3 s0), is = -6..6: each rounds every group to levels, maps the level word to its
+  grid point (or, off the grid, to the best of its precomputed neighbours), fits the least-squares scale, and the
+  one with the largest sumqx^2 / sumq2 wins; the winner's groups are re-rounded once more and the scale refit;
+- d = max sub-block scale / 31, ls = nearest_int((scale / d - 1) / 2) in 0..15.
+
+The tables are built from the runtime's own dequantization grid (gguf-py's IQ2_XXS grid: levels by value), not
+copied: kmap maps a level word (2 bits per coordinate) to its grid index, and each level word off the grid has the
+grid points at its two smallest squared distances (in 2l+1 units), sorted by (distance, index), as
+ggml's iq2xs_init_impl builds them.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+
+from moeq2gguf.formats.numerics import F32, GROUP_MAX_EPS, ZERO, f32_to_f16_bits, fp16_round, nearest_int
+
+QK_K = 256
+BLOCK_BYTES = 66
+KMAP_SIZE = 43692
+NWANT = 2
+
+
+@lru_cache(maxsize=None)
+def tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid [256, 8] int8 search values 2l+1, kmap [43692] int32, neighbours int32): kmap[u] >= 0 is the grid index of
+    level word u; kmap[u] = -(o+1) points at neighbours[o] = count, then that many grid indices."""
+    import gguf.quants
+    gguf.quants.IQ2_XXS.init_grid()
+    values = gguf.quants.IQ2_XXS.grid.reshape(256, 8)
+    levels = np.searchsorted(np.asarray(gguf.quants.IQ2_XXS.grid_map, dtype=np.float32), values).astype(np.int64)
+    grid = (2 * levels + 1).astype(np.int8)
+    words = (levels << (2 * np.arange(8))).sum(1)
+    kmap = np.full(KMAP_SIZE, -1, dtype=np.int32)
+    kmap[words] = np.arange(256, dtype=np.int32)
+    off = np.nonzero(kmap < 0)[0]
+    pos = (2 * ((off[:, None] >> (2 * np.arange(8))) & 3) + 1).astype(np.int32)          # [n_off, 8]
+    neighbours: list[int] = []
+    g = grid.astype(np.int32)
+    for start in range(0, len(off), 4096):
+        d2 = ((pos[start:start + 4096, None, :] - g[None, :, :]) ** 2).sum(-1)            # [chunk, 256]
+        order = np.argsort(d2, axis=1, kind="stable")                                    # by distance, then index
+        for row, u in enumerate(off[start:start + 4096]):
+            dist = d2[row, order[row]]
+            cutoff = np.unique(dist)[NWANT - 1]
+            keep = order[row][dist <= cutoff]
+            kmap[u] = -(len(neighbours) + 1)
+            neighbours.append(len(keep))
+            neighbours.extend(int(k) for k in keep)
+    return grid, kmap, np.asarray(neighbours, dtype=np.int32)
+
+
+@njit(cache=True, error_model="numpy")
+def _u8(v):
+    """C's conversion of an int to uint8_t (wraps)."""
+    return np.int64(v) & 255
+
+
+@njit(cache=True, error_model="numpy")
+def _make_qp_quants_scale(x, w, nmax):
+    """ggml's make_qp_quants(n, nmax, x, L, w) for n = len(x): its returned scale (L kept as uint8, as in C)."""
+    n = x.shape[0]
+    mx = ZERO
+    for i in range(n):
+        mx = max(mx, x[i])
+    if mx < GROUP_MAX_EPS:
+        return ZERO
+    L = np.zeros(n, dtype=np.int64)   # uint8 values 0..255
+    iscale = F32(nmax) / mx
+    for i in range(n):
+        L[i] = _u8(nearest_int(iscale * x[i]))
+    scale = F32(1.0) / iscale
+    best_mse = ZERO
+    for i in range(n):
+        diff = x[i] - scale * F32(L[i])
+        best_mse += w[i] * diff * diff
+    for is_ in range(-4, 5):
+        if is_ == 0:
+            continue
+        iscale_is = (F32(0.1) * F32(is_) + F32(nmax)) / mx
+        scale_is = F32(1.0) / iscale_is
+        mse = ZERO
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_is * x[i]))
+            diff = x[i] - scale_is * F32(l)
+            mse += w[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = ZERO
+    suml2 = ZERO
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = _u8(l)
+        sumlx += w[i] * x[i] * F32(l)
+        suml2 += w[i] * F32(l) * F32(l)
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            slx = sumlx - w[i] * x[i] * F32(L[i])
+            sl2 = suml2 - w[i] * F32(L[i]) * F32(L[i])
+            if slx > ZERO and sl2 > ZERO:
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    slx += w[i] * x[i] * F32(new_l)
+                    sl2 += w[i] * F32(new_l) * F32(new_l)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = _u8(new_l)
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > ZERO else ZERO
+
+
+@njit(cache=True, error_model="numpy")
+def _best_neighbour(neighbours, start, grid, xval, waux, scale, L, base):
+    """iq2_find_best_neighbour: the listed grid point closest to xval / scale (weighted); writes its levels to L."""
+    count = neighbours[start]
+    best_d2 = np.float32(np.finfo(np.float32).max)
+    best = -1
+    for j in range(1, count + 1):
+        g = neighbours[start + j]
+        d2 = ZERO
+        for i in range(8):
+            diff = scale * F32(grid[g, i]) - xval[base + i]
+            d2 += waux[base + i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            best = g
+    for i in range(8):
+        L[base + i] = (grid[best, i] - 1) // 2
+    return best
+
+
+@njit(cache=True, error_model="numpy")
+def _group_levels(xval, k, inv, L):
+    """Levels of group k at inverse scale inv and their word u (2 bits per coordinate)."""
+    u = 0
+    for i in range(8):
+        l = nearest_int(F32(0.5) * (inv * xval[8 * k + i] - F32(1.0)))
+        l = max(0, min(2, l))
+        L[8 * k + i] = l
+        u |= l << (2 * i)
+    return u
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_row(x, qw, grid, kmap, neighbours, out):
+    """One row: x [n] float32, qw [n] float32 importance -> out [n/256 * 66] uint8 (block_iq2_xxs)."""
+    nbl = x.shape[0] // QK_K
+    weight = np.empty(32, dtype=np.float32)
+    waux = np.empty(32, dtype=np.float32)
+    xval = np.empty(32, dtype=np.float32)
+    L = np.zeros(32, dtype=np.int64)
+    Laux = np.zeros(32, dtype=np.int64)
+    scales = np.empty(8, dtype=np.float32)
+    signs = np.zeros(4, dtype=np.int64)
+    q2 = np.zeros(16, dtype=np.uint32)
+    for ibl in range(nbl):
+        xbl = x[QK_K * ibl:QK_K * (ibl + 1)]
+        q2[:] = 0
+        max_scale = ZERO
+        sumx2 = ZERO
+        for i in range(QK_K):
+            sumx2 += xbl[i] * xbl[i]
+        sigma2 = sumx2 / F32(QK_K)
+        for ib in range(8):
+            xb = xbl[32 * ib:32 * ib + 32]
+            qwb = qw[QK_K * ibl + 32 * ib:QK_K * ibl + 32 * ib + 32]
+            for i in range(32):
+                weight[i] = qwb[i] * np.sqrt(sigma2 + xb[i] * xb[i])
+            for i in range(32):
+                waux[i] = np.sqrt(weight[i])
+            for k in range(4):
+                nflip = 0
+                s = 0
+                for i in range(8):
+                    if xb[8 * k + i] >= ZERO:
+                        xval[8 * k + i] = xb[8 * k + i]
+                    else:
+                        xval[8 * k + i] = -xb[8 * k + i]
+                        nflip += 1
+                        s |= 1 << i
+                if nflip % 2:
+                    imin = 0
+                    mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+                    for i in range(1, 8):
+                        ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+                        if ax < mn:
+                            mn = ax
+                            imin = i
+                    xval[8 * k + imin] = -xval[8 * k + imin]
+                    s ^= 1 << imin
+                signs[k] = s & 127
+            mx = xval[0]
+            for i in range(1, 32):
+                mx = max(mx, xval[i])
+            if mx < GROUP_MAX_EPS:
+                scales[ib] = ZERO
+                continue
+            scale = _make_qp_quants_scale(xval, weight, 4)
+            eff_max = scale * F32(3.0)
+            if eff_max <= ZERO:
+                scales[ib] = ZERO
+                continue
+            best = ZERO
+            for is_ in range(-6, 7):
+                inv = (F32(5.0) + F32(is_) * F32(0.1)) / eff_max
+                this_scale = F32(1.0) / inv
+                for k in range(4):
+                    u = _group_levels(xval, k, inv, Laux)
+                    if kmap[u] < 0:
+                        _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, this_scale, Laux, 8 * k)
+                sumqx = ZERO
+                sumq2 = ZERO
+                for i in range(32):
+                    q = F32(2 * Laux[i] + 1)
+                    sumqx += weight[i] * xval[i] * q
+                    sumq2 += weight[i] * q * q
+                if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+            if scale > ZERO:   # (with no winning candidate, make_qp_quants' scale: the groups are re-rounded at it)
+                inv = F32(1.0) / scale
+                for k in range(4):
+                    u = _group_levels(xval, k, inv, L)
+                    if kmap[u] < 0:
+                        _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, scale, L, 8 * k)
+                sumqx = ZERO
+                sumq2 = ZERO
+                for i in range(32):
+                    q = F32(2 * L[i] + 1)
+                    sumqx += weight[i] * xval[i] * q
+                    sumq2 += weight[i] * q * q
+                if sumq2 > ZERO:
+                    scale = sumqx / sumq2
+            if scale < ZERO:
+                scale = -scale
+                for k in range(4):
+                    signs[k] = (~signs[k]) & 127
+            for k in range(4):
+                u = 0
+                for i in range(8):
+                    u |= L[8 * k + i] << (2 * i)
+                g = kmap[u]
+                if g < 0:
+                    raise ValueError("IQ2_XXS: a group off the grid after the search")
+                q2[2 * ib] |= np.uint32(g) << np.uint32(8 * k)
+                q2[2 * ib + 1] |= np.uint32(signs[k]) << np.uint32(7 * k)
+            scales[ib] = scale
+            max_scale = max(max_scale, scale)
+        o = ibl * BLOCK_BYTES
+        if max_scale == ZERO:
+            out[o:o + BLOCK_BYTES] = 0
+            continue
+        d = max_scale / F32(31.0)
+        bits = f32_to_f16_bits(d)
+        out[o] = bits & 255
+        out[o + 1] = (bits >> 8) & 255
+        inv = F32(1.0) / d
+        for ib in range(8):
+            l = nearest_int(F32(0.5) * (inv * scales[ib] - F32(1.0)))
+            l = max(0, min(15, l))
+            q2[2 * ib + 1] |= np.uint32(l) << np.uint32(28)
+        for j in range(16):
+            for b in range(4):
+                out[o + 2 + 4 * j + b] = (q2[j] >> np.uint32(8 * b)) & np.uint32(255)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _quantize_rows(x, qw, grid, kmap, neighbours, out):
+    for r in prange(x.shape[0]):
+        _quantize_row(x[r], qw, grid, kmap, neighbours, out[r])
+
+
+def quantize_iq2_xxs(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """rows (R, C) float32 with C a multiple of 256, importance (C,) float32 (required, as in ggml) ->
+    (R, C / 256 * 66) uint8: the bytes ggml_quantize_chunk(GGML_TYPE_IQ2_XXS, ...) writes."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] % QK_K:
+        raise ValueError(f"IQ2_XXS rows must be (R, C) with C a multiple of 256, got {rows.shape}")
+    if importance is None:
+        raise ValueError("IQ2_XXS needs an importance vector (llama.cpp refuses it without an imatrix too)")
+    qw = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+    if qw.shape[0] != rows.shape[1]:
+        raise ValueError(f"importance has {qw.shape[0]} values for rows of {rows.shape[1]}")
+    grid, kmap, neighbours = tables()
+    out = np.empty((rows.shape[0], rows.shape[1] // QK_K * BLOCK_BYTES), dtype=np.uint8)
+    _quantize_rows(rows, qw, grid, kmap, neighbours, out)
+    return out
