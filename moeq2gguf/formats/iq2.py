@@ -1,4 +1,4 @@
-"""IQ2_XXS (2.06 bits per weight): the first i-quant, a port of ggml's quantizer, byte for byte.
+"""IQ2_XXS (2.06 bits per weight) and IQ2_XS (2.31): ports of ggml's quantizers, byte for byte.
 
 A 256-weight super-block is an fp16 d and eight 32-weight sub-blocks; each sub-block is four groups of 8 weights
 and one 32-bit word of 4 x 7 sign bits plus a 4-bit scale ls. A group is one of 256 grid points (8 magnitudes, each
@@ -37,23 +37,25 @@ NWANT = 2
 
 
 @lru_cache(maxsize=None)
-def tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grid [256, 8] int8 search values 2l+1, kmap [43692] int32, neighbours int32): kmap[u] >= 0 is the grid index of
-    level word u; kmap[u] = -(o+1) points at neighbours[o] = count, then that many grid indices."""
+def tables(kind: str = "IQ2_XXS") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For IQ2_XXS (256 grid points) or IQ2_XS (512): (grid [n, 8] int8 search values 2l+1, kmap [43692] int32,
+    neighbours int32): kmap[u] >= 0 is the grid index of level word u; kmap[u] = -(o+1) points at neighbours[o] =
+    count, then that many grid indices."""
     import gguf.quants
-    gguf.quants.IQ2_XXS.init_grid()
-    values = gguf.quants.IQ2_XXS.grid.reshape(256, 8)
-    levels = np.searchsorted(np.asarray(gguf.quants.IQ2_XXS.grid_map, dtype=np.float32), values).astype(np.int64)
+    quant = {"IQ2_XXS": gguf.quants.IQ2_XXS, "IQ2_XS": gguf.quants.IQ2_XS}[kind]
+    quant.init_grid()
+    values = quant.grid.reshape(-1, 8)
+    levels = np.searchsorted(np.asarray(quant.grid_map, dtype=np.float32), values).astype(np.int64)
     grid = (2 * levels + 1).astype(np.int8)
     words = (levels << (2 * np.arange(8))).sum(1)
     kmap = np.full(KMAP_SIZE, -1, dtype=np.int32)
-    kmap[words] = np.arange(256, dtype=np.int32)
+    kmap[words] = np.arange(len(words), dtype=np.int32)
     off = np.nonzero(kmap < 0)[0]
     pos = (2 * ((off[:, None] >> (2 * np.arange(8))) & 3) + 1).astype(np.int32)          # [n_off, 8]
     neighbours: list[int] = []
     g = grid.astype(np.int32)
     for start in range(0, len(off), 4096):
-        d2 = ((pos[start:start + 4096, None, :] - g[None, :, :]) ** 2).sum(-1)            # [chunk, 256]
+        d2 = ((pos[start:start + 4096, None, :] - g[None, :, :]) ** 2).sum(-1)            # [chunk, grid points]
         order = np.argsort(d2, axis=1, kind="stable")                                    # by distance, then index
         for row, u in enumerate(off[start:start + 4096]):
             dist = d2[row, order[row]]
@@ -294,15 +296,172 @@ def _quantize_rows(x, qw, grid, kmap, neighbours, out):
 def quantize_iq2_xxs(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """rows (R, C) float32 with C a multiple of 256, importance (C,) float32 (required, as in ggml) ->
     (R, C / 256 * 66) uint8: the bytes ggml_quantize_chunk(GGML_TYPE_IQ2_XXS, ...) writes."""
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows.ndim != 2 or rows.shape[1] % QK_K:
-        raise ValueError(f"IQ2_XXS rows must be (R, C) with C a multiple of 256, got {rows.shape}")
-    if importance is None:
-        raise ValueError("IQ2_XXS needs an importance vector (llama.cpp refuses it without an imatrix too)")
-    qw = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
-    if qw.shape[0] != rows.shape[1]:
-        raise ValueError(f"importance has {qw.shape[0]} values for rows of {rows.shape[1]}")
-    grid, kmap, neighbours = tables()
+    rows, qw = _check(rows, importance, "IQ2_XXS")
+    grid, kmap, neighbours = tables("IQ2_XXS")
     out = np.empty((rows.shape[0], rows.shape[1] // QK_K * BLOCK_BYTES), dtype=np.uint8)
     _quantize_rows(rows, qw, grid, kmap, neighbours, out)
     return out
+
+
+XS_BLOCK_BYTES = 74
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_row_xs(x, qw, grid, kmap, neighbours, out):
+    """ggml's quantize_row_iq2_xs_impl, one row -> out [n/256 * 74] uint8 (block_iq2_xs). Like IQ2_XXS with 16-weight
+    sub-blocks, a 512-point grid, no make_qp_quants (the first scale is max / 5), 19 candidates (5 + 0.1 is) / max,
+    is = -9..9, and a final re-rounding of only the groups the winner left off the grid."""
+    nbl = x.shape[0] // QK_K
+    weight = np.empty(16, dtype=np.float32)
+    waux = np.empty(16, dtype=np.float32)
+    xval = np.empty(16, dtype=np.float32)
+    L = np.zeros(16, dtype=np.int64)
+    Laux = np.zeros(16, dtype=np.int64)
+    on_grid = np.ones(2, dtype=np.bool_)
+    on_grid_aux = np.ones(2, dtype=np.bool_)
+    scales = np.empty(16, dtype=np.float32)
+    signs = np.zeros(2, dtype=np.int64)
+    q2 = np.zeros(32, dtype=np.int64)
+    for ibl in range(nbl):
+        xbl = x[QK_K * ibl:QK_K * (ibl + 1)]
+        q2[:] = 0
+        max_scale = ZERO
+        sumx2 = ZERO
+        for i in range(QK_K):
+            sumx2 += xbl[i] * xbl[i]
+        sigma2 = sumx2 / F32(QK_K)
+        for ib in range(16):
+            xb = xbl[16 * ib:16 * ib + 16]
+            qwb = qw[QK_K * ibl + 16 * ib:QK_K * ibl + 16 * ib + 16]
+            for i in range(16):
+                weight[i] = qwb[i] * np.sqrt(sigma2 + xb[i] * xb[i])
+            for i in range(16):
+                waux[i] = np.sqrt(weight[i])
+            for k in range(2):
+                nflip = 0
+                s = 0
+                for i in range(8):
+                    if xb[8 * k + i] >= ZERO:
+                        xval[8 * k + i] = xb[8 * k + i]
+                    else:
+                        xval[8 * k + i] = -xb[8 * k + i]
+                        nflip += 1
+                        s |= 1 << i
+                if nflip % 2:
+                    imin = 0
+                    mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+                    for i in range(1, 8):
+                        ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+                        if ax < mn:
+                            mn = ax
+                            imin = i
+                    xval[8 * k + imin] = -xval[8 * k + imin]
+                    s ^= 1 << imin
+                signs[k] = s & 127
+            mx = xval[0]
+            for i in range(1, 16):
+                mx = max(mx, xval[i])
+            L[:] = 0
+            if mx < GROUP_MAX_EPS:
+                scales[ib] = ZERO
+                continue
+            best = ZERO
+            scale = mx / F32(5.0)
+            on_grid[:] = True
+            for is_ in range(-9, 10):
+                inv = (F32(5.0) + F32(is_) * F32(0.1)) / mx
+                this_scale = F32(1.0) / inv
+                for k in range(2):
+                    u = _group_levels(xval, k, inv, Laux)
+                    on_grid_aux[k] = True
+                    if kmap[u] < 0:
+                        on_grid_aux[k] = False
+                        _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, this_scale, Laux, 8 * k)
+                sumqx = ZERO
+                sumq2 = ZERO
+                for i in range(16):
+                    q = F32(2 * Laux[i] + 1)
+                    sumqx += weight[i] * xval[i] * q
+                    sumq2 += weight[i] * q * q
+                if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+                    on_grid[:] = on_grid_aux
+            if (not on_grid[0] or not on_grid[1]) and scale > ZERO:
+                inv = F32(1.0) / scale
+                for k in range(2):
+                    if on_grid[k]:
+                        continue
+                    u = _group_levels(xval, k, inv, L)
+                    if kmap[u] < 0:
+                        _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, scale, L, 8 * k)
+                sumqx = ZERO
+                sumq2 = ZERO
+                for i in range(16):
+                    q = F32(2 * L[i] + 1)
+                    sumqx += weight[i] * xval[i] * q
+                    sumq2 += weight[i] * q * q
+                if sumq2 > ZERO:
+                    scale = sumqx / sumq2
+            if scale < ZERO:
+                scale = -scale
+                for k in range(2):
+                    signs[k] = (~signs[k]) & 127
+            for k in range(2):
+                u = 0
+                for i in range(8):
+                    u |= L[8 * k + i] << (2 * i)
+                g = kmap[u]
+                if g < 0:
+                    raise ValueError("IQ2_XS: a group off the grid after the search")
+                q2[2 * ib + k] = g | (signs[k] << 9)
+            scales[ib] = scale
+            max_scale = max(max_scale, scale)
+        o = ibl * XS_BLOCK_BYTES
+        if max_scale == ZERO:
+            out[o:o + XS_BLOCK_BYTES] = 0
+            continue
+        d = max_scale / F32(31.0)
+        bits = f32_to_f16_bits(d)
+        out[o] = bits & 255
+        out[o + 1] = (bits >> 8) & 255
+        for j in range(32):
+            out[o + 2 + 2 * j] = q2[j] & 255
+            out[o + 3 + 2 * j] = (q2[j] >> 8) & 255
+        inv = F32(1.0) / d
+        for ib in range(16):
+            l = nearest_int(F32(0.5) * (inv * scales[ib] - F32(1.0)))
+            l = max(0, min(15, l))
+            if ib % 2 == 0:
+                out[o + 66 + ib // 2] = l
+            else:
+                out[o + 66 + ib // 2] |= l << 4
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _quantize_rows_xs(x, qw, grid, kmap, neighbours, out):
+    for r in prange(x.shape[0]):
+        _quantize_row_xs(x[r], qw, grid, kmap, neighbours, out[r])
+
+
+def quantize_iq2_xs(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """rows (R, C) float32 with C a multiple of 256, importance (C,) float32 (required, as in ggml) ->
+    (R, C / 256 * 74) uint8: the bytes ggml_quantize_chunk(GGML_TYPE_IQ2_XS, ...) writes."""
+    rows, qw = _check(rows, importance, "IQ2_XS")
+    grid, kmap, neighbours = tables("IQ2_XS")
+    out = np.empty((rows.shape[0], rows.shape[1] // QK_K * XS_BLOCK_BYTES), dtype=np.uint8)
+    _quantize_rows_xs(rows, qw, grid, kmap, neighbours, out)
+    return out
+
+
+def _check(rows, importance, name: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] % QK_K:
+        raise ValueError(f"{name} rows must be (R, C) with C a multiple of 256, got {rows.shape}")
+    if importance is None:
+        raise ValueError(f"{name} needs an importance vector (llama.cpp refuses it without an imatrix too)")
+    qw = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+    if qw.shape[0] != rows.shape[1]:
+        raise ValueError(f"importance has {qw.shape[0]} values for rows of {rows.shape[1]}")
+    return rows, qw

@@ -1,0 +1,63 @@
+"""IQ2_XXS and IQ2_XS (issue 23, the first i-quants): our quantizers write ggml's bytes exactly, with an importance
+vector (ggml requires one), on normal, heavy-tailed, sparse-outlier, all-equal and zero rows; and gguf-py's
+dequantization of them equals ggml's, which also checks the search tables we derive from the runtime's grids."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from moeq2gguf.formats import ggml_ref
+from moeq2gguf.formats.iq2 import BLOCK_BYTES, XS_BLOCK_BYTES, quantize_iq2_xs, quantize_iq2_xxs, tables
+
+FORMATS = {"IQ2_XXS": (Q.IQ2_XXS, quantize_iq2_xxs, BLOCK_BYTES), "IQ2_XS": (Q.IQ2_XS, quantize_iq2_xs, XS_BLOCK_BYTES)}
+
+R, C = 24, 512
+
+
+def _rows(kind: str, rng) -> np.ndarray:
+    if kind == "normal":
+        x = rng.normal(size=(R, C))
+    elif kind == "heavy-tailed":
+        x = rng.standard_t(2, size=(R, C))
+    elif kind == "sparse-outlier":
+        x = rng.normal(size=(R, C)) * 0.01 + np.where(rng.random((R, C)) < 0.003, rng.normal(0, 50, (R, C)), 0)
+    elif kind == "all-equal":
+        x = np.full((R, C), -0.37)
+    else:
+        x = np.zeros((R, C))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "sparse-outlier", "all-equal", "zero"])
+@pytest.mark.parametrize("importance", ["uniform", "some-zero"])
+def test_bytes_match_ggml(name, kind, importance):
+    qtype, quantize, block_bytes = FORMATS[name]
+    rng = np.random.default_rng(abs(hash((name, kind, importance))) % 2**32)
+    rows = _rows(kind, rng)
+    imp = rng.uniform(0.05, 3.0, size=C) if importance == "uniform" else np.where(rng.random(C) < 0.2, 0.0, 1.0)
+    imp = imp.astype(np.float32)
+    ours = quantize(rows, imp)
+    theirs = np.asarray(ggml_ref.quantize(rows, qtype, imp)).reshape(ours.shape)
+    assert ours.shape == (R, C // 256 * block_bytes)
+    assert [r for r in range(R) if not np.array_equal(ours[r], theirs[r])] == []
+    import gguf.quants
+    np.testing.assert_array_equal(gguf.quants.dequantize(ours, qtype).reshape(R, C),
+                                  np.asarray(ggml_ref.dequantize(theirs, qtype)).reshape(R, C))
+
+
+@pytest.mark.parametrize("name, points", [("IQ2_XXS", 256), ("IQ2_XS", 512)])
+def test_tables_are_ggmls_shape(name, points):
+    grid, kmap, neighbours = tables(name)
+    assert grid.shape == (points, 8) and set(np.unique(grid)) <= {1, 3, 5}
+    assert (kmap >= 0).sum() == points and sorted(kmap[kmap >= 0]) == list(range(points))
+    off = kmap[kmap < 0]
+    counts = neighbours[-off - 1]
+    assert counts.min() >= 1 and len(neighbours) == len(off) + counts.sum()
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_importance_is_required(name):
+    with pytest.raises(ValueError, match="needs an importance vector"):
+        FORMATS[name][1](np.zeros((1, 256), np.float32), None)
