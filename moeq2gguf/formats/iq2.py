@@ -16,55 +16,23 @@ The search (ggml-quants.c's quantize_row_iq2_xxs_impl, which needs an importance
   one with the largest sumqx^2 / sumq2 wins; the winner's groups are re-rounded once more and the scale refit;
 - d = max sub-block scale / 31, ls = nearest_int((scale / d - 1) / 2) in 0..15.
 
-The tables are built from the runtime's own dequantization grid (gguf-py's IQ2_XXS grid: levels by value), not
-copied: kmap maps a level word (2 bits per coordinate) to its grid index, and each level word off the grid has the
-grid points at its two smallest squared distances (in 2l+1 units), sorted by (distance, index), as
-ggml's iq2xs_init_impl builds them.
+The search tables (grid, kmap, neighbours) come from formats/iq_grids.py, built from the runtime's own grids.
 """
 from __future__ import annotations
-
-from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
 
-from moeq2gguf.formats.numerics import F32, GROUP_MAX_EPS, ZERO, f32_to_f16_bits, fp16_round, nearest_int
+from moeq2gguf.formats.iq_grids import lattice_tables
+from moeq2gguf.formats.numerics import F32, GROUP_MAX_EPS, ZERO, f32_to_f16_bits, nearest_int
 
 QK_K = 256
 BLOCK_BYTES = 66
-KMAP_SIZE = 43692
-NWANT = 2
 
 
-@lru_cache(maxsize=None)
 def tables(kind: str = "IQ2_XXS") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For IQ2_XXS (256 grid points) or IQ2_XS (512): (grid [n, 8] int8 search values 2l+1, kmap [43692] int32,
-    neighbours int32): kmap[u] >= 0 is the grid index of level word u; kmap[u] = -(o+1) points at neighbours[o] =
-    count, then that many grid indices."""
-    import gguf.quants
-    quant = {"IQ2_XXS": gguf.quants.IQ2_XXS, "IQ2_XS": gguf.quants.IQ2_XS}[kind]
-    quant.init_grid()
-    values = quant.grid.reshape(-1, 8)
-    levels = np.searchsorted(np.asarray(quant.grid_map, dtype=np.float32), values).astype(np.int64)
-    grid = (2 * levels + 1).astype(np.int8)
-    words = (levels << (2 * np.arange(8))).sum(1)
-    kmap = np.full(KMAP_SIZE, -1, dtype=np.int32)
-    kmap[words] = np.arange(len(words), dtype=np.int32)
-    off = np.nonzero(kmap < 0)[0]
-    pos = (2 * ((off[:, None] >> (2 * np.arange(8))) & 3) + 1).astype(np.int32)          # [n_off, 8]
-    neighbours: list[int] = []
-    g = grid.astype(np.int32)
-    for start in range(0, len(off), 4096):
-        d2 = ((pos[start:start + 4096, None, :] - g[None, :, :]) ** 2).sum(-1)            # [chunk, grid points]
-        order = np.argsort(d2, axis=1, kind="stable")                                    # by distance, then index
-        for row, u in enumerate(off[start:start + 4096]):
-            dist = d2[row, order[row]]
-            cutoff = np.unique(dist)[NWANT - 1]
-            keep = order[row][dist <= cutoff]
-            kmap[u] = -(len(neighbours) + 1)
-            neighbours.append(len(keep))
-            neighbours.extend(int(k) for k in keep)
-    return grid, kmap, np.asarray(neighbours, dtype=np.int32)
+    """(grid [n, 8] int8 in 2l+1 units, kmap int32, neighbours int32) of IQ2_XXS or IQ2_XS (formats/iq_grids.py)."""
+    return lattice_tables(kind)
 
 
 @njit(cache=True, error_model="numpy")
@@ -133,20 +101,22 @@ def _make_qp_quants_scale(x, w, nmax):
 
 @njit(cache=True, error_model="numpy")
 def _best_neighbour(neighbours, start, grid, xval, waux, scale, L, base):
-    """iq2_find_best_neighbour: the listed grid point closest to xval / scale (weighted); writes its levels to L."""
+    """iq2/iq3_find_best_neighbour: the listed grid point closest to xval / scale (weighted, strict <: the first of
+    equals wins); writes its levels to L[base:base + dim]."""
     count = neighbours[start]
     best_d2 = np.float32(np.finfo(np.float32).max)
     best = -1
+    dim = grid.shape[1]
     for j in range(1, count + 1):
         g = neighbours[start + j]
         d2 = ZERO
-        for i in range(8):
+        for i in range(dim):
             diff = scale * F32(grid[g, i]) - xval[base + i]
             d2 += waux[base + i] * diff * diff
         if d2 < best_d2:
             best_d2 = d2
             best = g
-    for i in range(8):
+    for i in range(dim):
         L[base + i] = (grid[best, i] - 1) // 2
     return best
 

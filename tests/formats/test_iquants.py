@@ -1,6 +1,7 @@
-"""IQ2_XXS and IQ2_XS (issue 23, the first i-quants): our quantizers write ggml's bytes exactly, with an importance
-vector (ggml requires one), on normal, heavy-tailed, sparse-outlier, all-equal and zero rows; and gguf-py's
-dequantization of them equals ggml's, which also checks the search tables we derive from the runtime's grids."""
+"""The i-quants ported so far (issue 23: IQ2_XXS, IQ2_XS, IQ3_XXS): our quantizers write ggml's bytes exactly on
+normal, heavy-tailed, sparse-outlier, all-equal and zero rows, with an importance vector (and without one where ggml
+allows it: IQ3_XXS); gguf-py's dequantization of them equals ggml's, which also checks the search tables we derive
+from the runtime's grids."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +9,12 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from moeq2gguf.formats import ggml_ref
-from moeq2gguf.formats.iq2 import BLOCK_BYTES, XS_BLOCK_BYTES, quantize_iq2_xs, quantize_iq2_xxs, tables
+from moeq2gguf.formats import iq3
+from moeq2gguf.formats.iq2 import BLOCK_BYTES, XS_BLOCK_BYTES, quantize_iq2_xs, quantize_iq2_xxs
 
-FORMATS = {"IQ2_XXS": (Q.IQ2_XXS, quantize_iq2_xxs, BLOCK_BYTES), "IQ2_XS": (Q.IQ2_XS, quantize_iq2_xs, XS_BLOCK_BYTES)}
+FORMATS = {"IQ2_XXS": (Q.IQ2_XXS, quantize_iq2_xxs, BLOCK_BYTES), "IQ2_XS": (Q.IQ2_XS, quantize_iq2_xs, XS_BLOCK_BYTES),
+           "IQ3_XXS": (Q.IQ3_XXS, iq3.quantize_iq3_xxs, iq3.BLOCK_BYTES)}
+WITHOUT_IMPORTANCE = ("IQ3_XXS",)   # ggml refuses the others without an importance matrix
 
 R, C = 24, 512
 
@@ -29,15 +33,17 @@ def _rows(kind: str, rng) -> np.ndarray:
     return x.astype(np.float32)
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name, importance", [(n, i) for n in sorted(FORMATS) for i in ("uniform", "some-zero", "none")
+                                              if i != "none" or n in WITHOUT_IMPORTANCE])
 @pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "sparse-outlier", "all-equal", "zero"])
-@pytest.mark.parametrize("importance", ["uniform", "some-zero"])
 def test_bytes_match_ggml(name, kind, importance):
     qtype, quantize, block_bytes = FORMATS[name]
     rng = np.random.default_rng(abs(hash((name, kind, importance))) % 2**32)
     rows = _rows(kind, rng)
-    imp = rng.uniform(0.05, 3.0, size=C) if importance == "uniform" else np.where(rng.random(C) < 0.2, 0.0, 1.0)
-    imp = imp.astype(np.float32)
+    imp = None
+    if importance != "none":
+        imp = rng.uniform(0.05, 3.0, size=C) if importance == "uniform" else np.where(rng.random(C) < 0.2, 0.0, 1.0)
+        imp = imp.astype(np.float32)
     ours = quantize(rows, imp)
     theirs = np.asarray(ggml_ref.quantize(rows, qtype, imp)).reshape(ours.shape)
     assert ours.shape == (R, C // 256 * block_bytes)
@@ -47,17 +53,18 @@ def test_bytes_match_ggml(name, kind, importance):
                                   np.asarray(ggml_ref.dequantize(theirs, qtype)).reshape(R, C))
 
 
-@pytest.mark.parametrize("name, points", [("IQ2_XXS", 256), ("IQ2_XS", 512)])
-def test_tables_are_ggmls_shape(name, points):
-    grid, kmap, neighbours = tables(name)
-    assert grid.shape == (points, 8) and set(np.unique(grid)) <= {1, 3, 5}
+@pytest.mark.parametrize("name, points, dim, levels", [("IQ2_XXS", 256, 8, 3), ("IQ2_XS", 512, 8, 3), ("IQ3_XXS", 256, 4, 8)])
+def test_tables_are_ggmls_shape(name, points, dim, levels):
+    from moeq2gguf.formats.iq_grids import lattice_tables
+    grid, kmap, neighbours = lattice_tables(name)
+    assert grid.shape == (points, dim) and set(np.unique(grid)) <= set(range(1, 2 * levels, 2))
     assert (kmap >= 0).sum() == points and sorted(kmap[kmap >= 0]) == list(range(points))
     off = kmap[kmap < 0]
     counts = neighbours[-off - 1]
     assert counts.min() >= 1 and len(neighbours) == len(off) + counts.sum()
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", sorted(set(FORMATS) - set(WITHOUT_IMPORTANCE)))
 def test_importance_is_required(name):
     with pytest.raises(ValueError, match="needs an importance vector"):
         FORMATS[name][1](np.zeros((1, 256), np.float32), None)

@@ -1,0 +1,51 @@
+"""The search tables of ggml's lattice i-quants (iq2xs_init_impl / iq3xs_init_impl), built from the runtime's own
+dequantization grids (gguf-py's tables), not copied.
+
+A grid point is `dim` coordinates, each a level l (2 bits for the IQ2 family, 3 for IQ3); the search works in
+units 2l+1. The level word u packs the levels (bits_per_level each, coordinate 0 lowest). kmap[u] is the grid index
+of an on-grid word; for an off-grid word kmap[u] = -(o+1), and neighbours[o] is a count followed by that many grid
+indices: every grid point at one of the `nwant` smallest squared distances from u, sorted by (distance, index) (a
+total order, as ggml's qsort comparator makes it)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+# kind -> (gguf-py quant class name, bits per level, kmap size, nwant)
+LATTICES = {
+    "IQ2_XXS": ("IQ2_XXS", 2, 43692, 2),
+    "IQ2_XS": ("IQ2_XS", 2, 43692, 2),
+    "IQ3_XXS": ("IQ3_XXS", 3, 4096, 2),
+}
+
+
+@lru_cache(maxsize=None)
+def lattice_tables(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid [n, dim] int8 in 2l+1 units, kmap int32, neighbours int32) of one i-quant."""
+    import gguf.quants
+    name, bits, kmap_size, nwant = LATTICES[kind]
+    quant = getattr(gguf.quants, name)
+    quant.init_grid()
+    dim = quant.grid_shape[1]
+    values = quant.grid.reshape(-1, dim)
+    levels = np.searchsorted(np.asarray(quant.grid_map, dtype=np.float32), values).astype(np.int64)
+    grid = (2 * levels + 1).astype(np.int8)
+    words = (levels << (bits * np.arange(dim))).sum(1)
+    kmap = np.full(kmap_size, -1, dtype=np.int32)
+    kmap[words] = np.arange(len(words), dtype=np.int32)
+    off = np.nonzero(kmap < 0)[0]
+    mask = (1 << bits) - 1
+    pos = (2 * ((off[:, None] >> (bits * np.arange(dim))) & mask) + 1).astype(np.int32)
+    g = grid.astype(np.int32)
+    neighbours: list[int] = []
+    for start in range(0, len(off), 4096):
+        d2 = ((pos[start:start + 4096, None, :] - g[None, :, :]) ** 2).sum(-1)         # [chunk, grid points]
+        order = np.argsort(d2, axis=1, kind="stable")                                 # by distance, then index
+        for row, u in enumerate(off[start:start + 4096]):
+            dist = d2[row, order[row]]
+            keep = order[row][dist <= np.unique(dist)[nwant - 1]]
+            kmap[u] = -(len(neighbours) + 1)
+            neighbours.append(len(keep))
+            neighbours.extend(int(k) for k in keep)
+    return grid, kmap, np.asarray(neighbours, dtype=np.int32)
