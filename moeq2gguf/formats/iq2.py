@@ -1,4 +1,4 @@
-"""IQ2_XXS (2.06 bits per weight) and IQ2_XS (2.31): ports of ggml's quantizers, byte for byte.
+"""IQ2_XXS (2.06 bits per weight), IQ2_XS (2.31) and IQ2_S (2.5): ports of ggml's quantizers, byte for byte.
 
 A 256-weight super-block is an fp16 d and eight 32-weight sub-blocks; each sub-block is four groups of 8 weights
 and one 32-bit word of 4 x 7 sign bits plus a 4-bit scale ls. A group is one of 256 grid points (8 magnitudes, each
@@ -17,6 +17,10 @@ The search (ggml-quants.c's quantize_row_iq2_xxs_impl, which needs an importance
 - d = max sub-block scale / 31, ls = nearest_int((scale / d - 1) / 2) in 0..15.
 
 The search tables (grid, kmap, neighbours) come from formats/iq_grids.py, built from the runtime's own grids.
+
+IQ2_S (quantize_row_iq2_s_impl) is IQ2_XS's search on a 1024-point grid (10-bit indices, the high 2 bits in qh)
+with all 8 signs stored (no parity trick), weights 0.25 sigma2 + x^2 without an importance vector (sigma2 =
+2 mean(x^2)), a zero threshold of 1e-8 and d stored times 0.9875.
 """
 from __future__ import annotations
 
@@ -435,3 +439,146 @@ def _check(rows, importance, name: str) -> tuple[np.ndarray, np.ndarray]:
     if qw.shape[0] != rows.shape[1]:
         raise ValueError(f"importance has {qw.shape[0]} values for rows of {rows.shape[1]}")
     return rows, qw
+
+
+S_BLOCK_BYTES = 82
+GROUP_MAX_EPS_IQ2_S = F32(1e-8)
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_row_s(x, qw, weighted, grid, kmap, neighbours, out):
+    nbl = x.shape[0] // QK_K
+    weight = np.empty(16, dtype=np.float32)
+    waux = np.empty(16, dtype=np.float32)
+    xval = np.empty(16, dtype=np.float32)
+    L = np.zeros(16, dtype=np.int64)
+    Laux = np.zeros(16, dtype=np.int64)
+    on_grid = np.ones(2, dtype=np.bool_)
+    on_grid_aux = np.ones(2, dtype=np.bool_)
+    scales = np.empty(16, dtype=np.float32)
+    signs = np.zeros(2, dtype=np.int64)
+    for ibl in range(nbl):
+        o = ibl * S_BLOCK_BYTES
+        out[o:o + S_BLOCK_BYTES] = 0
+        xbl = x[QK_K * ibl:QK_K * (ibl + 1)]
+        max_scale = ZERO
+        sumx2 = ZERO
+        for i in range(QK_K):
+            sumx2 += xbl[i] * xbl[i]
+        sigma2 = F32(2.0) * sumx2 / F32(QK_K)
+        for ib in range(16):
+            xb = xbl[16 * ib:16 * ib + 16]
+            for i in range(16):
+                if weighted:
+                    weight[i] = qw[QK_K * ibl + 16 * ib + i] * np.sqrt(sigma2 + xb[i] * xb[i])
+                else:
+                    weight[i] = F32(0.25) * sigma2 + xb[i] * xb[i]
+            for i in range(16):
+                waux[i] = np.sqrt(weight[i])
+            for k in range(2):
+                s = 0
+                for i in range(8):
+                    if xb[8 * k + i] >= ZERO:
+                        xval[8 * k + i] = xb[8 * k + i]
+                    else:
+                        xval[8 * k + i] = -xb[8 * k + i]
+                        s |= 1 << i
+                signs[k] = s
+            mx = xval[0]
+            for i in range(1, 16):
+                mx = max(mx, xval[i])
+            L[:] = 0
+            if mx < GROUP_MAX_EPS_IQ2_S:
+                scales[ib] = ZERO
+                continue
+            best = ZERO
+            scale = mx / F32(5.0)
+            on_grid[:] = True
+            for is_ in range(-9, 10):
+                inv = (F32(5.0) + F32(is_) * F32(0.1)) / mx
+                this_scale = F32(1.0) / inv
+                for k in range(2):
+                    u = _group_levels(xval, k, inv, Laux)
+                    on_grid_aux[k] = True
+                    if kmap[u] < 0:
+                        on_grid_aux[k] = False
+                        _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, this_scale, Laux, 8 * k)
+                sumqx = ZERO
+                sumq2 = ZERO
+                for i in range(16):
+                    q = F32(2 * Laux[i] + 1)
+                    sumqx += weight[i] * xval[i] * q
+                    sumq2 += weight[i] * q * q
+                if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
+                    scale = sumqx / sumq2
+                    best = scale * sumqx
+                    L[:] = Laux
+                    on_grid[:] = on_grid_aux
+            if (not on_grid[0] or not on_grid[1]) and scale > ZERO:
+                inv = F32(1.0) / scale
+                for k in range(2):
+                    if on_grid[k]:
+                        continue
+                    u = _group_levels(xval, k, inv, L)
+                    if kmap[u] < 0:
+                        _best_neighbour(neighbours, -kmap[u] - 1, grid, xval, waux, scale, L, 8 * k)
+                sumqx = ZERO
+                sumq2 = ZERO
+                for i in range(16):
+                    q = F32(2 * L[i] + 1)
+                    sumqx += weight[i] * xval[i] * q
+                    sumq2 += weight[i] * q * q
+                if sumq2 > ZERO:
+                    scale = sumqx / sumq2
+            if scale < ZERO:
+                scale = -scale
+                for k in range(2):
+                    signs[k] = (~signs[k]) & 255
+            for k in range(2):
+                u = 0
+                for i in range(8):
+                    u |= L[8 * k + i] << (2 * i)
+                g = kmap[u]
+                if g < 0:
+                    raise ValueError("IQ2_S: a group off the grid after the search")
+                i8 = 2 * ib + k
+                out[o + 2 + i8] = g & 255
+                out[o + 66 + i8 // 4] |= (g >> 8) << (2 * (i8 % 4))
+                out[o + 2 + 32 + i8] = signs[k]
+            scales[ib] = scale
+            max_scale = max(max_scale, scale)
+        if max_scale == ZERO:
+            continue
+        d = max_scale / F32(31.0)
+        bits = f32_to_f16_bits(d * F32(0.9875))
+        out[o] = bits & 255
+        out[o + 1] = (bits >> 8) & 255
+        inv = F32(1.0) / d
+        for ib in range(16):
+            l = max(0, min(15, nearest_int(F32(0.5) * (inv * scales[ib] - F32(1.0)))))
+            if ib % 2 == 0:
+                out[o + 74 + ib // 2] = l
+            else:
+                out[o + 74 + ib // 2] |= l << 4
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _quantize_rows_s(x, qw, weighted, grid, kmap, neighbours, out):
+    for r in prange(x.shape[0]):
+        _quantize_row_s(x[r], qw, weighted, grid, kmap, neighbours, out[r])
+
+
+def quantize_iq2_s(rows: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+    """rows (R, C) float32 with C a multiple of 256, importance (C,) float32 or None (weights 0.25 sigma2 + x^2, as
+    ggml) -> (R, C / 256 * 82) uint8: the bytes ggml_quantize_chunk(GGML_TYPE_IQ2_S, ...) writes."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] % QK_K:
+        raise ValueError(f"IQ2_S rows must be (R, C) with C a multiple of 256, got {rows.shape}")
+    weighted = importance is not None
+    qw = np.ascontiguousarray(importance if weighted else np.zeros(rows.shape[1]), dtype=np.float32).reshape(-1)
+    if qw.shape[0] != rows.shape[1]:
+        raise ValueError(f"importance has {qw.shape[0]} values for rows of {rows.shape[1]}")
+    grid, kmap, neighbours = lattice_tables("IQ2_S")
+    out = np.empty((rows.shape[0], rows.shape[1] // QK_K * S_BLOCK_BYTES), dtype=np.uint8)
+    _quantize_rows_s(rows, qw, weighted, grid, kmap, neighbours, out)
+    return out

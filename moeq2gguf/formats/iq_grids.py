@@ -16,6 +16,7 @@ import numpy as np
 LATTICES = {
     "IQ2_XXS": ("IQ2_XXS", 2, 43692, 2),
     "IQ2_XS": ("IQ2_XS", 2, 43692, 2),
+    "IQ2_S": ("IQ2_S", 2, 43692, 1),
     "IQ3_XXS": ("IQ3_XXS", 3, 4096, 2),
     "IQ3_S": ("IQ3_S", 3, 4096, 3),
 }
