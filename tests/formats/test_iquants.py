@@ -1,5 +1,5 @@
-"""The i-quants ported so far (issue 23: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): our quantizers write ggml's bytes
-exactly on normal, heavy-tailed, sparse-outlier, all-equal and zero rows, with an importance vector (and without one
+"""The i-quants ported so far (issue 23: IQ1_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): our quantizers write ggml's
+bytes exactly on normal, heavy-tailed, sparse-outlier, all-equal, zero and tie-heavy rows, with an importance vector (and without one
 where ggml allows it: IQ2_S and the IQ3s); gguf-py's dequantization of them equals ggml's, which also checks the search tables we derive
 from the runtime's grids."""
 from __future__ import annotations
@@ -9,14 +9,15 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from moeq2gguf.formats import ggml_ref
-from moeq2gguf.formats import iq3
+from moeq2gguf.formats import iq1, iq3
 from moeq2gguf.formats import iq2
 from moeq2gguf.formats.iq2 import BLOCK_BYTES, XS_BLOCK_BYTES, quantize_iq2_xs, quantize_iq2_xxs
 
 FORMATS = {"IQ2_XXS": (Q.IQ2_XXS, quantize_iq2_xxs, BLOCK_BYTES), "IQ2_XS": (Q.IQ2_XS, quantize_iq2_xs, XS_BLOCK_BYTES),
            "IQ3_XXS": (Q.IQ3_XXS, iq3.quantize_iq3_xxs, iq3.BLOCK_BYTES),
            "IQ3_S": (Q.IQ3_S, iq3.quantize_iq3_s, iq3.S_BLOCK_BYTES),
-           "IQ2_S": (Q.IQ2_S, iq2.quantize_iq2_s, iq2.S_BLOCK_BYTES)}
+           "IQ2_S": (Q.IQ2_S, iq2.quantize_iq2_s, iq2.S_BLOCK_BYTES),
+           "IQ1_S": (Q.IQ1_S, iq1.quantize_iq1_s, iq1.BLOCK_BYTES)}
 WITHOUT_IMPORTANCE = ("IQ3_XXS", "IQ3_S", "IQ2_S")   # ggml refuses the others without an importance matrix
 
 R, C = 24, 512
@@ -31,6 +32,8 @@ def _rows(kind: str, rng) -> np.ndarray:
         x = rng.normal(size=(R, C)) * 0.01 + np.where(rng.random((R, C)) < 0.003, rng.normal(0, 50, (R, C)), 0)
     elif kind == "all-equal":
         x = np.full((R, C), -0.37)
+    elif kind == "ties":   # many equal values: the IQ1 search sorts them (stably, as glibc's qsort of 32 pairs)
+        x = rng.integers(-2, 3, size=(R, C)) * 0.25
     else:
         x = np.zeros((R, C))
     return x.astype(np.float32)
@@ -38,7 +41,7 @@ def _rows(kind: str, rng) -> np.ndarray:
 
 @pytest.mark.parametrize("name, importance", [(n, i) for n in sorted(FORMATS) for i in ("uniform", "some-zero", "none")
                                               if i != "none" or n in WITHOUT_IMPORTANCE])
-@pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "sparse-outlier", "all-equal", "zero"])
+@pytest.mark.parametrize("kind", ["normal", "heavy-tailed", "sparse-outlier", "all-equal", "zero", "ties"])
 def test_bytes_match_ggml(name, kind, importance):
     qtype, quantize, block_bytes = FORMATS[name]
     rng = np.random.default_rng(abs(hash((name, kind, importance))) % 2**32)
@@ -57,7 +60,7 @@ def test_bytes_match_ggml(name, kind, importance):
 
 
 @pytest.mark.parametrize("name, points, dim, levels", [("IQ2_XXS", 256, 8, 3), ("IQ2_XS", 512, 8, 3), ("IQ2_S", 1024, 8, 3),
-                                                        ("IQ3_XXS", 256, 4, 8),
+                                                        ("IQ1_S", 2048, 8, 3), ("IQ3_XXS", 256, 4, 8),
                                                         ("IQ3_S", 512, 4, 8)])
 def test_tables_are_ggmls_shape(name, points, dim, levels):
     from moeq2gguf.formats.iq_grids import lattice_tables
