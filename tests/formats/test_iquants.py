@@ -17,8 +17,9 @@ FORMATS = {"IQ2_XXS": (Q.IQ2_XXS, quantize_iq2_xxs, BLOCK_BYTES), "IQ2_XS": (Q.I
            "IQ3_XXS": (Q.IQ3_XXS, iq3.quantize_iq3_xxs, iq3.BLOCK_BYTES),
            "IQ3_S": (Q.IQ3_S, iq3.quantize_iq3_s, iq3.S_BLOCK_BYTES),
            "IQ2_S": (Q.IQ2_S, iq2.quantize_iq2_s, iq2.S_BLOCK_BYTES),
-           "IQ1_S": (Q.IQ1_S, iq1.quantize_iq1_s, iq1.BLOCK_BYTES)}
-WITHOUT_IMPORTANCE = ("IQ3_XXS", "IQ3_S", "IQ2_S")   # ggml refuses the others without an importance matrix
+           "IQ1_S": (Q.IQ1_S, iq1.quantize_iq1_s, iq1.BLOCK_BYTES),
+           "IQ1_M": (Q.IQ1_M, iq1.quantize_iq1_m, iq1.M_BLOCK_BYTES)}
+WITHOUT_IMPORTANCE = ("IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_M")   # ggml refuses the others without an importance matrix
 
 R, C = 24, 512
 
