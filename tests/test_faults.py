@@ -68,9 +68,13 @@ def test_f16_overflow_is_refused_and_f32_keeps_it(checkpoint_with, tmp_path):
 
 def _start_conversion(out: Path) -> subprocess.Popen:
     code = "import sys; from moeq2gguf.cli import main; sys.exit(main(sys.argv[1:]))"
+    # A test runner started in the background (`make test &`) inherits SIGINT ignored, and Python then keeps it
+    # ignored in the child, as Unix programs conventionally do: give the child SIGINT's default back, as a shell in
+    # the foreground would, so that the signal reaches the conversion.
     return subprocess.Popen([sys.executable, "-c", code, "convert", str(FIXTURE), "-o", str(out), "--type", "Q4_K_M",
                              "--method", "moequant", "--calib-windows", "8", "-q", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_temp(out: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
