@@ -62,6 +62,10 @@ class ConvertConfig:
                                  "Q4_K_M")
         if self.imatrix and method.calibrated:
             raise Moeq2ggufError("--imatrix FILE replaces our statistics; use it with --method rtn (the default)")
+        from moeq2gguf.plan.mixes import IMATRIX_MIXES
+        if self.type_name in IMATRIX_MIXES and not method.calibrated and not self.imatrix:
+            raise Moeq2ggufError(f"--type {self.type_name} is a very-low-bit mix that llama.cpp quantizes only with an "
+                                 "importance matrix; use --method moequant (or imatrix, gptq), or --imatrix FILE")
         if self.rotate_seed is not None and self.rotate is False:
             raise Moeq2ggufError("--rotate-seed has no effect without --rotate; add --rotate or drop the seed")
         check_seed(0 if self.rotate_seed is None else self.rotate_seed)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import pytest
 
 from moeq2gguf import convert
@@ -10,8 +11,9 @@ from moeq2gguf.plan.mixes import MIXES, assign_types, parse_override
 from testing import random_model, save_checkpoint
 
 Q = gguf.GGMLQuantizationType
-# Q2_K_S needs an importance matrix in llama-quantize.
-MIXES_WITHOUT_IMATRIX = [m for m in MIXES if m != "Q2_K_S"]
+# Q2_K_S and the i-quant mixes need an importance matrix in llama-quantize (tested below with one).
+NEEDS_IMATRIX = ["Q2_K_S", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M"]
+MIXES_WITHOUT_IMATRIX = [m for m in MIXES if m not in NEEDS_IMATRIX]
 
 SHAPES = {
     # 8 experts: llama.cpp's Mixtral bumps (attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 16 layers reach
@@ -49,6 +51,33 @@ def test_types_match_llama_quantize(f32_gguf, mix, tmp_path):
     out = llama_quantize(f32_gguf, tmp_path / f"{mix}.gguf", mix)
     theirs = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(out).tensors}
     assert ours == theirs
+
+
+def _unit_imatrix(f32_gguf, path):
+    """An imatrix with every quantizable weight's entry (in_sum2 = 1, counts = 1), per expert where the weight is."""
+    from moeq2gguf.calib.imatrix_export import ImatrixEntry, write_imatrix
+    from moeq2gguf.plan.mixes import allows_quantization
+    entries = {}
+    for t in gguf.GGUFReader(f32_gguf).tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if allows_quantization(t.name, len(shape)):
+            groups = shape[0] if len(shape) == 3 else 1
+            entries[t.name] = ImatrixEntry(np.ones((groups, shape[-1])), np.ones(groups))
+    return write_imatrix(path, entries, ["unit"], 1, 1, "plain")
+
+
+@pytest.mark.parametrize("mix", NEEDS_IMATRIX)
+def test_types_with_an_imatrix_match_llama_quantize(f32_gguf, mix, tmp_path):
+    """The mixes llama-quantize runs only with an importance matrix, the i-quant mixes among them."""
+    from moeq2gguf.runtime.llama_tools import llama_tool, run_tool
+    reader = gguf.GGUFReader(f32_gguf)
+    tensors = [(t.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in reader.tensors]
+    ours = dict(zip([n for n, _ in tensors], assign_types(tensors, mix, has_imatrix=True, **_hparams(reader))))
+    imatrix = _unit_imatrix(f32_gguf, tmp_path / "unit.imatrix.gguf")
+    out = tmp_path / f"{mix}.gguf"
+    run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix, f32_gguf, out, mix, "2"])
+    theirs = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(out).tensors}
+    assert {n: (ours[n].name, theirs[n].name) for n in ours if ours[n] != theirs[n]} == {}
 
 
 def test_override_wins_and_falls_back():

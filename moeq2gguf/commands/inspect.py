@@ -181,8 +181,10 @@ def _inspect_checkpoint(path: Path, type_name: str) -> InspectResult:
     finally:
         adapter.reader.close()
     rows = []
-    # the types convert --type TYPE (--method rtn, no overrides) would give: llama-quantize's rules for a mix
-    for s, qtype in zip(sources, plan.assign(sources, type_name, adapter.spec, has_imatrix=False)):
+    # the types convert --type TYPE (--method rtn, no overrides) would give: llama-quantize's rules for a mix; the
+    # i-quant mixes run only with an importance matrix, and with one their rules differ
+    from moeq2gguf.plan.mixes import IMATRIX_MIXES
+    for s, qtype in zip(sources, plan.assign(sources, type_name, adapter.spec, has_imatrix=type_name in IMATRIX_MIXES)):
         n = int(np.prod(s.shape))
         rows.append(TensorRow(s.name, tuple(reversed(s.shape)), qtype.name, n, _n_bytes(n, s.shape[-1], qtype),
                               s.inputs, s.role))

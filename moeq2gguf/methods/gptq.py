@@ -32,7 +32,24 @@ class GPTQ(Method):
         with stage("gptq"):
             return H, coverage, grid, gptq_quantize(_groups(w), H, grid, gptq)
 
+    def _lattice(self, w, qtype, stats, input_name) -> QuantizedTensor:
+        """An i-quant (formats/lattice.py): no GPTQ walk into its codebook yet; ggml's importance-weighted search on
+        the diagonal of this method's Hessians (affinity-weighted and rare experts covered for moequant)."""
+        with stage("statistics"):
+            H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
+        importance = H.diagonal(dim1=-2, dim2=-1).to(torch.float32)
+        data, deq = tensor_quant.encode(w, qtype, importance)
+        _, deq_plain = tensor_quant.encode(w, qtype, tensor_quant.imatrix_importance(stats, input_name))
+        info = {"type": qtype.name, "method": f"{self.name} (importance only)",
+                "recon_error": tensor_quant.reconstruction_error(w, deq, H),
+                "recon_error_rtn": tensor_quant.reconstruction_error(w, deq_plain, H),
+                "coverage": coverage.__dict__ if stats.inputs[input_name].routed else None}
+        return QuantizedTensor(data, deq, info)
+
     def quantize(self, w, qtype, stats, input_name, gptq) -> QuantizedTensor:
+        from moeq2gguf.formats.lattice import is_lattice
+        if is_lattice(qtype):
+            return self._lattice(w, qtype, stats, input_name)
         H, coverage, grid, (Q3, codes, params) = self._walk(w, qtype, stats, input_name, gptq)
         with stage("pack"):
             data = grid.pack(params, codes)
@@ -48,6 +65,9 @@ class GPTQ(Method):
         return QuantizedTensor(data.reshape(*w.shape[:-1], -1), deq, info)
 
     def simulate(self, w, qtype, stats, input_name, gptq) -> torch.Tensor:
+        from moeq2gguf.formats.lattice import is_lattice
+        if is_lattice(qtype):
+            return self._lattice(w, qtype, stats, input_name).weights
         return self._walk(w, qtype, stats, input_name, gptq)[3][0].reshape(w.shape)
 
 

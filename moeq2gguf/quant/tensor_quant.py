@@ -53,9 +53,17 @@ def encode(w: torch.Tensor, qtype: Q, importance: torch.Tensor | None) -> tuple[
         if qtype == Q.F32:
             return data, w.to(torch.float32)
         return data, torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(w.shape)
+    g3 = _groups(w).to(torch.float32).cpu()
+    from moeq2gguf.formats.lattice import is_lattice, quantize_lattice
+    if is_lattice(qtype):   # the i-quants: their own kernels, gguf-py's dequantization
+        parts = [quantize_lattice(qtype, np.ascontiguousarray(g3[g].numpy()),
+                                  None if importance is None else np.ascontiguousarray(importance[g].to(torch.float32).cpu().numpy()))
+                 for g in range(g3.shape[0])]
+        data = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        deq = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)).reshape(w.shape)
+        return data.reshape(*w.shape[:-1], -1), deq.to(w.device)
     from moeq2gguf.formats import get_format
     fmt = get_format(qtype)
-    g3 = _groups(w).to(torch.float32).cpu()
     parts = [fmt.quantize(np.ascontiguousarray(g3[g].numpy()),
                           None if importance is None else np.ascontiguousarray(importance[g].to(torch.float32).cpu().numpy()))
              for g in range(g3.shape[0])]
