@@ -68,15 +68,21 @@ def _unit_imatrix(f32_gguf, path):
 
 @pytest.mark.parametrize("mix", NEEDS_IMATRIX)
 def test_types_with_an_imatrix_match_llama_quantize(f32_gguf, mix, tmp_path):
-    """The mixes llama-quantize runs only with an importance matrix, the i-quant mixes among them."""
+    """The mixes llama-quantize runs only with an importance matrix, the i-quant mixes among them. Their types come
+    from llama-quantize --dry-run (the same type choice, printed per tensor, without the slow i-quant searches; the
+    bytes of whole files are compared in tests/test_iq_mixes.py)."""
+    import re
     from moeq2gguf.runtime.llama_tools import llama_tool, run_tool
     reader = gguf.GGUFReader(f32_gguf)
     tensors = [(t.name, tuple(int(x) for x in reversed(t.shape.tolist()))) for t in reader.tensors]
     ours = dict(zip([n for n, _ in tensors], assign_types(tensors, mix, has_imatrix=True, **_hparams(reader))))
     imatrix = _unit_imatrix(f32_gguf, tmp_path / "unit.imatrix.gguf")
-    out = tmp_path / f"{mix}.gguf"
-    run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix, f32_gguf, out, mix, "2"])
-    theirs = {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(out).tensors}
+    log = run_tool([llama_tool("llama-quantize"), "--dry-run", "--imatrix", imatrix, f32_gguf, mix])
+    theirs = {}
+    for name, rest in re.findall(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s*type =\s*(\S+.*)$", log, re.M):
+        target = re.search(r"->.*\((\w+)\)\s*$", rest)
+        theirs[name] = Q[(target.group(1) if target else rest.split(",")[0]).upper()]
+    assert theirs.keys() == ours.keys()
     assert {n: (ours[n].name, theirs[n].name) for n in ours if ours[n] != theirs[n]} == {}
 
 

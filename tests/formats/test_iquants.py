@@ -21,7 +21,7 @@ FORMATS = {"IQ2_XXS": (Q.IQ2_XXS, quantize_iq2_xxs, BLOCK_BYTES), "IQ2_XS": (Q.I
            "IQ1_M": (Q.IQ1_M, iq1.quantize_iq1_m, iq1.M_BLOCK_BYTES)}
 WITHOUT_IMPORTANCE = ("IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_M")   # ggml refuses the others without an importance matrix
 
-R, C = 24, 512
+R, C = 12, 512
 
 
 def _rows(kind: str, rng) -> np.ndarray:
