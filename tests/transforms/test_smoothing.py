@@ -20,7 +20,10 @@ N_TOKENS = 64
 FAMILIES = ("mixtral", "qwen2moe-h96", "qwen3moe", "olmoe", "deepseek", "deepseek2-v2-lite", "deepseek2-v3", "gpt-oss",
             "glm4moe-qknorm", "minimax-m2", "qwen35moe", "llama4", "ernie4_5_moe")
 VARIANTS = ("aggregate", "down", "rotate+aggregate,down")
-CASES = [(shape, v) for shape in FAMILIES for v in VARIANTS if not (shape == "gpt-oss" and "down" in v)]
+# the families added in session 8 run the combined variant only (it exercises both kinds and the rotation)
+ONE_VARIANT = ("glm4moe-qknorm", "minimax-m2", "qwen35moe", "llama4", "ernie4_5_moe")
+CASES = [(shape, v) for shape in FAMILIES for v in VARIANTS if not (shape == "gpt-oss" and "down" in v)
+         and (shape not in ONE_VARIANT or v == "rotate+aggregate,down")]
 CASES.append(("gpt-oss", "rotate+aggregate"))
 
 
