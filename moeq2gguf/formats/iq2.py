@@ -29,6 +29,7 @@ from numba import njit, prange
 
 from moeq2gguf.formats.iq_grids import lattice_tables
 from moeq2gguf.formats.numerics import F32, GROUP_MAX_EPS, ZERO, f32_to_f16_bits, nearest_int
+from moeq2gguf.formats.search import make_qp_quants
 
 QK_K = 256
 BLOCK_BYTES = 66
@@ -37,70 +38,6 @@ BLOCK_BYTES = 66
 def tables(kind: str = "IQ2_XXS") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid [n, 8] int8 in 2l+1 units, kmap int32, neighbours int32) of IQ2_XXS or IQ2_XS (formats/iq_grids.py)."""
     return lattice_tables(kind)
-
-
-@njit(cache=True, error_model="numpy")
-def _u8(v):
-    """C's conversion of an int to uint8_t (wraps)."""
-    return np.int64(v) & 255
-
-
-@njit(cache=True, error_model="numpy")
-def _make_qp_quants_scale(x, w, nmax):
-    """ggml's make_qp_quants(n, nmax, x, L, w) for n = len(x): its returned scale (L kept as uint8, as in C)."""
-    n = x.shape[0]
-    mx = ZERO
-    for i in range(n):
-        mx = max(mx, x[i])
-    if mx < GROUP_MAX_EPS:
-        return ZERO
-    L = np.zeros(n, dtype=np.int64)   # uint8 values 0..255
-    iscale = F32(nmax) / mx
-    for i in range(n):
-        L[i] = _u8(nearest_int(iscale * x[i]))
-    scale = F32(1.0) / iscale
-    best_mse = ZERO
-    for i in range(n):
-        diff = x[i] - scale * F32(L[i])
-        best_mse += w[i] * diff * diff
-    for is_ in range(-4, 5):
-        if is_ == 0:
-            continue
-        iscale_is = (F32(0.1) * F32(is_) + F32(nmax)) / mx
-        scale_is = F32(1.0) / iscale_is
-        mse = ZERO
-        for i in range(n):
-            l = min(nmax, nearest_int(iscale_is * x[i]))
-            diff = x[i] - scale_is * F32(l)
-            mse += w[i] * diff * diff
-        if mse < best_mse:
-            best_mse = mse
-            iscale = iscale_is
-    sumlx = ZERO
-    suml2 = ZERO
-    for i in range(n):
-        l = min(nmax, nearest_int(iscale * x[i]))
-        L[i] = _u8(l)
-        sumlx += w[i] * x[i] * F32(l)
-        suml2 += w[i] * F32(l) * F32(l)
-    for _ in range(5):
-        n_changed = 0
-        for i in range(n):
-            slx = sumlx - w[i] * x[i] * F32(L[i])
-            sl2 = suml2 - w[i] * F32(L[i]) * F32(L[i])
-            if slx > ZERO and sl2 > ZERO:
-                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
-                if new_l != L[i]:
-                    slx += w[i] * x[i] * F32(new_l)
-                    sl2 += w[i] * F32(new_l) * F32(new_l)
-                    if slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = _u8(new_l)
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if n_changed == 0:
-            break
-    return sumlx / suml2 if suml2 > ZERO else ZERO
 
 
 @njit(cache=True, error_model="numpy")
@@ -146,6 +83,7 @@ def _quantize_row(x, qw, grid, kmap, neighbours, out):
     xval = np.empty(32, dtype=np.float32)
     L = np.zeros(32, dtype=np.int64)
     Laux = np.zeros(32, dtype=np.int64)
+    qp_codes = np.zeros(32, dtype=np.uint8)
     scales = np.empty(8, dtype=np.float32)
     signs = np.zeros(4, dtype=np.int64)
     q2 = np.zeros(16, dtype=np.uint32)
@@ -191,7 +129,7 @@ def _quantize_row(x, qw, grid, kmap, neighbours, out):
             if mx < GROUP_MAX_EPS:
                 scales[ib] = ZERO
                 continue
-            scale = _make_qp_quants_scale(xval, weight, 4)
+            scale = make_qp_quants(32, 4, xval, qp_codes, weight)   # only its scale is used; codes as C's uint8
             eff_max = scale * F32(3.0)
             if eff_max <= ZERO:
                 scales[ib] = ZERO
