@@ -26,7 +26,8 @@ bindings() {
   echo "$SDIST_SHA256  $SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" | sha256sum -c --quiet - || {
     rm -f "$SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
     echo "[setup] the llama-cpp-python sdist is not the pinned file (sha256 $SDIST_SHA256); deleted it, check the package index"; exit 1; }
-  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip_quiet --no-cache-dir --no-deps \
+  # nothing is compiled here (LLAMA_BUILD=OFF); GGML_NATIVE=OFF keeps any build this sdist might start portable
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip_quiet --no-cache-dir --no-deps \
     "$SDIST_DIR/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
   pip_quiet "typing-extensions>=4.5" "numpy>=1.20" "diskcache>=5.6.1" "jinja2>=2.11.3"
 }
