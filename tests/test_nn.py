@@ -38,7 +38,7 @@ CASES = {
     "deepseek_v3-halves-yarn": ("deepseek_v3", dict(rope_interleave=False, first_k_dense_replace=0, n_shared_experts=2,
                                                     rope_parameters=DEEPSEEK_YARN, max_position_embeddings=2560)),
     # Kimi-K2's shape: 384 experts, 8 active, no groups, YaRN with mscale 1
-    "deepseek_v3-kimi-k2": ("deepseek_v3", dict(num_hidden_layers=3, n_routed_experts=384, num_experts_per_tok=8,
+    "deepseek_v3-kimi-k2": ("deepseek_v3", dict(num_hidden_layers=2, n_routed_experts=384, num_experts_per_tok=8,
                                                 n_group=1, topk_group=1, moe_intermediate_size=16,
                                                 routed_scaling_factor=2.827, max_position_embeddings=2048,
                                                 rope_parameters=dict(rope_type="yarn", rope_theta=50000.0, factor=32.0,

@@ -40,15 +40,29 @@ def lattice_tables(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     off = np.nonzero(kmap < 0)[0]
     mask = (1 << bits) - 1
     pos = (2 * ((off[:, None] >> (bits * np.arange(dim))) & mask) + 1).astype(np.int32)
-    g = grid.astype(np.int32)
-    neighbours: list[int] = []
+    g = grid.astype(np.float64)
+    n_grid = len(g)
+    gg = (g * g).sum(1)
+    pieces: list[np.ndarray] = []
+    taken = 0
     for start in range(0, len(off), 4096):
-        d2 = ((pos[start:start + 4096, None, :] - g[None, :, :]) ** 2).sum(-1)         # [chunk, grid points]
-        order = np.argsort(d2, axis=1, kind="stable")                                 # by distance, then index
-        for row, u in enumerate(off[start:start + 4096]):
-            dist = d2[row, order[row]]
-            keep = order[row][dist <= np.unique(dist)[nwant - 1]]
-            kmap[u] = -(len(neighbours) + 1)
-            neighbours.append(len(keep))
-            neighbours.extend(int(k) for k in keep)
-    return grid, kmap, np.asarray(neighbours, dtype=np.int32)
+        p = pos[start:start + 4096].astype(np.float64)
+        # squared distances to every grid point (small integers: exact in float64)
+        d2 = np.rint((p * p).sum(1)[:, None] + gg[None, :] - 2 * p @ g.T).astype(np.int64)   # [chunk, grid points]
+        limit = d2.min(1)
+        for _ in range(nwant - 1):   # the nwant-th smallest distinct distance of each word
+            limit = np.where(d2 > limit[:, None], d2, np.iinfo(np.int64).max).min(1)
+        keep = d2 <= limit[:, None]
+        counts = keep.sum(1)
+        # the kept grid points by (distance, index), as ggml's qsort comparator orders them
+        keys = np.where(keep, d2 * n_grid + np.arange(n_grid), np.iinfo(np.int64).max)
+        width = int(counts.max())
+        nearest = np.sort(np.partition(keys, width - 1, axis=1)[:, :width], axis=1) % n_grid
+        entries = np.concatenate([counts[:, None], nearest], axis=1)
+        flat = entries[np.arange(width + 1)[None, :] <= counts[:, None]]    # each word: its count, then its points
+        starts = taken + np.concatenate([[0], np.cumsum(1 + counts)[:-1]])
+        kmap[off[start:start + 4096]] = -(starts + 1)
+        pieces.append(flat)
+        taken += len(flat)
+    neighbours = np.concatenate(pieces).astype(np.int32)
+    return grid, kmap, neighbours

@@ -3,6 +3,7 @@ own search when the column walk reaches it, then frozen; codes rounded with erro
 Hessian; all experts of a tensor at once. Quantized activations propagate to the next layer."""
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import torch
 
@@ -24,50 +25,48 @@ class GPTQ(Method):
     blend_rare = False    # experts with fewer tokens than inputs: blended with the layer's pooled Hessian
 
     def _walk(self, w, qtype, stats, input_name, gptq):
+        from moeq2gguf.formats.lattice import is_lattice
         from moeq2gguf.quant.grid import FormatGrid
+        from moeq2gguf.quant.lattice_grid import LatticeGrid
         with stage("statistics"):
             H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
-        grid = FormatGrid(qtype)
+        grid = LatticeGrid(qtype) if is_lattice(qtype) else FormatGrid(qtype)
         grid.prepare(_groups(w))
         with stage("gptq"):
             return H, coverage, grid, gptq_quantize(_groups(w), H, grid, gptq)
 
-    def _lattice(self, w, qtype, stats, input_name) -> QuantizedTensor:
-        """An i-quant (formats/lattice.py): no GPTQ walk into its codebook yet; ggml's importance-weighted search on
-        the diagonal of this method's Hessians (affinity-weighted and rare experts covered for moequant)."""
+    def importance_only(self, w, qtype, stats, input_name) -> QuantizedTensor:
+        """An i-quant quantized without the walk: ggml's importance-weighted search on the diagonal of this method's
+        Hessians (what the methods did before GPTQ into the lattices; kept as the baseline the tests compare with)."""
         with stage("statistics"):
             H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
         importance = H.diagonal(dim1=-2, dim2=-1).to(torch.float32)
         data, deq = tensor_quant.encode(w, qtype, importance)
-        _, deq_plain = tensor_quant.encode(w, qtype, tensor_quant.imatrix_importance(stats, input_name))
         info = {"type": qtype.name, "method": f"{self.name} (importance only)",
-                "recon_error": tensor_quant.reconstruction_error(w, deq, H),
-                "recon_error_rtn": tensor_quant.reconstruction_error(w, deq_plain, H),
-                "coverage": coverage.__dict__ if stats.inputs[input_name].routed else None}
+                "recon_error": tensor_quant.reconstruction_error(w, deq, H)}
         return QuantizedTensor(data, deq, info)
 
     def quantize(self, w, qtype, stats, input_name, gptq) -> QuantizedTensor:
         from moeq2gguf.formats.lattice import is_lattice
-        if is_lattice(qtype):
-            return self._lattice(w, qtype, stats, input_name)
         H, coverage, grid, (Q3, codes, params) = self._walk(w, qtype, stats, input_name, gptq)
         with stage("pack"):
             data = grid.pack(params, codes)
-        deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(w.shape).to(w.device)
+        decoded = gguf.quants.dequantize(data, qtype) if is_lattice(qtype) else grid.fmt.dequantize(data)
+        deq = torch.from_numpy(np.asarray(decoded, dtype=np.float32)).reshape(w.shape).to(w.device)
         if not torch.equal(deq, Q3.reshape(w.shape)):
             raise AssertionError(f"packed {qtype.name} bytes do not dequantize to the weights GPTQ simulated")
-        _, deq_rtn = tensor_quant.encode(w, qtype, None)
+        # the baseline beside it: round to nearest, or for the i-quants (which ggml will not round without an
+        # importance) ggml's search on llama-imatrix's statistic
+        baseline = tensor_quant.imatrix_importance(stats, input_name) if is_lattice(qtype) else None
+        _, deq_base = tensor_quant.encode(w, qtype, baseline)
         info = {"type": qtype.name, "method": self.name,
                 "recon_error": tensor_quant.reconstruction_error(w, deq, H),
-                "recon_error_rtn": tensor_quant.reconstruction_error(w, deq_rtn, H),
+                "recon_error_rtn": tensor_quant.reconstruction_error(w, deq_base, H),
                 # per expert (not per head): coverage of the routed ones
                 "coverage": coverage.__dict__ if stats.inputs[input_name].routed else None}
         return QuantizedTensor(data.reshape(*w.shape[:-1], -1), deq, info)
 
     def simulate(self, w, qtype, stats, input_name, gptq) -> torch.Tensor:
-        from moeq2gguf.formats.lattice import is_lattice
-        if is_lattice(qtype):
-            return self._lattice(w, qtype, stats, input_name).weights
         return self._walk(w, qtype, stats, input_name, gptq)[3][0].reshape(w.shape)
 
 

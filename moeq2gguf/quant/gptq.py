@@ -51,6 +51,14 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
 
 
+def group_weights(U_block: torch.Tensor) -> torch.Tensor:
+    """[G, v, v] upper block of the inverse-Hessian factor -> [G, v]: the diagonal of U^-1 U^-T, the weights of a jointly
+    chosen group's squared errors in GPTQ's loss (its off-diagonal coupling is left out of the search)."""
+    eye = torch.eye(U_block.shape[-1], dtype=U_block.dtype, device=U_block.device).expand_as(U_block)
+    inv = torch.linalg.solve_triangular(U_block, eye, upper=True)
+    return (inv * inv).sum(-1)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
                   cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
     """W [G, R, K] weights of G experts (G = 1 for a dense matrix), H [G, K, K] their Hessians.
@@ -69,6 +77,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
     params: list[Any] = []
     B = min(cfg.lazy_block, K)
     inner = min(32, grid.group, B)  # errors spread eagerly only inside 32 columns; matmuls do the rest
+    vector = getattr(grid, "vector", 1)   # columns a lattice chooses jointly (quant/lattice_grid.py)
+    chosen = None
     for b0 in range(0, K, B):
         b1 = min(b0 + B, K)
         W1 = W[:, :, b0:b1].clone()
@@ -84,10 +94,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
                     imp = importance[:, None, col:col + grid.group].expand(G, R, grid.group).reshape(G * R, grid.group)
                     params.append(grid.fit(block, imp))
                 w = W1[:, :, j]
-                q, c = grid.round(w.reshape(G * R), params[-1], jj)
-                q = q.view(G, R)
+                if vector > 1:
+                    if jj % vector == 0:   # the whole group at once, under its diagonal GPTQ weights
+                        weights = group_weights(U1[:, j:j + vector, j:j + vector])[:, None, :].expand(G, R, vector)
+                        chosen = grid.round_group(W1[:, :, j:j + vector].reshape(G * R, vector),
+                                                  weights.reshape(G * R, vector), params[-1], jj).view(G, R, vector)
+                    q = chosen[:, :, jj % vector]
+                    codes[:, :, col] = 0      # the lattice keeps its codes in its params
+                else:
+                    q, c = grid.round(w.reshape(G * R), params[-1], jj)
+                    q = q.view(G, R)
+                    codes[:, :, col] = c.view(G, R)
                 Q[:, :, col] = q
-                codes[:, :, col] = c.view(G, R)
                 err = (w - q) / U1[:, j, j][:, None]
                 W1[:, :, j + 1:i1] -= err[:, :, None] * U1[:, None, j, j + 1:i1]
                 Err[:, :, j] = err

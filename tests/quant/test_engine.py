@@ -60,8 +60,9 @@ def test_expert_without_tokens_uses_pooled_hessian(qwen_checkpoint, tmp_path, mo
     real = nn.router_logits
     monkeypatch.setattr(nn, "router_logits", lambda x, w: real(x, w).index_fill(1, torch.tensor([3]), float("-inf")))
     out = tmp_path / "forced.gguf"
-    convert(qwen_checkpoint, out, type="Q4_K_M", method="moequant", calib="eval", calib_windows=2, calib_ctx=256,
-            rotate=False, progress=False)  # unrotated: the dequantized expert is compared with the checkpoint's
+    result = convert(qwen_checkpoint, out, type="Q4_K_M", method="moequant", calib="eval", calib_windows=2, calib_ctx=256,
+                     rotate=False, progress=False)  # unrotated: the dequantized expert is compared with the checkpoint's
+    assert result.to_dict()["expert_coverage"]["pooled"] >= 3   # convert --json's count: expert 3 of three tensors at least
     coverage = json.loads(out.with_name(out.name + ".coverage.json").read_text())
     for name in ("blk.0.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"):
         entry = coverage[name]
