@@ -68,6 +68,12 @@ def test_parse_size_and_candidates():
     # rows of 128: llama-quantize's fallbacks, deduplicated, smallest first
     assert alloc.candidate_types((16, 256, 128)) == [Q.Q4_0, Q.IQ4_NL, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16]
     assert alloc.candidate_types((4, 48)) == [Q.F16]
+    # under a low budget the i-quants join, by size; without an importance vector only those ggml can round so
+    assert alloc.candidate_types((8, 512), lattice=True) == [
+        Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.Q2_K, Q.IQ3_XXS, Q.Q3_K, Q.IQ3_S, Q.IQ4_XS, Q.Q4_K, Q.Q5_K,
+        Q.Q6_K, Q.Q8_0, Q.F16]
+    assert alloc.candidate_types((8, 512), lattice=True, needs_no_importance=True)[:4] == [Q.IQ1_M, Q.IQ2_S, Q.Q2_K, Q.IQ3_XXS]
+    assert alloc.candidate_types((16, 256, 128), lattice=True) == [Q.IQ4_NL, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16]
     assert alloc.tensor_class("blk.3.ffn_down_exps.weight") == "ffn_down"
     assert alloc.tensor_class("blk.3.ffn_up_shexp.weight") == "shexp_gate_up"
     assert alloc.tensor_class("blk.0.attn_k.weight") == "attn_qkv"
@@ -165,6 +171,20 @@ def test_target_bpw_as_llama_cpp_counts_it(checkpoint, tmp_path, cache, calib_fi
     bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
     assert 3.6 <= bpw <= 4.0
     assert reader.get_field(alloc.TARGET_BPW_KEY).contents() == pytest.approx(4.0)
+
+
+def test_low_budget_uses_the_i_quants(checkpoint, tmp_path, cache, calib_file):
+    """Below 4 bits per weight the i-quants are candidates: at 2.6 bpw the allocator picks some, the file stays within
+    the budget and runs."""
+    from moeq2gguf.formats.lattice import LATTICE_TYPES
+    out = tmp_path / "iq.gguf"
+    convert(checkpoint, out, target_bpw=2.6, calib=calib_file, **{**KW, "method": "imatrix"})
+    reader = gguf.GGUFReader(out)
+    bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
+    assert 2.3 <= bpw <= 2.6
+    assert {Q(t.tensor_type) for t in reader.tensors} & LATTICE_TYPES
+    with runtime.load(out, n_ctx=64) as llm:
+        assert np.isfinite(runtime.logits(llm, [1, 2, 3, 4])).all()
 
 
 def test_cli_prints_recipe_and_refuses_type_with_target(checkpoint, sizes, tmp_path, cache, capsys, calib_file):

@@ -207,7 +207,7 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
         if budget is not None:   # every other key is in the writer now: the file's size is exact for any types
             alloc.check_budget(writer, sources, config.overrides, budget, config.method)   # fail fast, before measuring
             # smoothing replaces the values of tensors a checkpoint holds as GGML blocks: measure those too
-            measured = alloc.measured_candidates(sources, include_raw=bool(config.stock_smooth))
+            measured = alloc.measured_candidates(sources, budget, config.method, include_raw=bool(config.stock_smooth))
             transforms = {"rotate": None if rotation is None else [rotation.kind, rotation.seed],
                           "smooth": list(config.stock_smooth)}
             cache = sens.cache_key(adapter.reader.model_dir, cfg, measured, transforms)

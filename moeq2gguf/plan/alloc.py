@@ -37,6 +37,12 @@ Q = gguf.GGMLQuantizationType
 # llama-quantize's fallback (Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1,
 # Q6_K -> Q8_0), or F16 when even that does not divide the row.
 CANDIDATES = (Q.Q2_K, Q.Q3_K, Q.IQ4_XS, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.F16)
+# The i-quants join the candidates when the budget is below LATTICE_BELOW_BPW bits per weight (where a tensor may need
+# fewer bits than Q3_K's 3.44): measuring them costs a GPTQ walk each, and above that budget the knapsack would not pick
+# them. Those ggml cannot round without an importance vector (IQ1_S, IQ2_XXS, IQ2_XS) are left out where the tensor
+# is rounded without one: token_embd, the head under --method imatrix, everything under --method rtn.
+LATTICE_CANDIDATES = (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S)
+LATTICE_BELOW_BPW = 4.0
 
 # Predicted KLD per unit of measured reconstruction error (quant/sensitivity.py), per tensor class.
 # Measured by tools/fit_alloc_coeffs.py (defaults) on both bundled models: each class alone quantized
@@ -89,13 +95,42 @@ def fallback_type(qtype: Q, ne0: int) -> Q:
     return new if ne0 % gguf.GGML_QUANT_SIZES[new][0] == 0 else Q.F16
 
 
-def candidate_types(shape: Sequence[int]) -> list[Q]:
+def _bpw(q: Q) -> float:
+    block, type_size = gguf.GGML_QUANT_SIZES[q]
+    return 8 * type_size / block
+
+
+def candidate_types(shape: Sequence[int], lattice: bool = False, needs_no_importance: bool = False) -> list[Q]:
+    """The types a tensor of this shape may take, smallest first: CANDIDATES (with the i-quants when lattice),
+    each replaced by llama-quantize's fallback where its block does not divide the rows; needs_no_importance: only
+    types ggml can quantize without an importance vector."""
+    from moeq2gguf.formats.lattice import KERNEL_NEEDS_IMPORTANCE
+    pool = CANDIDATES + (LATTICE_CANDIDATES if lattice else ())
     out: list[Q] = []
-    for q in CANDIDATES:
+    for q in sorted(pool, key=_bpw):   # stable: equal sizes keep CANDIDATES' order (Q3_K before IQ3_S)
+        if needs_no_importance and q in KERNEL_NEEDS_IMPORTANCE:
+            continue
         t = fallback_type(q, shape[-1])
         if t not in out:
             out.append(t)
     return out
+
+
+def uses_lattices(budget: Budget) -> bool:
+    """Whether the i-quants are candidates under this budget (LATTICE_BELOW_BPW)."""
+    return budget.n_bytes * 8 / budget.n_params < LATTICE_BELOW_BPW
+
+
+def unweighted(name: str, method: str) -> bool:
+    """Whether `method` rounds this tensor without an importance vector (quant/sensitivity.py measures it so too)."""
+    from moeq2gguf import methods
+    m = methods.get(method)
+    return (not m.calibrated or name == "token_embd.weight"
+            or (name == "output.weight" and not m.calibrates_head))
+
+
+def tensor_candidates(source: TensorSource, budget: Budget, method: str) -> list[Q]:
+    return candidate_types(source.shape, uses_lattices(budget), unweighted(source.name, method))
 
 
 def tensor_nbytes(shape: Sequence[int], qtype: Q) -> int:
@@ -379,11 +414,12 @@ def _recipe_kv(alloc: Allocation) -> dict[str, gguf.GGUFValue]:
     return kv
 
 
-def measured_candidates(sources: Sequence[TensorSource], include_raw: bool = False) -> dict[str, list[Q]]:
+def measured_candidates(sources: Sequence[TensorSource], budget: Budget, method: str,
+                        include_raw: bool = False) -> dict[str, list[Q]]:
     """The tensors the sensitivity pass measures, with their candidate types: every quantizable tensor, overridden
     or not (one cached measurement serves any overrides); include_raw: also those the checkpoint holds in a GGML
     format (a transform will replace their values)."""
-    return {s.name: candidate_types(s.shape) for s in sources
+    return {s.name: tensor_candidates(s, budget, method) for s in sources
             if (include_raw or s.raw_qtype is None) and allows_quantization(s.name, len(s.shape))}
 
 
@@ -396,7 +432,7 @@ class _Knapsack:
         self.kv, self.align, self.sources, self.budget = kv, align, sources, budget
         tied = not any(s.name == "output.weight" for s in sources)
         self.fixed = fixed_types(sources, overrides)
-        self.candidates = {s.name: candidate_types(s.shape) for s, f in zip(sources, self.fixed) if f is None}
+        self.candidates = {s.name: tensor_candidates(s, budget, method) for s, f in zip(sources, self.fixed) if f is None}
         self.measure = (lambda n: _pad(n, align)) if budget.kind == "file" else (lambda n: n)
         choices: list[TensorChoice] = []
         self.items: list[int] = []
