@@ -27,9 +27,12 @@ from moeq2gguf.eval import evaluate_many  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
 import moeq2gguf.plan.alloc, moeq2gguf.quant.sensitivity, moeq2gguf.quant.grid, moeq2gguf.calib.windows  # noqa: E402,E401,F401
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe  # noqa: E402,E401,F401
-from bench_quality import bits_per_weight, machine  # noqa: E402  (tools/ is on sys.path when run as a script)
+from bench_quality import bits_per_weight, machine, needs_imatrix  # noqa: E402  (tools/ is on sys.path when run as a script)
 
-MARK_BEGIN, MARK_END = "<!-- bench_alloc:begin -->", "<!-- bench_alloc:end -->"
+SECTIONS = {"alloc": ("<!-- bench_alloc:begin -->", "<!-- bench_alloc:end -->",
+                      "Allocated recipes (--target-size) against the fixed mixes at equal size"),
+            "iquants": ("<!-- bench_alloc:iquants:begin -->", "<!-- bench_alloc:iquants:end -->",
+                        "Allocated recipes at the i-quant mixes' sizes (issue 23)")}
 
 
 def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, ctx: int, calib_windows: int,
@@ -41,17 +44,20 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
     jobs = []
     for mix in mixes:
         for method in methods:
-            refs = [quality_dir / f"{mix}-llama-rtn.gguf", quality_dir / f"{mix}-llama-imatrix.gguf", quality_dir / f"{mix}-{method}.gguf"]
+            refs = [quality_dir / f"{mix}-llama-imatrix.gguf", quality_dir / f"{mix}-{method}.gguf"]
+            if not needs_imatrix(mix):   # the i-quant mixes have no rtn file
+                refs.append(quality_dir / f"{mix}-llama-rtn.gguf")
             missing = [p.name for p in refs if not p.is_file()]
             if missing:
                 raise SystemExit(f"{model} {mix}: {', '.join(missing)} missing; run tools/bench_quality.py first")
             budget = min(p.stat().st_size for p in refs)
+            fixed_path = quality_dir / f"{mix}-{method}.gguf"
             t0 = time.time()
             result = convert(model_dir, work / f"alloc-{mix}-{method}.gguf", method=method, target_size=budget,
                              calib_windows=calib_windows, calib_ctx=ctx, progress=False)
             print(result.allocation.table(), flush=True)
             jobs.append(dict(mix=mix, method=method, budget=budget, path=result.output, seconds=time.time() - t0,
-                             predicted=result.allocation.predicted, fixed_path=refs[2]))
+                             predicted=result.allocation.predicted, fixed_path=fixed_path))
     files = [j["path"] for j in jobs] + ([j["fixed_path"] for j in jobs] if reeval else [])
     results = evaluate_many(files, base, "eval", ctx, chunks, progress=True)
     rows = []
@@ -64,7 +70,8 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
                    bytes=n_bytes, bpw=bpw, kld=res.kld_mean, kld999=res.kld_p99_9, top1=res.same_top1_pct,
                    ppl_ratio=res.ppl_ratio, predicted=j["predicted"], seconds=j["seconds"],
                    fixed_kld=fixed["kld"], fixed_bytes=fixed["bytes"], fixed_bpw=fixed["bpw"],
-                   llama_imatrix_kld=ref["llama.cpp imatrix"]["kld"], llama_rtn_kld=ref["llama.cpp rtn"]["kld"])
+                   llama_imatrix_kld=ref["llama.cpp imatrix"]["kld"],
+                   llama_rtn_kld=ref["llama.cpp rtn"]["kld"] if "llama.cpp rtn" in ref else None)
         if reeval:
             row["fixed_kld_now"] = results[len(jobs) + n].kld_mean
         rows.append(row)
@@ -96,6 +103,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench_alloc"))
     ap.add_argument("--reeval", action="store_true", help="evaluate the fixed-mix files again in the same pass")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    ap.add_argument("--section", choices=sorted(SECTIONS), default="alloc", help="which table of BENCHMARKS.md --write replaces")
     args = ap.parse_args()
     rows = []
     for model in args.models:
@@ -105,20 +113,21 @@ def main() -> None:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=REPO).stdout.strip()
     wins = sum(r["kld"] < r.get("fixed_kld_now", r["fixed_kld"]) for r in rows)
-    text = (f"{MARK_BEGIN}\n## Allocated recipes (--target-size) against the fixed mixes at equal size\n\n"
+    begin, end, title = SECTIONS[args.section]
+    text = (f"{begin}\n## {title}\n\n"
             f"Command: `python tools/bench_alloc.py {' '.join(sys.argv[1:])}`  \nDate: {datetime.date.today()}  \n"
             f"Machine: {machine()}  \nCommit: {commit}{' (with uncommitted changes)' if dirty else ''}  \n"
-            f"Budget: the smallest of llama.cpp's rtn and imatrix files and our fixed-mix file of that mix; the allocated file "
+            f"Budget: the smallest of llama.cpp's rtn (none for the i-quant mixes) and imatrix files and our fixed-mix file of that mix; the allocated file "
             f"never exceeds it. Eval: {args.chunks} windows of {args.ctx} tokens of the eval split against the F32 GGUF, as "
             f"tools/bench_quality.py; fixed-mix and llama.cpp KLDs from its results.json"
             f"{' (fixed mix re-evaluated in this run)' if args.reeval else ''}. Predicted: the allocator's own KLD estimate.\n\n"
-            f"{format_table(rows)}\n\nAllocated below the fixed mix in {wins} of {len(rows)} rows.\n{MARK_END}\n")
+            f"{format_table(rows)}\n\nAllocated below the fixed mix in {wins} of {len(rows)} rows.\n{end}\n")
     print(text)
     if args.write:
         path = REPO / "BENCHMARKS.md"
         old = path.read_text()
-        if MARK_BEGIN in old:
-            old = old[:old.index(MARK_BEGIN)] + old[old.index(MARK_END) + len(MARK_END) + 1:]
+        if begin in old:
+            old = old[:old.index(begin)] + old[old.index(end) + len(end) + 1:]
         path.write_text(old.rstrip("\n") + "\n\n" + text)
 
 

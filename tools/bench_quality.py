@@ -41,7 +41,20 @@ from moeq2gguf.runtime.llama_tools import llama_perplexity_kld, llama_quantize, 
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe, moeq2gguf.quant.grid  # noqa: E402,E401,F401
 import moeq2gguf.calib.ebss, moeq2gguf.calib.balance, moeq2gguf.calib.windows  # noqa: E402,E401,F401
 
-MARK_BEGIN, MARK_END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
+# --section NAME writes a table of its own (e.g. the i-quant mixes) between these markers, under this title
+SECTIONS = {"quality": ("", "Quality against llama.cpp's own quants"),
+            "iquants": (":iquants", "Below 3 bits: the i-quant mixes against llama.cpp's (issue 23)")}
+
+
+def markers(section: str) -> tuple[str, str, str]:
+    tag, title = SECTIONS[section]
+    return f"<!-- bench_quality{tag}:begin -->", f"<!-- bench_quality{tag}:end -->", title
+
+
+def needs_imatrix(mix: str) -> bool:
+    """llama-quantize refuses these mixes without an importance matrix, and so does our rtn."""
+    from moeq2gguf.plan.mixes import IMATRIX_MIXES
+    return mix in IMATRIX_MIXES
 
 
 def tensor_digests(path: Path) -> dict[str, str]:
@@ -100,7 +113,7 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
                      f"the +ebss rows' time excludes generation ({time.time() - t0:.0f} s this run)")
     files: list[tuple[str, str, Path, float]] = []
     for mix in mixes:
-        if (mix, "llama.cpp rtn") not in done:
+        if (mix, "llama.cpp rtn") not in done and not needs_imatrix(mix):
             t0 = time.time()
             files.append((mix, "llama.cpp rtn", llama_quantize(base, work / f"{mix}-llama-rtn.gguf", mix), time.time() - t0))
         if (mix, "llama.cpp imatrix") not in done or not imatrix_file.is_file():
@@ -115,13 +128,13 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
             if (mix, "llama.cpp imatrix") not in done:
                 files.append((mix, "llama.cpp imatrix", out, time.time() - t0 + imatrix_seconds))
         for method in methods:
-            if (mix, f"moeq2gguf {method}") in done:
+            if (mix, f"moeq2gguf {method}") in done or (needs_imatrix(mix) and method.split("+")[0] == "rtn"):
                 continue
             t0 = time.time()
             out = convert(model_dir, work / f"{mix}-{method}.gguf", type=mix, calib_windows=calib_windows, calib_ctx=ctx,
                           progress=False, **convert_kwargs(method)).output
             files.append((mix, f"moeq2gguf {method}", out, time.time() - t0))
-        if "rtn" in methods and (mix, "moeq2gguf rtn") not in done:
+        if "rtn" in methods and (mix, "moeq2gguf rtn") not in done and not needs_imatrix(mix):
             notes.append(f"{model} {mix}: our rtn vs llama-quantize: "
                          f"{compare_digests(work / f'{mix}-rtn.gguf', work / f'{mix}-llama-rtn.gguf')}")
         if (mix, "llama.cpp imatrix") not in done:
@@ -212,6 +225,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--workdir", default=str(REPO / ".cache" / "bench_quality"))
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    ap.add_argument("--section", choices=sorted(SECTIONS), default="quality",
+                    help="which table of BENCHMARKS.md --write replaces (iquants: the i-quant mixes)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the rows of an earlier run's results.json and compute only the missing (mix, method) rows")
     args = ap.parse_args()
@@ -239,7 +254,8 @@ def main() -> None:
             notes.append(f"{model}: cross-check against llama-perplexity not done: {e}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     command = "python tools/bench_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse")
-    text = (f"{MARK_BEGIN}\n## Quality against llama.cpp's own quants\n\n"
+    begin, end, title = markers(args.section)
+    text = (f"{begin}\n## {title}\n\n"
             f"Command: `{command}`  \nDate: {datetime.date.today()}  \nMachine: {machine()}  \nCommit: {commit}  \n"
             f"Eval: {args.chunks} windows of {args.ctx} tokens of the eval split, second half scored, against the F32 GGUF, "
             f"F32 KV cache. Calibration: {args.calib_windows} windows of {args.ctx} tokens of the calib split for every "
@@ -248,13 +264,13 @@ def main() -> None:
             f"Rows of a model may come from different commits (`--reuse` computes only missing rows): the notes say which.\n\n"
             f"{format_table(rows)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
             + (f"\nMean KLD / llama.cpp imatrix's by transform ('*': lowest of the line):\n\n{transforms}\n"
-               if (transforms := format_transform_table(rows)) else "") + f"{MARK_END}\n")
+               if (transforms := format_transform_table(rows)) else "") + f"{end}\n")
     print(text)
     if args.write:
         path = REPO / "BENCHMARKS.md"
         old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table is the printed output of the command above it.\n\n"
-        if MARK_BEGIN in old:  # replace the table in place, keeping the sections around it
-            path.write_text(old[:old.index(MARK_BEGIN)] + text + old[old.index(MARK_END) + len(MARK_END) + 1:])
+        if begin in old:  # replace the table in place, keeping the sections around it
+            path.write_text(old[:old.index(begin)] + text + old[old.index(end) + len(end) + 1:])
         else:
             path.write_text(old.rstrip("\n") + "\n\n" + text)
 
