@@ -17,8 +17,12 @@ def _convert(args: argparse.Namespace) -> None:
                            target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
                            expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite,
                            split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors)
-    result = convert(args.model_dir, args.output, config, progress=not args.quiet and not args.json,
+    from moeq2gguf import parallel
+    lead = parallel.world(config.device).rank == 0   # under torchrun only rank 0 writes, and speaks
+    result = convert(args.model_dir, args.output, config, progress=lead and not args.quiet and not args.json,
                      profile=args.profile or args.verbose or args.json)
+    if not lead:
+        return
     if args.json:
         import json
         print(json.dumps(result.to_dict(), indent=1))

@@ -21,7 +21,7 @@ import numpy as np
 
 from tqdm import tqdm
 
-from moeq2gguf import plan
+from moeq2gguf import parallel, plan
 from moeq2gguf import profile as profiling
 from moeq2gguf.config import ConvertConfig
 from moeq2gguf.errors import Moeq2ggufError
@@ -61,6 +61,7 @@ class ConvertResult:
                 "tensors": self.n_tensors, "seconds": round(self.seconds, 3), "peak_rss_mib": round(self.peak_rss_mib),
                 "types": dict(types), "methods": dict(methods_used),
                 "expert_coverage": dict(fallbacks),   # own / blended / pooled Hessians over experts and tensors
+                "expert_statistics_peak_mib": round(self.report.expert_stats_peak_bytes / 2**20, 3) if self.report else 0,
                 "recipe": json.loads(self.allocation.recipe_json()) if self.allocation else None,
                 "profile": self.profile.to_dict() if self.profile else None}
 
@@ -151,7 +152,11 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     if output.is_dir():
         raise Moeq2ggufError(f"-o {output} is a directory; give a file name such as {output / 'model.gguf'}")
 
-    remove_stale_temps(output)
+    world = parallel.world(config.device)   # under torchrun: this rank's share (parallel.py)
+    if world.distributed:
+        parallel.refuse_unsupported(config)
+    if world.rank == 0:
+        remove_stale_temps(output)
     model_name = model_display_name(model_dir)
     model_dir = resolve_model(model_dir)   # a local folder, or a Hub id found in / fetched into the HF cache
     adapter = open_model(model_dir)
@@ -170,6 +175,9 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
         sources = rotate_sources(sources, spec, rotation)
     vocab = load_vocab(adapter.reader.model_dir, spec.vocab_size, adapter.config, adapter.default_pre_tokenizer)
     method = config.method_impl
+    if world.distributed and world.size > max(spec.n_experts, 1):
+        raise Moeq2ggufError(f"torchrun started {world.size} processes for a model with {spec.n_experts} routed experts; "
+                             f"each rank needs at least one expert: use --nproc-per-node {max(spec.n_experts, 1)} or fewer")
     budget = alloc.make_budget(sources, config.target_size, config.target_bpw) if config.targeted else None
     type_name = alloc.nearest_mix(sources, spec, budget) if budget else config.type_name  # llama.cpp only displays it
 
@@ -235,6 +243,14 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
             allocation = alloc.allocate(writer, sources, config.overrides, budget, config.method, losses)
             types = allocation.types
         n_bytes = _add_tensor_infos(writer, sources, types)
+        if world.rank != 0:   # the pass runs on every rank (its collectives need them all); rank 0 writes the file
+            if method.calibrated and not config.imatrix:
+                for _ in quantized_stream(Layers.of(sources, spec.n_layers), spec, types, cfg, report, windows,
+                                          progress=False, world=world):
+                    pass
+            log.info("rank %d of %d: peak expert statistics %.2f MiB, peak RSS %.0f MiB", world.rank, world.size,
+                     report.expert_stats_peak_bytes / 2**20, _peak_rss_mib())
+            return ConvertResult(output, len(sources), n_bytes, time.time() - t0, _peak_rss_mib(), report, allocation)
         # split output as llama.cpp writes it (gguf-py's writer): OUT-00001-of-0000N.gguf, the split.* keys
         temps, finals = writer.format_shard_names(tmp), writer.format_shard_names(output)
         try:
@@ -242,7 +258,8 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             n_written = 0
-            for data in quantized_stream(Layers.of(sources, spec.n_layers), spec, types, cfg, report, windows, progress):
+            for data in quantized_stream(Layers.of(sources, spec.n_layers), spec, types, cfg, report, windows, progress,
+                                         world):
                 with profiling.stage("write"):
                     writer.write_tensor_data(data)
                 n_written += 1
@@ -265,6 +282,7 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     if report.coverage:
         _write_json(Path(f"{output}.coverage.json"), report.coverage)
     result = ConvertResult(output, len(sources), n_bytes, time.time() - t0, _peak_rss_mib(), report, allocation)
+    log.info("rank 0 of %d: peak expert statistics %.2f MiB", world.size, report.expert_stats_peak_bytes / 2**20)
     log.info("wrote %s: %d tensors, %.1f MiB in %.1f s, peak RSS %.0f MiB", output, result.n_tensors,
              n_bytes / 2**20, result.seconds, result.peak_rss_mib)
     return result

@@ -39,9 +39,10 @@ class Method:
     calibrates_head: bool = True     # the output projection gets statistics (llama-imatrix leaves it out)
     rotates_by_default: bool = False # convert rotates the residual stream unless told not to
 
-    def collector(self, n_groups: int, device: torch.device | str) -> StatsCollector:
-        """The statistics this method's layer pass collects, for an input with n_groups experts."""
-        return StatsCollector(n_groups, affinity=self.affinity, full=self.full_statistics, device=device)
+    def collector(self, n_groups: int, device: torch.device | str, experts: range | None = None) -> StatsCollector:
+        """The statistics this method's layer pass collects, for an input with n_groups experts (of which it keeps
+        `experts`' own: a rank's share, parallel.py)."""
+        return StatsCollector(n_groups, affinity=self.affinity, full=self.full_statistics, device=device, experts=experts)
 
     def quantize(self, w: torch.Tensor, qtype: Q, stats: StatsCollector, input_name: str,
                  gptq: GPTQConfig) -> QuantizedTensor:

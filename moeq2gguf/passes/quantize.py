@@ -9,6 +9,8 @@ For each decoder layer, with only that layer's weights in memory:
      llama-imatrix) the float layer's outputs go on.
 A method without statistics (rtn), or an --imatrix FILE, quantizes tensor by tensor and reads no text.
 `quantized_stream` yields each tensor's bytes in file order, so the writer streams them to disk.
+Under torchrun the windows' batches, the routed experts' statistics and their GPTQ are shared out among the ranks
+(parallel.py), with the same bytes as one process.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moeq2gguf import methods, nn
+from moeq2gguf import methods, nn, parallel
 from moeq2gguf.profile import stage
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec
-from moeq2gguf.passes.layers import Layers, block_key, block_weights, input_of, run_block, short_name
+from moeq2gguf.passes.layers import Layers, block_key, block_weights, input_of, short_name
 from moeq2gguf.quant import tensor_quant
 from moeq2gguf.quant.gptq import GPTQConfig
 from moeq2gguf.quant.stats import StatsCollector
@@ -59,6 +61,7 @@ class QuantReport:
     """Per tensor: type, method, reconstruction error vs RTN; per layer and expert: coverage."""
     tensors: dict[str, dict] = field(default_factory=dict)
     coverage: dict[str, dict] = field(default_factory=dict)
+    expert_stats_peak_bytes: int = 0   # the most memory one layer's routed-input statistics took (this rank's share)
 
     def add(self, name: str, info: dict) -> None:
         coverage = info.pop("coverage", None)
@@ -67,9 +70,50 @@ class QuantReport:
         self.tensors[name] = info
 
 
+def _run(xs: list[torch.Tensor], w: dict[str, torch.Tensor], spec: ModelSpec, observer, bid: int) -> list[torch.Tensor]:
+    """One block over each batch of windows (run_block's chunks, kept apart)."""
+    with torch.no_grad():
+        return [nn.decoder_layer(c, w, spec, observer, bid=bid)[0] for c in xs]
+
+
+def _observed_run(xs: list[torch.Tensor], n_batches: int, w, spec: ModelSpec, collector: StatsCollector, bid: int,
+                  world: parallel.World) -> list[torch.Tensor]:
+    """The float block over this rank's batches, its observations reaching `collector` in global batch order: under
+    torchrun each batch's are recorded by the rank that ran it, broadcast and replayed by every rank (parallel.py)."""
+    if not world.distributed:
+        return _run(xs, w, spec, collector, bid)
+    outs, records = [], {}
+    for b, c in zip(range(world.rank, n_batches, world.size), xs):
+        recorder = parallel.Recorder()
+        outs.append(_run([c], w, spec, recorder, bid)[0])
+        records[b] = recorder.calls
+    for b in range(n_batches):
+        parallel.replay(parallel.broadcast(records.pop(b, None), b % world.size, world), collector)
+    return outs
+
+
+def routed_stats_bytes(collector: StatsCollector) -> int:
+    """Bytes of a layer's routed-input statistics (every expert's sums and the pooled ones)."""
+    return sum(t.numel() * t.element_size() for s in collector.inputs.values() if s.routed
+               for t in vars(s).values() if isinstance(t, torch.Tensor))
+
+
+def _merge_infos(infos: list[dict]) -> dict:
+    """One expert tensor's report from each rank's share (in expert order)."""
+    out = dict(infos[0])
+    for key in ("recon_error", "recon_error_rtn"):
+        if key in out:
+            out[key] = sum(i[key] for i in infos)
+    if out.get("coverage") is not None:
+        out["coverage"] = {k: [v for i in infos for v in i["coverage"][k]] for k in out["coverage"]}
+    return out
+
+
 def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: QuantConfig, report: QuantReport,
-                     windows: torch.Tensor | None = None, progress: bool = True) -> Iterator[np.ndarray]:
-    """The bytes of every tensor in file order. windows [N, L]: the calibration tokens (a calibrated method)."""
+                     windows: torch.Tensor | None = None, progress: bool = True,
+                     world: parallel.World = parallel.World()) -> Iterator[np.ndarray]:
+    """The bytes of every tensor in file order. windows [N, L]: the calibration tokens (a calibrated method).
+    world: this process's share under torchrun (every rank runs the stream; rank 0 writes it)."""
     sources = [layers.embedding, *(s for _, block in layers for s in block), *layers.tail]
     type_of = dict(zip((s.name for s in sources), types))
     method = methods.get(cfg.method)
@@ -108,8 +152,12 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
     report.tensors[embd.name] = {"type": type_of[embd.name].name, "method": "rtn"}
     yield data
     # llama.cpp embeds by dequantizing rows of token_embd: a sequential method starts from those.
-    x = nn.embed(windows, (deq if method.sequential else token_embd).to(device))
-    del token_embd, deq
+    batches = windows.split(cfg.batch_windows)   # run_block's chunks; under torchrun batch b is rank b mod N's
+    n_batches = len(batches)
+    table = (deq if method.sequential else token_embd).to(device)
+    xs = [nn.embed(batches[b], table) for b in range(world.rank, n_batches, world.size)]
+    del token_embd, deq, table
+    experts = world.experts(spec.n_experts) if world.distributed else None
 
     bar = tqdm(total=spec.n_layers, desc=f"quantize {cfg.method}", unit="layer", disable=not progress)
     for bid, block in layers:
@@ -118,9 +166,10 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
             for s in block:
                 if s.raw_qtype is None or type_of[s.name] != s.raw_qtype:
                     check(s.name, w[block_key(s.name)], type_of[s.name])
-        collector = method.collector(spec.n_experts, device)
+        collector = method.collector(spec.n_experts, device, experts)
         with stage("forward", bid):
-            x_float = run_block(x, w, spec, collector, bid, cfg.batch_windows)
+            x_float = _observed_run(xs, n_batches, w, spec, collector, bid, world)
+        report.expert_stats_peak_bytes = max(report.expert_stats_peak_bytes, routed_stats_bytes(collector))
         encoded, qweights = {}, {}
         # A second bar inside the layer, over its tensors counted in groups (a routed expert stack counts
         # E, any other tensor 1): the expert stacks are where a big model's GPTQ time goes.
@@ -135,6 +184,15 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 # w[key] holds their exact values, which the next layers then see
                 encoded[s.name], qweights[key] = s.load_raw().numpy(), w[key]
                 report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
+            elif experts is not None and s.role == "expert" and len(s.shape) == 3:
+                # this rank's experts, then every rank's gathered in expert order (parallel.py)
+                with stage("quantize", bid):
+                    q = methods.quantize_tensor(method, w[key][experts.start:experts.stop], qtype, collector,
+                                                input_of(s.name), cfg.gptq)
+                parts = parallel.gather_all((q.data, q.weights.cpu(), q.info), world)
+                encoded[s.name] = np.concatenate([p[0] for p in parts])
+                qweights[key] = torch.cat([p[1] for p in parts]).to(device)
+                report.add(s.name, _merge_infos([p[2] for p in parts]))
             else:
                 with stage("quantize", bid):
                     q = methods.quantize_tensor(method, w[key], qtype, collector, input_of(s.name), cfg.gptq)
@@ -144,9 +202,9 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
         inner.close()
         if method.sequential:
             with stage("forward", bid):
-                x = run_block(x, qweights, spec, None, bid, cfg.batch_windows)
+                xs = _run(xs, qweights, spec, None, bid)
         else:
-            x = x_float
+            xs = x_float
         del w, qweights, collector, x_float
         for s in block:
             yield encoded.pop(s.name)
@@ -160,9 +218,16 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
     output_w = tail_w.get("output.weight")
     collector = StatsCollector(1, affinity=False, full=method.full_statistics, device=device)
     if output_w is not None and method.calibrates_head:
-        for chunk in x.split(cfg.batch_windows):
+        recorder = parallel.Recorder() if world.distributed else collector
+        records = {}
+        for b, chunk in zip(range(world.rank, n_batches, world.size), xs):
             normed = nn.rms_norm(chunk, tail_w["output_norm.weight"], spec.rms_norm_eps)
-            collector.observe("output", normed.reshape(-1, normed.shape[-1]), None, None)
+            recorder.observe("output", normed.reshape(-1, normed.shape[-1]), None, None)
+            if world.distributed:
+                records[b], recorder.calls = recorder.calls, []
+        if world.distributed:
+            for b in range(n_batches):
+                parallel.replay(parallel.broadcast(records.pop(b, None), b % world.size, world), collector)
     for s in layers.tail:
         q = methods.quantize_tensor(method, tail_w[s.name], type_of[s.name], collector,
                                     "output" if s.name == "output.weight" else None, cfg.gptq)

@@ -24,11 +24,18 @@ class InputStats:
     count: torch.Tensor                 # [G]       tokens
     mass: torch.Tensor                  # [G]       sum of w_t
     routed: bool = False                # groups are routed experts (coverage applies), not heads
+    # routed inputs: the same sums over every expert's tokens (the pooled Hessian rare experts fall back on),
+    # accumulated as the observations arrive, so that a rank holding only some experts (parallel.py) has them too
+    pooled_xxt: torch.Tensor | None = None   # [K, K]
+    pooled_sq: torch.Tensor | None = None    # [K]
+    pooled_count: torch.Tensor | None = None # []
+    pooled_mass: torch.Tensor | None = None  # []
 
     @classmethod
     def empty(cls, groups: int, k: int, full: bool, device: torch.device, routed: bool = False) -> "InputStats":
         z = lambda *s: torch.zeros(*s, dtype=torch.float64 if len(s) < 3 else torch.float32, device=device)  # noqa: E731
-        return cls(z(groups, k, k) if full else None, z(groups, k), z(groups, k), z(groups), z(groups), routed)
+        pooled = (z(k, k) if full else None, z(k), z(()), z(())) if routed else (None,) * 4
+        return cls(z(groups, k, k) if full else None, z(groups, k), z(groups, k), z(groups), z(groups), routed, *pooled)
 
 
 @dataclass
@@ -39,11 +46,15 @@ class Coverage:
 
 
 class StatsCollector:
-    """An nn.Observer accumulating InputStats for every input of one layer."""
+    """An nn.Observer accumulating InputStats for every input of one layer. experts: the routed experts whose own
+    statistics are kept (a rank's share under torch.distributed, parallel.py; default all); every expert's tokens
+    still reach the pooled sums."""
 
-    def __init__(self, n_experts: int, affinity: bool, full: bool, device: torch.device | str = "cpu"):
+    def __init__(self, n_experts: int, affinity: bool, full: bool, device: torch.device | str = "cpu",
+                 experts: range | None = None):
         self.n_experts, self.affinity, self.full = n_experts, affinity, full
         self.device = torch.device(device)
+        self.experts = range(n_experts) if experts is None else experts
         self.inputs: dict[str, InputStats] = {}
 
     def observe(self, name: str, x: torch.Tensor, token_weight: torch.Tensor | None, expert: int | None) -> None:
@@ -54,24 +65,33 @@ class StatsCollector:
             return
         stats = self.inputs.get(name)
         if stats is None:
-            stats = self.inputs[name] = InputStats.empty(self.n_experts if routed else 1, x.shape[-1], self.full,
+            stats = self.inputs[name] = InputStats.empty(len(self.experts) if routed else 1, x.shape[-1], self.full,
                                                          self.device, routed)
-        g = expert if routed else 0
         x = x.to(self.device, torch.float32)
         w = token_weight.to(self.device, torch.float32) if (self.affinity and token_weight is not None) else None
         sq = x * x
-        stats.plain_sq[g] += sq.sum(0, dtype=torch.float64)
-        stats.count[g] += x.shape[0]
+        plain_sq = sq.sum(0, dtype=torch.float64)
         if w is None:
-            stats.weighted_sq[g] += sq.sum(0, dtype=torch.float64)
-            stats.mass[g] += x.shape[0]
-            if self.full:
-                stats.weighted_xxt[g] += x.T @ x
+            weighted_sq, mass = plain_sq, torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)
+            xxt = x.T @ x if self.full else None
         else:
-            stats.weighted_sq[g] += (sq * w[:, None]).sum(0, dtype=torch.float64)
-            stats.mass[g] += w.sum(dtype=torch.float64)
+            weighted_sq, mass = (sq * w[:, None]).sum(0, dtype=torch.float64), w.sum(dtype=torch.float64)
+            xxt = (x * w[:, None]).T @ x if self.full else None
+        if routed:
+            stats.pooled_sq += weighted_sq
+            stats.pooled_count += x.shape[0]
+            stats.pooled_mass += mass
             if self.full:
-                stats.weighted_xxt[g] += (x * w[:, None]).T @ x
+                stats.pooled_xxt += xxt
+            if expert not in self.experts:
+                return
+        g = expert - self.experts.start if routed else 0
+        stats.plain_sq[g] += plain_sq
+        stats.count[g] += x.shape[0]
+        stats.weighted_sq[g] += weighted_sq
+        stats.mass[g] += mass
+        if self.full:
+            stats.weighted_xxt[g] += xxt
 
     def _observe_heads(self, name: str, x: torch.Tensor) -> None:
         """x [T, H, K]: head h's input rows are x[:, h]."""
@@ -106,19 +126,26 @@ class StatsCollector:
         otherwise only experts with no token at all take the pooled one (their own would be zero)."""
         s = self.inputs[name]
         assert s.weighted_xxt is not None, "collector kept diagonals only"
-        return _normalise(s.weighted_xxt, s, blend_rare and s.routed)
+        return _normalise(s.weighted_xxt, s.pooled_xxt, s, blend_rare and s.routed)
 
     def diagonals(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
         s = self.inputs[name]
-        return _normalise(s.weighted_sq.to(torch.float32), s, blend_rare and s.routed)
+        pooled = None if s.pooled_sq is None else s.pooled_sq.to(torch.float32)
+        return _normalise(s.weighted_sq.to(torch.float32), pooled, s, blend_rare and s.routed)
 
 
-def _normalise(sums: torch.Tensor, s: InputStats, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
+def _normalise(sums: torch.Tensor, pooled_sums: torch.Tensor | None, s: InputStats,
+               blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
     mass = s.mass.to(torch.float32)
     k = sums.shape[-1]
-    pooled = sums.sum(0) / mass.sum().clamp_min(1e-30)
+    if pooled_sums is None:   # unrouted groups (one matrix, or heads): pooled over the groups at hand
+        total_mass, total_count = mass.sum(), s.count.sum()
+        pooled_sums = sums.sum(0)
+    else:
+        total_mass, total_count = s.pooled_mass.to(torch.float32), s.pooled_count
+    pooled = pooled_sums / total_mass.clamp_min(1e-30)
     # a pseudo-mass of K tokens' worth of the layer's average weight
-    lam = k * float(mass.sum() / s.count.sum().clamp_min(1))
+    lam = k * float(total_mass / total_count.clamp_min(1))
     out = torch.empty_like(sums)
     fallback = []
     for g in range(sums.shape[0]):
