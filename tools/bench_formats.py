@@ -9,6 +9,10 @@ and checks that both produced the same bytes. Kernel compilation is excluded (a 
 
     .venv/bin/python tools/bench_formats.py                    # 64M weights, no importance
     .venv/bin/python tools/bench_formats.py --weights 16M --importance both --formats Q4_K,Q8_0
+    .venv/bin/python tools/bench_formats.py --weights 4M --importance both --formats IQ2_XXS,IQ1_M   # the i-quants
+
+The i-quants (formats/lattice.py) go through their own entry point; IQ1_S, IQ2_XXS and IQ2_XS have no row without
+an importance vector (ggml cannot quantize them so).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from moeq2gguf.formats import FORMATS, get_format, ggml_ref
+from moeq2gguf.formats.lattice import KERNEL_NEEDS_IMPORTANCE, is_lattice, quantize_lattice
 
 log = logging.getLogger("bench_formats")
 N_COLS = 4096
@@ -47,15 +52,17 @@ def best_time(fn, repeat: int) -> float:
 
 def bench(x: np.ndarray, importance: np.ndarray | None, qtype: GGMLQuantizationType, threads: int,
           repeat: int) -> dict[str, float | bool]:
-    fmt = get_format(qtype)
-    fmt.quantize(x[:2], importance)  # compile or load the kernels outside the timing
+    quantize = ((lambda rows, imp: quantize_lattice(qtype, rows, imp)) if is_lattice(qtype)
+                else get_format(qtype).quantize)
+    quantize(x[:2], importance)  # compile or load the kernels (and the lattices' search tables) outside the timing
+    ggml_ref.quantize(x[:2], qtype, importance)   # ggml builds its i-quant tables on first use: outside the timing too
     mb = x.nbytes / 1e6
     row: dict[str, float | bool] = {}
     outputs = {}
     for n_threads in sorted({1, threads}):
         numba.set_num_threads(n_threads)
         outputs["ours"] = None
-        row[f"ours_{n_threads}"] = mb / best_time(lambda: outputs.__setitem__("ours", fmt.quantize(x, importance)),
+        row[f"ours_{n_threads}"] = mb / best_time(lambda: outputs.__setitem__("ours", quantize(x, importance)),
                                                   repeat)
         row[f"ggml_{n_threads}"] = mb / best_time(
             lambda: outputs.__setitem__("ggml", ggml_ref.quantize(x, qtype, importance, n_threads=n_threads)), repeat)
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [header, "-" * len(header)]
     for qtype in qtypes:
         for importance in modes:
+            if importance is None and qtype in KERNEL_NEEDS_IMPORTANCE:
+                continue
             log.info("%s %s ...", qtype.name, "imatrix" if importance is not None else "no imatrix")
             r = bench(x, importance, qtype, threads, args.repeat)
             lines.append(f"{qtype.name:8} {'yes' if importance is not None else 'no':7} | "
