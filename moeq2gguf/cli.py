@@ -16,7 +16,8 @@ def _convert(args: argparse.Namespace) -> None:
                            calib_ctx=args.calib_ctx, rotate=args.rotate, rotate_seed=args.rotate_seed,
                            target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
                            expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite,
-                           split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors)
+                           split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
+                           refine=args.refine, refine_routing=args.refine_routing)
     from moeq2gguf import parallel
     lead = parallel.world(config.device).rank == 0   # under torchrun only rank 0 writes, and speaks
     result = convert(args.model_dir, args.output, config, progress=lead and not args.quiet and not args.json,
@@ -34,8 +35,19 @@ def _convert(args: argparse.Namespace) -> None:
         print(result.allocation.table())
     if result.report and any("recon_error" in t for t in result.report.tensors.values()):
         print(reconstruction_summary(result.report))
+    if result.report and result.report.refine:
+        print(refine_summary(result.report.refine))
     print(f"wrote {result.output} ({result.n_bytes / 2**20:.1f} MiB, {result.n_tensors} tensors) in "
           f"{result.seconds:.1f} s, peak RSS {result.peak_rss_mib:.0f} MiB")
+
+
+def refine_summary(per_layer: dict) -> str:
+    lines = [f"{'--refine':8} {'output error':>25} {'next routing KL':>23} {'top-k agreement':>17} {'codes moved':>12}"]
+    for bid, r in sorted(per_layer.items()):
+        lines.append(f"layer {bid:<2} {r['error_before']:11.4e} -> {r['error_after']:10.4e} {r['routing_kl_before']:10.3e} -> "
+                     f"{r['routing_kl_after']:9.3e} {r['routing_agreement_before']:7.1%} -> {r['routing_agreement_after']:6.1%} "
+                     f"{r['codes_moved'] / r['codes']:11.2%}")
+    return "\n".join(lines)
 
 
 def reconstruction_summary(report) -> str:
@@ -244,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the output into parts of at most SIZE (50G, 2GiB, bytes) as llama.cpp does "
                         "(OUT-00001-of-0000N.gguf; load the first part)")
     p.add_argument("--split-max-tensors", type=int, default=0, metavar="N", help="split into parts of at most N tensors")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="after GPTQ of each layer, tune its K-quant codes for STEPS signed-gradient steps against the float "
+                        "layer's output and the next router (gptq/moequant; default 0: off)")
+    p.add_argument("--refine-routing", type=float, default=1.0, metavar="W",
+                   help="weight of --refine's routing-consistency term (default 1; 0: output error only)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (file, sizes, types, method, time, memory, coverage, stage profile)")
     p.add_argument("--allow-nonfinite", action="store_true",

@@ -34,6 +34,8 @@ class ConvertConfig:
     allow_nonfinite: bool = False            # write NaN/Inf or F16-overflowing weights instead of refusing them
     split_max_size: str | int | None = None  # split the output into parts of at most this size ('50G', bytes)
     split_max_tensors: int = 0               # ... or of at most this many tensors (0: no limit)
+    refine: int = 0                          # --refine STEPS: tune each layer's K-quant codes after GPTQ
+    refine_routing: float = 1.0              # weight of the routing-consistency term of --refine
     # derived in __post_init__
     type_name: str = field(init=False)       # the validated type (for a size target: the mix standing in for it)
     stock_smooth: tuple[str, ...] = field(init=False)
@@ -56,7 +58,8 @@ class ConvertConfig:
         method = methods.get(self.method)
         put("quant", QuantConfig(method=self.method, calib=self.calib or "calib", device=self.device,
                                  imatrix_file=self.imatrix, n_windows=self.calib_windows, ctx=self.calib_ctx,
-                                 allow_nonfinite=self.allow_nonfinite))
+                                 allow_nonfinite=self.allow_nonfinite,
+                                 refine=_refine_config(self.refine, self.refine_routing)))
         if plan.is_float(self.type_name) and (method.calibrated or self.imatrix):
             raise Moeq2ggufError(f"--method {self.method} / --imatrix quantize weights; pick a quantized --type such as "
                                  "Q4_K_M")
@@ -182,3 +185,11 @@ class EvalConfig:
             raise Moeq2ggufError(f"--ctx {self.ctx} must be an even number >= 4")
         if self.chunks is not None and self.chunks < 1:
             raise Moeq2ggufError(f"--chunks {self.chunks} must be at least 1")
+
+
+def _refine_config(steps: int, routing_weight: float):
+    from moeq2gguf.quant.refine import RefineConfig
+    try:
+        return RefineConfig(steps=steps, routing_weight=routing_weight)
+    except ValueError as exc:
+        raise Moeq2ggufError(str(exc)) from None

@@ -20,7 +20,7 @@ So the file is byte-identical to a single-process conversion with the same optio
 Failure: collectives time out after MOEQ2GGUF_DIST_TIMEOUT seconds (default 300, torch's own is 10-30 minutes); a rank
 that dies makes torchrun stop the others (SIGTERM), and rank 0 removes its temporary file, as for any interrupted
 conversion. What needs the whole model at once in one process is refused under torchrun with the way out: --target-size
-/ --target-bpw, --smooth, --expert-hadamard, --calib ebss.
+/ --target-bpw, --smooth, --expert-hadamard, --calib ebss, --refine.
 """
 from __future__ import annotations
 
@@ -134,7 +134,8 @@ def refuse_unsupported(config) -> None:
     from moeq2gguf.errors import Moeq2ggufError
     unsupported = [flag for flag, on in (("--target-size/--target-bpw", config.targeted), ("--smooth", config.smooth),
                                          ("--expert-hadamard", config.expert_hadamard),
-                                         ("--calib ebss", config.quant.calib == "ebss")) if on]
+                                         ("--calib ebss", config.quant.calib == "ebss"),
+                                         ("--refine", config.refine)) if on]
     if unsupported:
         raise Moeq2ggufError(f"{', '.join(unsupported)} is not distributed yet; run this conversion as one process "
                              "(without torchrun)")

@@ -124,4 +124,6 @@ def test_what_is_not_distributed_is_refused():
         parallel.refuse_unsupported(ConvertConfig(method="gptq", target_size="5MB"))
     with pytest.raises(Moeq2ggufError, match="--calib ebss"):
         parallel.refuse_unsupported(ConvertConfig(type="Q4_K_M", method="moequant", calib="ebss"))
+    with pytest.raises(Moeq2ggufError, match="--refine"):
+        parallel.refuse_unsupported(ConvertConfig(type="Q4_K_M", method="moequant", refine=10))
     parallel.refuse_unsupported(ConvertConfig(type="Q4_K_M", method="moequant"))

@@ -25,6 +25,7 @@ class QuantizedTensor:
     data: np.ndarray          # the GGUF bytes (rows of blocks)
     weights: torch.Tensor     # what the runtime computes with (dequantized), shape of the input
     info: dict = field(default_factory=dict)   # report: type, method, errors, coverage
+    walk: tuple | None = None                  # GPTQ's (grid, per-block params, codes, rounded weights): for --refine
 
 
 class Method:

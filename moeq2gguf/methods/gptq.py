@@ -32,8 +32,9 @@ class GPTQ(Method):
             H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
         grid = LatticeGrid(qtype) if is_lattice(qtype) else FormatGrid(qtype)
         grid.prepare(_groups(w))
+        targets = torch.empty_like(_groups(w), dtype=torch.float32)
         with stage("gptq"):
-            return H, coverage, grid, gptq_quantize(_groups(w), H, grid, gptq)
+            return H, coverage, grid, (*gptq_quantize(_groups(w), H, grid, gptq, targets), targets)
 
     def importance_only(self, w, qtype, stats, input_name) -> QuantizedTensor:
         """An i-quant quantized without the walk: ggml's importance-weighted search on the diagonal of this method's
@@ -48,7 +49,7 @@ class GPTQ(Method):
 
     def quantize(self, w, qtype, stats, input_name, gptq) -> QuantizedTensor:
         from moeq2gguf.formats.lattice import is_lattice
-        H, coverage, grid, (Q3, codes, params) = self._walk(w, qtype, stats, input_name, gptq)
+        H, coverage, grid, (Q3, codes, params, targets) = self._walk(w, qtype, stats, input_name, gptq)
         with stage("pack"):
             data = grid.pack(params, codes)
         decoded = gguf.quants.dequantize(data, qtype) if is_lattice(qtype) else grid.fmt.dequantize(data)
@@ -64,7 +65,7 @@ class GPTQ(Method):
                 "recon_error_rtn": tensor_quant.reconstruction_error(w, deq_base, H),
                 # per expert (not per head): coverage of the routed ones
                 "coverage": coverage.__dict__ if stats.inputs[input_name].routed else None}
-        return QuantizedTensor(data.reshape(*w.shape[:-1], -1), deq, info)
+        return QuantizedTensor(data.reshape(*w.shape[:-1], -1), deq, info, walk=(grid, params, codes, targets))
 
     def simulate(self, w, qtype, stats, input_name, gptq) -> torch.Tensor:
         return self._walk(w, qtype, stats, input_name, gptq)[3][0].reshape(w.shape)

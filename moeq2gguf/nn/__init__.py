@@ -30,7 +30,7 @@ from moeq2gguf.nn.linear_attention import gated_delta_net
 from moeq2gguf.nn.ops import Observer, linear, rms_norm
 from moeq2gguf.nn.self_attention import NORM_ROPE_ARCHS, attention, mla_attention, rope, rope_frequencies, rope_mscale
 
-__all__ = ["INPUT_OF", "NORM_ROPE_ARCHS", "Observer", "Routing", "attention", "decoder_layer", "dense_ffn", "embed",
+__all__ = ["INPUT_OF", "NORM_ROPE_ARCHS", "Observer", "Routing", "attention", "attention_half", "decoder_layer", "dense_ffn", "embed",
            "gated_delta_net",
            "head", "linear", "mla_attention", "moe", "rms_norm", "rope", "rope_frequencies", "rope_mscale", "route",
            "router_logits", "select_experts", "selection_scores", "unsupported_reason"]
@@ -182,10 +182,9 @@ def dense_ffn(x: torch.Tensor, w: dict[str, torch.Tensor], observer: Observer | 
     return h @ w["ffn_down.weight"].T
 
 
-def decoder_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: Observer | None = None,
-                  routing: Routing | None = None, *, bid: int | None = None) -> tuple[torch.Tensor, Routing | None]:
-    """One decoder layer: x [B, L, n_embd] -> (x', routing of its B*L tokens, None for a dense layer).
-    bid: the layer's index, needed by families whose layers differ by index (gpt-oss's sliding window)."""
+def attention_half(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: Observer | None = None,
+                   bid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer up to its FFN: x [B, L, n_embd] -> (h = x + attention, the FFN's normed input [B*L, n_embd])."""
     normed = rms_norm(x, w["attn_norm.weight"], spec.rms_norm_eps)
     if "ssm_out.weight" in w:   # qwen35moe's linear-attention layers
         h = x + gated_delta_net(normed, w, spec, observer)
@@ -194,13 +193,19 @@ def decoder_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, 
     # gpt-oss normalises the FFN input with attn_post_norm (GGUF post_attention_norm)
     ffn_norm = w["ffn_norm.weight"] if "ffn_norm.weight" in w else w["post_attention_norm.weight"]
     normed = rms_norm(h, ffn_norm, spec.rms_norm_eps)
-    b, L, d = normed.shape
-    flat = normed.reshape(b * L, d)
+    return h, normed.reshape(-1, normed.shape[-1])
+
+
+def decoder_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: Observer | None = None,
+                  routing: Routing | None = None, *, bid: int | None = None) -> tuple[torch.Tensor, Routing | None]:
+    """One decoder layer: x [B, L, n_embd] -> (x', routing of its B*L tokens, None for a dense layer).
+    bid: the layer's index, needed by families whose layers differ by index (gpt-oss's sliding window)."""
+    h, flat = attention_half(x, w, spec, observer, bid)
     if "ffn_gate_inp.weight" in w:
         y, routing = moe(flat, w, spec, observer, routing)
     else:
         y, routing = dense_ffn(flat, w, observer), None
-    return h + y.view(b, L, d), routing
+    return h + y.view(h.shape), routing
 
 
 def embed(tokens: torch.Tensor, token_embd: torch.Tensor) -> torch.Tensor:

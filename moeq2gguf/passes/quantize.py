@@ -30,6 +30,7 @@ from moeq2gguf.models.base import ModelSpec
 from moeq2gguf.passes.layers import Layers, block_key, block_weights, input_of, short_name
 from moeq2gguf.quant import tensor_quant
 from moeq2gguf.quant.gptq import GPTQConfig
+from moeq2gguf.quant.refine import RefineConfig
 from moeq2gguf.quant.stats import StatsCollector
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,13 @@ class QuantConfig:
     gptq: GPTQConfig = GPTQConfig()
     imatrix_file: str | None = None    # a llama-imatrix GGUF to use instead of our statistics
     allow_nonfinite: bool = False      # write NaN/Inf (and F16-overflowing) weights instead of refusing them
+    refine: RefineConfig = RefineConfig()   # --refine: tune each layer's K-quant codes after GPTQ (quant/refine.py)
 
     def __post_init__(self) -> None:
         methods.get(self.method)   # an unknown name: the error lists the registered ones
+        if self.refine.steps and not (methods.get(self.method).sequential and methods.get(self.method).full_statistics):
+            raise Moeq2ggufError(f"--refine tunes what GPTQ chose; --method {self.method} does not run GPTQ: use "
+                                 "--method gptq or moequant, or drop --refine")
         if self.n_windows < 1 or self.ctx < 2:
             raise Moeq2ggufError(f"calibration needs at least one window of 2+ tokens (got {self.n_windows} x {self.ctx})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -62,6 +67,7 @@ class QuantReport:
     tensors: dict[str, dict] = field(default_factory=dict)
     coverage: dict[str, dict] = field(default_factory=dict)
     expert_stats_peak_bytes: int = 0   # the most memory one layer's routed-input statistics took (this rank's share)
+    refine: dict[int, dict] = field(default_factory=dict)   # per layer: --refine's loss before / after, codes moved
 
     def add(self, name: str, info: dict) -> None:
         coverage = info.pop("coverage", None)
@@ -90,6 +96,47 @@ def _observed_run(xs: list[torch.Tensor], n_batches: int, w, spec: ModelSpec, co
     for b in range(n_batches):
         parallel.replay(parallel.broadcast(records.pop(b, None), b % world.size, world), collector)
     return outs
+
+
+def _next_layer(layers: Layers, bid: int, spec: ModelSpec, device):
+    """What the routing term of --refine compares after layer bid: the next MoE layer's router (its float attention
+    half and router weights), or after the last layer the output logits; nothing before a dense layer."""
+    if bid + 1 < len(layers.blocks):
+        block = layers.blocks[bid + 1]
+        if not any(block_key(s.name) == "ffn_gate_inp.weight" for s in block):
+            return (None, None, None)
+        skip = ("_exps.", "_shexp.", "ffn_gate.", "ffn_up.", "ffn_down.")
+        return ("router", block_weights([s for s in block if not any(k in s.name for k in skip)], device), bid + 1)
+    tail = {s.name: s for s in layers.tail}
+    out = tail.get("output.weight") or layers.embedding   # tied: the head is token_embd
+    return ("head", {"output_norm.weight": tail["output_norm.weight"].load().reshape(tail["output_norm.weight"].shape).to(device),
+                     "output": out.load().reshape(out.shape).to(device)}, None)
+
+
+def _refine(layers, bid, block, xs, targets, w, qweights, walks, encoded, spec, cfg: QuantConfig, report, device) -> None:
+    """--refine on one layer (quant/refine.py): the K-quant tensors' codes tuned, re-packed into their frozen blocks."""
+    from moeq2gguf.quant import refine
+    tunable = {}
+    for s in block:
+        walk = walks.get(s.name)
+        if walk is not None and refine.refinable(walk[0]):
+            grid, params, codes, rounded = walk
+            tunable[block_key(s.name)] = (s, refine.KQuantCodes(grid, params, codes, rounded, w[block_key(s.name)].shape,
+                                                                device))
+    if not tunable:
+        return
+    codes, info = refine.refine_layer(xs, targets, qweights, {k: t for k, (_, t) in tunable.items()}, spec, bid,
+                                      _next_layer(layers, bid, spec, device), cfg.refine)
+    for key, (s, t) in tunable.items():
+        grid, params = walks[s.name][:2]
+        data = grid.pack(params, codes[key].reshape(-1, t.codes0.shape[-1]).cpu())
+        deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(t.shape).to(device)
+        if not torch.equal(deq, t.values_of(codes[key].to(device))):
+            raise AssertionError(f"refined {s.name} bytes do not dequantize to the weights the refinement tuned")
+        qweights[key] = deq
+        encoded[s.name] = data.reshape(*t.shape[:-1], -1)
+        report.tensors[s.name]["method"] += f"+refine{cfg.refine.steps}"
+    report.refine[bid] = info
 
 
 def routed_stats_bytes(collector: StatsCollector) -> int:
@@ -170,7 +217,7 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
         with stage("forward", bid):
             x_float = _observed_run(xs, n_batches, w, spec, collector, bid, world)
         report.expert_stats_peak_bytes = max(report.expert_stats_peak_bytes, routed_stats_bytes(collector))
-        encoded, qweights = {}, {}
+        encoded, qweights, walks = {}, {}, {}
         # A second bar inside the layer, over its tensors counted in groups (a routed expert stack counts
         # E, any other tensor 1): the expert stacks are where a big model's GPTQ time goes.
         groups = [s.shape[0] if s.role == "expert" and len(s.shape) == 3 else 1 for s in block]
@@ -197,9 +244,14 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 with stage("quantize", bid):
                     q = methods.quantize_tensor(method, w[key], qtype, collector, input_of(s.name), cfg.gptq)
                 encoded[s.name], qweights[key] = q.data, q.weights
+                if q.walk is not None:
+                    walks[s.name] = q.walk
                 report.add(s.name, q.info)
             inner.update(n_groups)
         inner.close()
+        if cfg.refine.steps and walks:
+            with stage("refine", bid):
+                _refine(layers, bid, block, xs, x_float, w, qweights, walks, encoded, spec, cfg, report, device)
         if method.sequential:
             with stage("forward", bid):
                 xs = _run(xs, qweights, spec, None, bid)

@@ -59,13 +59,14 @@ def group_weights(U_block: torch.Tensor) -> torch.Tensor:
     return (inv * inv).sum(-1)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
-                  cfg: GPTQConfig = GPTQConfig()) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, cfg: GPTQConfig = GPTQConfig(),
+                  targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Any]]:
     """W [G, R, K] weights of G experts (G = 1 for a dense matrix), H [G, K, K] their Hessians.
 
     Returns the quantized weights Q [G, R, K] (the values the runtime will compute), their codes
     [G, R, K] and the fitted params of each block, in column order (params[b] covers columns
-    b*group .. (b+1)*group-1 for all G*R rows)."""
+    b*group .. (b+1)*group-1 for all G*R rows). targets [G, R, K], when given, receives each weight as the walk
+    rounded it (after the error feedback of the columns before it): what --refine rounds again (quant/refine.py)."""
     G, R, K = W.shape
     if K % grid.group:
         raise ValueError(f"row size {K} is not a multiple of the format block {grid.group}")
@@ -94,6 +95,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid,
                     imp = importance[:, None, col:col + grid.group].expand(G, R, grid.group).reshape(G * R, grid.group)
                     params.append(grid.fit(block, imp))
                 w = W1[:, :, j]
+                if targets is not None:
+                    targets[:, :, col] = w
                 if vector > 1:
                     if jj % vector == 0:   # the whole group at once, under its diagonal GPTQ weights
                         weights = group_weights(U1[:, j:j + vector, j:j + vector])[:, None, :].expand(G, R, vector)

@@ -1,0 +1,170 @@
+"""--refine: after GPTQ of a decoder layer, tune its rounding against the float layer's output (issue 24; AutoRound's
+signed gradient descent, docs/METHODS.md section 11).
+
+What moves: every code of a K-quant tensor (Q2_K..Q6_K, what the K mixes are made of): code = clamp(round(u + V),
+format range), u the weight as GPTQ's walk rounded it (after the error feedback of the earlier columns) over its frozen
+scale, V in [-0.5, 0.5] per weight, starting at 0 (GPTQ's codes exactly): a weight GPTQ rounded near a boundary flips
+first. The block scales stay the ones GPTQ fitted, so the result is in the same format and the same type mix, and every
+value is exactly what the runtime decodes (round passes its gradient straight through). Other tensors (i-quants, legacy
+formats, Q8_0, floats) keep GPTQ's result.
+
+Loss, on the layer's calibration inputs (the quantized model's hidden states, as GPTQ sees them):
+  ||layer_q(x) - layer_f(x)||^2 / ||layer_f(x) - x||^2   (the output error relative to what the layer adds; routed
+  experts count by their routing weights, as the layer sums them: AGQ's weighting)
++ routing_weight * KL(router_{l+1}(layer_f(x)) || router_{l+1}(layer_q(x)))   (EAQuant's routing consistency: the next
+  layer's attention and router run in float on both outputs; the last layer's term is the output logits')
+Each step takes one batch of windows in turn; V moves by lr * sign(gradient), lr decaying linearly from 1 / steps.
+The V with the lowest loss over all batches, evaluated a few times per run, is kept (AutoRound keeps its best iteration;
+GPTQ's own codes are the first candidate, so the loss never rises).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeq2gguf import nn
+from moeq2gguf.formats.k_common import ScaleMinFormat, SignedScaleFormat
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    steps: int = 0                 # 0: no refinement
+    routing_weight: float = 1.0    # weight of the routing-consistency term
+    lr: float | None = None        # default 1 / steps
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"--refine {self.steps}: give a number of steps >= 0")
+        if self.routing_weight < 0:
+            raise ValueError(f"--refine-routing {self.routing_weight} must be >= 0")
+
+
+def _round_ste(v: torch.Tensor) -> torch.Tensor:
+    return v + (torch.round(v) - v).detach()
+
+
+class KQuantCodes:
+    """GPTQ's K-quant result as a function of per-weight offsets V: values exactly as quant/grid.py computes them."""
+
+    def __init__(self, grid, params: list, codes: torch.Tensor, targets: torch.Tensor, shape: torch.Size,
+                 device: torch.device):
+        from moeq2gguf.quant.grid import _KQuantColumns
+        fmt = grid.fmt
+        cols = [_KQuantColumns(fmt, p, device) for p in params]
+        sub = cols[0].sub
+        self.dsub = torch.cat([c.dsub.repeat_interleave(sub, dim=1) for c in cols], dim=1)      # [N, K]
+        self.dm = (torch.cat([c.dm.repeat_interleave(sub, dim=1) for c in cols], dim=1)
+                   if isinstance(fmt, ScaleMinFormat) else None)
+        self.codes0 = codes.reshape(self.dsub.shape).to(device=device, dtype=torch.float32)
+        self.hi = float(fmt.nmax) if isinstance(fmt, ScaleMinFormat) else float(2 * fmt.half - 1)
+        self.half = None if isinstance(fmt, ScaleMinFormat) else float(fmt.half)
+        self.frozen = self.dsub == 0          # ggml's fallback codes there: values do not depend on them
+        safe = torch.where(self.frozen, torch.ones_like(self.dsub), self.dsub)
+        x = targets.reshape(self.dsub.shape).to(device=device, dtype=torch.float32)
+        # the walk's own rounding (quant/grid.py): code = nearest((x + dmin*mn) / (d*sc)), or half + nearest(x / (d*sc))
+        self.u = (x + self.dm) / safe if self.dm is not None else x / safe + self.half
+        self.shape = shape
+
+    def codes(self, v: torch.Tensor) -> torch.Tensor:
+        moved = _round_ste(self.u + v.reshape(self.u.shape)).clamp(0, self.hi)
+        return torch.where(self.frozen, self.codes0, moved)
+
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        return self.values_of(self.codes(v))
+
+    def values_of(self, codes: torch.Tensor) -> torch.Tensor:
+        """The weights the runtime decodes from these codes (the frozen scales' float32 products, as grid.py)."""
+        c = codes.reshape(self.codes0.shape).to(torch.float32)
+        out = self.dsub * c - self.dm if self.dm is not None else self.dsub * (c - self.half)
+        return out.reshape(self.shape)
+
+
+def refinable(grid) -> bool:
+    return hasattr(grid, "fmt") and isinstance(grid.fmt, (ScaleMinFormat, SignedScaleFormat))
+
+
+def _router_probs(x: torch.Tensor, w_next: dict, spec, bid_next: int) -> torch.Tensor:
+    _, flat = nn.attention_half(x, w_next, spec, None, bid_next)
+    probs, _ = nn.selection_scores(nn.router_logits(flat, w_next), spec, w_next.get("exp_probs_b.bias"))
+    return probs
+
+
+def _log_dist(x: torch.Tensor, next_layer, spec) -> torch.Tensor | None:
+    """Log-probabilities the routing term compares: the next layer's router, or the output logits after the last."""
+    kind, w_next, bid_next = next_layer
+    if kind == "router":
+        p = _router_probs(x, w_next, spec, bid_next)
+        if spec.routing.scoring == "softmax_topk":   # gpt-oss: the scores are logits
+            return torch.log_softmax(p, dim=-1)
+        if spec.routing.scoring == "sigmoid":   # independent gates: compare the normalised scores
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        return torch.log(p.clamp_min(1e-30))
+    if kind == "head":
+        return torch.log_softmax(nn.head(x, w_next["output_norm.weight"], w_next["output"], spec), dim=-1).reshape(
+            -1, w_next["output"].shape[0])
+    return None
+
+
+def refine_layer(xs: list[torch.Tensor], targets: list[torch.Tensor], weights: dict[str, torch.Tensor],
+                 tunable: dict[str, KQuantCodes], spec, bid: int, next_layer, cfg: RefineConfig) -> tuple[dict, dict]:
+    """Tune the codes of `tunable` (block keys) in the layer whose quantized weights are `weights`, on inputs xs and the
+    float layer's outputs `targets` (lists of batches). next_layer: ("router", float weights, index), ("head", {output_norm
+    .weight, output}, None) or (None, None, None). Returns ({key: codes [N, K] int32}, report)."""
+    steps = cfg.steps
+    lr0 = cfg.lr if cfg.lr is not None else 1.0 / steps
+    device = xs[0].device
+    v = {k: torch.zeros(t.codes0.shape, device=device, requires_grad=True) for k, t in tunable.items()}
+    fixed = {k: t.detach() for k, t in weights.items() if k not in tunable}
+    with torch.no_grad():
+        scale = [((t - x) ** 2).sum().clamp_min(1e-30) for x, t in zip(xs, targets)]
+        target_logp = [_log_dist(t, next_layer, spec) for t in targets]   # reported even when not in the loss
+    k_used = spec.n_experts_used
+
+    def parts(b: int, grad: bool, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(relative output error, routing KL, share of tokens whose next top-k set is the float one's) of batch b."""
+        with torch.set_grad_enabled(grad):
+            w = {**fixed, **{k: t.values(v[k]) for k, t in tunable.items()}}
+            y, _ = nn.decoder_layer(xs[b], w, spec, bid=bid)
+            err = ((y - targets[b]) ** 2).sum() / scale[b]
+            kl, agree = torch.zeros((), device=device), float("nan")
+            if with_kl and target_logp[b] is not None:
+                logp = _log_dist(y, next_layer, spec)
+                kl = (target_logp[b].exp() * (target_logp[b] - logp)).sum(-1).mean()
+                if next_layer[0] == "router":
+                    same = (logp.topk(k_used, -1).indices.sort(-1).values ==
+                            target_logp[b].topk(k_used, -1).indices.sort(-1).values).all(-1)
+                    agree = float(same.float().mean())
+        return err, kl, agree
+
+    def evaluate() -> tuple[float, float, float]:
+        runs = [parts(b, False, True) for b in range(len(xs))]
+        return tuple(sum(float(r[i]) for r in runs) / len(xs) for i in range(3))
+
+    err0, kl0, agree0 = evaluate()
+    best, best_parts = err0 + cfg.routing_weight * kl0, (err0, kl0, agree0)
+    best_v = {k: t.detach().clone() for k, t in v.items()}
+    n_batches = len(xs)
+    check_every = max(n_batches, steps // 4)   # full evaluations: a few per run, each a pass over the batches
+    for step in range(steps):
+        err, kl, _ = parts(step % n_batches, True, cfg.routing_weight > 0)
+        (err + cfg.routing_weight * kl).backward()
+        lr = lr0 * (1 - step / steps)
+        with torch.no_grad():
+            for t in v.values():
+                t -= lr * torch.sign(t.grad)
+                t.clamp_(-0.5, 0.5)
+                t.grad = None
+        if (step + 1) % check_every == 0 or step == steps - 1:   # is this the best V so far?
+            e, k, a = evaluate()
+            if e + cfg.routing_weight * k < best:
+                best, best_parts = e + cfg.routing_weight * k, (e, k, a)
+                best_v = {key: t.detach().clone() for key, t in v.items()}
+    codes = {k: t.codes(best_v[k]).to(torch.int32) for k, t in tunable.items()}
+    moved = sum(int((codes[k].float() != t.codes0).sum()) for k, t in tunable.items())
+    assert all(torch.equal(t.codes(torch.zeros_like(t.u)), t.codes0) for t in tunable.values()), \
+        "V = 0 must give GPTQ's codes"
+    total = sum(t.codes0.numel() for t in tunable.values())
+    return codes, {"error_before": err0, "error_after": best_parts[0], "routing_kl_before": kl0,
+                   "routing_kl_after": best_parts[1], "routing_agreement_before": agree0,
+                   "routing_agreement_after": best_parts[2], "codes_moved": moved, "codes": total}
