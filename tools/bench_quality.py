@@ -10,7 +10,8 @@ llama-quantize fed the same file, and cross-checks our eval against llama-perple
 usage: python tools/bench_quality.py [--models mixtral-tiny qwen2moe-tiny] [--mixes Q4_K_M Q3_K_M Q2_K]
                                      [--methods rtn imatrix gptq moequant moequant+ebss] [--chunks 32] [--write] [--reuse]
 
-A method may carry "+" options: +ebss (calibrate on EBSS data the model generates, cached),
+A method may carry "+" options: +refineN (--refine N), +routingW (--refine-routing W), +ebss (calibrate on EBSS data the
+model generates, cached),
 +rotate (residual rotation), +smooth (EAQuant's smoothing: aggregation and down-projection scaling), +smoothagg or
 +smoothdown (one of the two).
 """
@@ -84,6 +85,12 @@ def convert_kwargs(method: str) -> dict:
     base, *options = method.split("+")
     kwargs = {"method": base, "rotate": False}  # a row says its transforms: not moequant's default rotation
     for o in options:
+        if o.startswith("refine") and o[6:].isdigit():   # +refine100: --refine 100
+            kwargs["refine"] = int(o[6:])
+            continue
+        if o.startswith("routing") and o[7:].replace(".", "", 1).isdigit():   # +routing0: --refine-routing 0
+            kwargs["refine_routing"] = float(o[7:])
+            continue
         if o not in METHOD_OPTIONS:
             raise SystemExit(f"--methods {method}: unknown option +{o}; known: {', '.join(METHOD_OPTIONS)}")
         kwargs.update(METHOD_OPTIONS[o])

@@ -57,17 +57,20 @@ class KQuantCodes:
         self.dm = (torch.cat([c.dm.repeat_interleave(sub, dim=1) for c in cols], dim=1)
                    if isinstance(fmt, ScaleMinFormat) else None)
         self.codes0 = codes.reshape(self.dsub.shape).to(device=device, dtype=torch.float32)
-        self.hi = float(fmt.nmax) if isinstance(fmt, ScaleMinFormat) else float(2 * fmt.half - 1)
-        self.half = None if isinstance(fmt, ScaleMinFormat) else float(fmt.half)
         self.frozen = self.dsub == 0          # ggml's fallback codes there: values do not depend on them
         safe = torch.where(self.frozen, torch.ones_like(self.dsub), self.dsub)
         x = targets.reshape(self.dsub.shape).to(device=device, dtype=torch.float32)
-        # the walk's own rounding (quant/grid.py): code = nearest((x + dmin*mn) / (d*sc)), or half + nearest(x / (d*sc))
-        self.u = (x + self.dm) / safe if self.dm is not None else x / safe + self.half
+        # the walk's own rounding (quant/grid.py), in the same float32 operations: code = nearest((x + dmin*mn) / (d*sc))
+        # in 0..nmax, or half + nearest(x / (d*sc)) in -half..half-1 (adding half before rounding would round twice)
+        if isinstance(fmt, ScaleMinFormat):
+            self.u, self.lo, self.hi, self.offset, self.half = (x + self.dm) / safe, 0.0, float(fmt.nmax), 0.0, None
+        else:
+            self.u, self.lo, self.hi, self.offset = x / safe, float(-fmt.half), float(fmt.half - 1), float(fmt.half)
+            self.half = float(fmt.half)
         self.shape = shape
 
     def codes(self, v: torch.Tensor) -> torch.Tensor:
-        moved = _round_ste(self.u + v.reshape(self.u.shape)).clamp(0, self.hi)
+        moved = self.offset + _round_ste(self.u + v.reshape(self.u.shape)).clamp(self.lo, self.hi)
         return torch.where(self.frozen, self.codes0, moved)
 
     def values(self, v: torch.Tensor) -> torch.Tensor:
