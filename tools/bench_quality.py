@@ -44,7 +44,8 @@ import moeq2gguf.calib.ebss, moeq2gguf.calib.balance, moeq2gguf.calib.windows  #
 
 # --section NAME writes a table of its own (e.g. the i-quant mixes) between these markers, under this title
 SECTIONS = {"quality": ("", "Quality against llama.cpp's own quants"),
-            "iquants": (":iquants", "Below 3 bits: the i-quant mixes against llama.cpp's (issue 23)")}
+            "iquants": (":iquants", "Below 3 bits: the i-quant mixes against llama.cpp's (issue 23)"),
+            "refine": (":refine", "Refinement after GPTQ (--refine, issue 24)")}
 
 
 def markers(section: str) -> tuple[str, str, str]:
