@@ -50,7 +50,7 @@ def test_moequant_at_iq2_xxs_runs_and_is_measured(model, one_thread):
     theirs = tmp / "IQ2_XXS-llama.gguf"
     if not theirs.exists():
         run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix, base, theirs, "IQ2_XXS", "1"])
-    result = convert(path, tmp / "moequant.gguf", type="IQ2_XXS", method="moequant", calib_windows=8, calib_ctx=256,
+    result = convert(path, tmp / "moequant.gguf", type="IQ2_XXS", method="moequant", calib_windows=4, calib_ctx=256,
                      progress=False)
     methods = {t["method"] for t in result.report.tensors.values()}
     assert methods == {"moequant", "rtn"}   # GPTQ into the lattices for the i-quant tensors too; token_embd is RTN

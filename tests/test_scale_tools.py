@@ -32,7 +32,9 @@ SMALL = {   # per shape: widths small enough for a test, everything else (family
 }
 
 
-@pytest.mark.parametrize("name", sorted(shapes.SHAPES))
+# two of the five shapes within the suite's time budget: MLA with a dense first layer (the DeepSeek-V3 layout) and a
+# shared expert with a sigmoid gate (Qwen1.5); the others write through the same code (tools/bench_scale.py runs them)
+@pytest.mark.parametrize("name", ["deepseek-v3", "qwen1.5-moe-a2.7b"])
 def test_shape_checkpoints_load_and_convert(name, tmp_path):
     assert set(SMALL) == set(shapes.SHAPES)
     small = {**SMALL[name], "vocab_size": 4096}

@@ -94,7 +94,7 @@ def test_group_search_finds_the_cheapest_values(qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_walk_packs_what_it_simulated_and_beats_importance_only(qtype):
     torch.manual_seed(0)
-    G, R, K, T = 2, 8, 512, 1024
+    G, R, K, T = 2, 8, 256, 512
     X = torch.randn(G, T, K) * torch.linspace(0.2, 3, K)
     X[:, :, 1::2] += 0.8 * X[:, :, ::2]                   # correlated inputs: where error feedback pays
     H = torch.einsum("gtk,gtl->gkl", X, X) / T
