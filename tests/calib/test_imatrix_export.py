@@ -65,7 +65,7 @@ def test_imatrix_equals_llama_imatrix_and_quantizes(model, tmp_path, one_thread)
             files.append((tag, mix, out))
     evals = tmp_path / "eval.txt"
     evals.write_text(corpus.read_text("eval")[:60_000])
-    results = evaluate_many([f for _, _, f in files], base, str(evals), ctx=CTX, chunks=16, progress=False)
+    results = evaluate_many([f for _, _, f in files], base, str(evals), ctx=CTX, chunks=8, progress=False)
     kld = {(tag, mix): r.kld_mean for (tag, mix, _), r in zip(files, results)}
     for mix in ("Q4_K_M", "Q2_K"):
         print(f"{model} {mix}: llama-quantize --imatrix, mean KLD: llama-imatrix {kld['llama-imatrix', mix]:.5f}, "

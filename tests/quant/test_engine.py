@@ -42,15 +42,14 @@ def qwen_checkpoint(tmp_path_factory, small_tokenizers):
     return save_checkpoint(model, small_tokenizers["qwen2moe"], tmp / "ckpt")
 
 
-def test_gptq_below_rtn_on_every_tensor_and_deterministic(qwen_checkpoint, tmp_path):
+def test_gptq_below_rtn_on_every_tensor(qwen_checkpoint, tmp_path):
+    # (determinism: tests/test_parallel.py compares separate processes' files byte for byte)
     kwargs = dict(type="Q3_K_M", method="moequant", calib="eval", calib_windows=4, calib_ctx=256, progress=False)
     first = convert(qwen_checkpoint, tmp_path / "a.gguf", **kwargs)
     rows = {n: t for n, t in first.report.tensors.items() if "recon_error" in t}
     assert rows, "no tensor went through GPTQ"
     for name, t in rows.items():
         assert t["recon_error"] < t["recon_error_rtn"], name
-    convert(qwen_checkpoint, tmp_path / "b.gguf", **kwargs)
-    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
 
 def test_expert_without_tokens_uses_pooled_hessian(qwen_checkpoint, tmp_path, monkeypatch):
