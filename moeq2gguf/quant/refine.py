@@ -14,6 +14,8 @@ Loss, on the layer's calibration inputs (the quantized model's hidden states, as
 + routing_weight * KL(router_{l+1}(layer_f(x)) || router_{l+1}(layer_q(x)))   (EAQuant's routing consistency: the next
   layer's attention and router run in float on both outputs; the last layer's term is the output logits')
 Each step takes one batch of windows in turn; V moves by lr * sign(gradient), lr decaying linearly from 1 / steps.
+Rare experts: an expert's codes get gradient only from the tokens routed to it, so one that no calibration token
+reaches keeps GPTQ's codes (from the pooled Hessian) and one with few tokens moves little.
 The V with the lowest loss over all batches, evaluated a few times per run, is kept (AutoRound keeps its best iteration;
 GPTQ's own codes are the first candidate, so the loss never rises).
 """
