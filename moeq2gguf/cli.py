@@ -395,8 +395,26 @@ class Terminated(BaseException):
     """SIGTERM (kill, systemd, container runtimes), raised where the process is, so that cleanup runs as for Ctrl-C."""
 
 
+_SIGNALLED: list[str] = []   # the signals received, so that an interrupt another library turned into its own error
+                             # (safetensors' reader raises ValueError when Ctrl-C lands inside it) still reads as one
+
+
 def _terminate(signum, frame) -> None:
+    _SIGNALLED.append("SIGTERM")
     raise Terminated()
+
+
+def _interrupt(signum, frame) -> None:
+    _SIGNALLED.append("SIGINT")
+    raise KeyboardInterrupt()
+
+
+def _signal_exit(kind: str) -> int:
+    if kind == "SIGINT":
+        print("moeq2gguf: interrupted (SIGINT); the unfinished output was removed", file=sys.stderr)
+        return 130
+    print("moeq2gguf: terminated (SIGTERM); the unfinished output was removed", file=sys.stderr)
+    return 143
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     import threading
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # an ignored SIGINT stays ignored
+            signal.signal(signal.SIGINT, _interrupt)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if hasattr(args, "threads") and not isinstance(args.threads, str):   # bench's --threads is its list
@@ -423,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
               "permission and run again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("moeq2gguf: interrupted (SIGINT); the unfinished output was removed", file=sys.stderr)
-        return 130
+        return _signal_exit("SIGINT")
     except Terminated:
-        print("moeq2gguf: terminated (SIGTERM); the unfinished output was removed", file=sys.stderr)
-        return 143
+        return _signal_exit("SIGTERM")
+    except Exception:
+        if _SIGNALLED:   # the signal surfaced as another library's error; convert removed its output all the same
+            return _signal_exit(_SIGNALLED[0])
+        raise
     return 0
 
 

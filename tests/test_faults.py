@@ -150,3 +150,44 @@ def test_a_full_disk_ends_with_one_line_and_no_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"moeq2gguf: error: writing {out} failed after "), proc.stderr
     assert "the disk or a quota is probably full; nothing was written" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_surfacing_as_another_error_still_reads_as_one(monkeypatch, capsys, tmp_path):
+    """Ctrl-C landing inside a C extension can come back as that library's own error (safetensors' reader: ValueError
+    "could not determine the shape of object type 'torch.storage.UntypedStorage'", seen in a test run): the CLI still
+    exits as interrupted. Simulated: the signal handler runs, then the conversion fails with a ValueError."""
+    import signal
+    from moeq2gguf import cli
+    monkeypatch.setattr(cli, "_SIGNALLED", [])
+    error = ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    def interrupted(args):
+        try:
+            cli._interrupt(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            raise error from None
+
+    def failing(args):
+        raise error
+
+    parser = cli.build_parser()
+    real_parse = parser.parse_args
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    try:
+        for func, want in ((interrupted, 130), (failing, None)):
+            monkeypatch.setattr(parser, "parse_args", lambda argv, f=func: _with_func(real_parse(argv), f))
+            cli._SIGNALLED.clear()
+            if want is None:   # without a signal, an error stays an error
+                with pytest.raises(ValueError):
+                    cli.main(["convert", str(FIXTURE), "-o", str(tmp_path / "m.gguf")])
+            else:
+                assert cli.main(["convert", str(FIXTURE), "-o", str(tmp_path / "m.gguf")]) == want
+                assert capsys.readouterr().err.strip() == ("moeq2gguf: interrupted (SIGINT); the unfinished output was "
+                                                           "removed")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _with_func(args, func):
+    args.func = func
+    return args
