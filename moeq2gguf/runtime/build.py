@@ -307,7 +307,7 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
     args += _cmake_tool_args(env)
     targets = ["llama"]
     if cuda:
-        args += ["-DGGML_CUDA=ON", "-DGGML_NATIVE=OFF", *cpu_choice().cmake_args()]
+        args += ["-DGGML_CUDA=ON", *cpu_choice().cmake_args()]
         if cuda_arch:
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
         targets.append("ggml")

@@ -67,12 +67,12 @@ class CpuChoice:
     """The instruction sets one llama.cpp build is compiled for."""
     model: str
     machine: str
-    options: tuple[tuple[str, bool], ...]   # empty: not x86, llama.cpp's own choice (GGML_NATIVE)
+    options: tuple[tuple[str, bool], ...]   # empty: not x86, ggml's portable baseline for the architecture
     amx: str                                # why AMX is on or off, in words
 
     def cmake_args(self) -> list[str]:
-        if not self.options:
-            return []
+        """GGML_NATIVE=OFF always (never -march=native: the binaries must run on other CPUs of the architecture),
+        then one ON/OFF per x86 instruction set."""
         return ["-DGGML_NATIVE=OFF"] + [f"-D{name}={'ON' if on else 'OFF'}" for name, on in self.options]
 
     @property
@@ -85,7 +85,7 @@ class CpuChoice:
 
     def summary(self) -> str:
         if not self.options:
-            return f"{self.model or self.machine}: llama.cpp's own CPU feature choice (not x86-64)"
+            return f"{self.model or self.machine}: ggml's portable baseline for this architecture (not x86-64)"
         return f"{self.model or self.machine}: {' '.join(self.enabled) or 'no SIMD extensions'}; AMX {self.amx}"
 
     def key(self) -> str:
