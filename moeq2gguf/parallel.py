@@ -46,9 +46,6 @@ class World:
         """This rank's contiguous share of n_experts (the first n_experts % size ranks take one more)."""
         return expert_range(n_experts, self.size, self.rank)
 
-    def owns_batch(self, b: int) -> bool:
-        return b % self.size == self.rank
-
 
 def expert_range(n_experts: int, size: int, rank: int) -> range:
     base, extra = divmod(n_experts, size)

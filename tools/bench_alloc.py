@@ -27,7 +27,7 @@ from moeq2gguf.eval import evaluate_many  # noqa: E402
 # Import every module the run needs now: a long run must not pick up files edited while it works.
 import moeq2gguf.plan.alloc, moeq2gguf.quant.sensitivity, moeq2gguf.quant.grid, moeq2gguf.calib.windows  # noqa: E402,E401,F401
 import moeq2gguf.models.mixtral, moeq2gguf.models.qwen2moe  # noqa: E402,E401,F401
-from bench_quality import bits_per_weight, machine, needs_imatrix  # noqa: E402  (tools/ is on sys.path when run as a script)
+from bench_quality import bits_per_weight, machine, needs_imatrix, write_section  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 SECTIONS = {"alloc": ("<!-- bench_alloc:begin -->", "<!-- bench_alloc:end -->",
                       "Allocated recipes (--target-size) against the fixed mixes at equal size"),
@@ -124,11 +124,7 @@ def main() -> None:
             f"{format_table(rows)}\n\nAllocated below the fixed mix in {wins} of {len(rows)} rows.\n{end}\n")
     print(text)
     if args.write:
-        path = REPO / "BENCHMARKS.md"
-        old = path.read_text()
-        if begin in old:
-            old = old[:old.index(begin)] + old[old.index(end) + len(end) + 1:]
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(text, begin, end)
 
 
 if __name__ == "__main__":

@@ -75,11 +75,9 @@ def main() -> None:
             + "\n".join(lines) + f"\n{MARK_END}\n")
     print(text)
     if args.write:
-        path = REPO / "BENCHMARKS.md"
-        old = path.read_text()
-        if MARK_BEGIN in old:
-            old = old[:old.index(MARK_BEGIN)] + old[old.index(MARK_END) + len(MARK_END) + 1:]
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        sys.path.insert(0, str(REPO / "tools"))
+        from bench_quality import write_section
+        write_section(text, MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__":

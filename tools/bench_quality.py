@@ -53,6 +53,17 @@ def markers(section: str) -> tuple[str, str, str]:
     return f"<!-- bench_quality{tag}:begin -->", f"<!-- bench_quality{tag}:end -->", title
 
 
+def write_section(text: str, begin: str, end: str) -> None:
+    """Put a benchmark's section (text, from its begin marker to its end marker) into BENCHMARKS.md: in place of the
+    previous one, keeping the sections around it, or at the end the first time."""
+    path = REPO / "BENCHMARKS.md"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table is the printed output of the command above it.\n\n"
+    if begin in old:
+        path.write_text(old[:old.index(begin)] + text + old[old.index(end) + len(end) + 1:])
+    else:
+        path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
 def needs_imatrix(mix: str) -> bool:
     """llama-quantize refuses these mixes without an importance matrix, and so does our rtn."""
     from moeq2gguf.plan.mixes import IMATRIX_MIXES
@@ -275,12 +286,7 @@ def main() -> None:
                if (transforms := format_transform_table(rows)) else "") + f"{end}\n")
     print(text)
     if args.write:
-        path = REPO / "BENCHMARKS.md"
-        old = path.read_text() if path.exists() else "# Benchmarks\n\nEvery table is the printed output of the command above it.\n\n"
-        if begin in old:  # replace the table in place, keeping the sections around it
-            path.write_text(old[:old.index(begin)] + text + old[old.index(end) + len(end) + 1:])
-        else:
-            path.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(text, begin, end)
 
 
 if __name__ == "__main__":

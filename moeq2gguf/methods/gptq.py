@@ -32,20 +32,10 @@ class GPTQ(Method):
             H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
         grid = LatticeGrid(qtype) if is_lattice(qtype) else FormatGrid(qtype)
         grid.prepare(_groups(w))
-        targets = torch.empty_like(_groups(w), dtype=torch.float32)
+        # the weights as the walk rounds them: only --refine reads them (a weight-sized tensor more per tensor)
+        targets = torch.empty_like(_groups(w), dtype=torch.float32) if gptq.keep_rounded else None
         with stage("gptq"):
             return H, coverage, grid, (*gptq_quantize(_groups(w), H, grid, gptq, targets), targets)
-
-    def importance_only(self, w, qtype, stats, input_name) -> QuantizedTensor:
-        """An i-quant quantized without the walk: ggml's importance-weighted search on the diagonal of this method's
-        Hessians (what the methods did before GPTQ into the lattices; kept as the baseline the tests compare with)."""
-        with stage("statistics"):
-            H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
-        importance = H.diagonal(dim1=-2, dim2=-1).to(torch.float32)
-        data, deq = tensor_quant.encode(w, qtype, importance)
-        info = {"type": qtype.name, "method": f"{self.name} (importance only)",
-                "recon_error": tensor_quant.reconstruction_error(w, deq, H)}
-        return QuantizedTensor(data, deq, info)
 
     def quantize(self, w, qtype, stats, input_name, gptq) -> QuantizedTensor:
         from moeq2gguf.formats.lattice import is_lattice
@@ -65,7 +55,8 @@ class GPTQ(Method):
                 "recon_error_rtn": tensor_quant.reconstruction_error(w, deq_base, H),
                 # per expert (not per head): coverage of the routed ones
                 "coverage": coverage.__dict__ if stats.inputs[input_name].routed else None}
-        return QuantizedTensor(data.reshape(*w.shape[:-1], -1), deq, info, walk=(grid, params, codes, targets))
+        walk = (grid, params, codes, targets) if gptq.keep_rounded else None
+        return QuantizedTensor(data.reshape(*w.shape[:-1], -1), deq, info, walk=walk)
 
     def simulate(self, w, qtype, stats, input_name, gptq) -> torch.Tensor:
         return self._walk(w, qtype, stats, input_name, gptq)[3][0].reshape(w.shape)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass, field
 
 import gguf
@@ -55,6 +56,8 @@ class QuantConfig:
         if self.refine.steps and not (methods.get(self.method).sequential and methods.get(self.method).full_statistics):
             raise Moeq2ggufError(f"--refine tunes what GPTQ chose; --method {self.method} does not run GPTQ: use "
                                  "--method gptq or moequant, or drop --refine")
+        if self.refine.steps and not self.gptq.keep_rounded:   # the walk keeps what --refine starts from
+            object.__setattr__(self, "gptq", dataclasses.replace(self.gptq, keep_rounded=True))
         if self.n_windows < 1 or self.ctx < 2:
             raise Moeq2ggufError(f"calibration needs at least one window of 2+ tokens (got {self.n_windows} x {self.ctx})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -30,6 +30,7 @@ class Grid(Protocol):
 class GPTQConfig:
     damp: float = 0.01            # fraction of mean(diag H) added to the diagonal
     lazy_block: int = 256         # columns per lazy update; a multiple of every format block (32, 256)
+    keep_rounded: bool = False    # keep each weight as the walk rounded it, for --refine (quant/refine.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.damp < 1:
