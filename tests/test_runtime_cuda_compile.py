@@ -64,6 +64,16 @@ def test_patched_ggml_cuda_compiles_for_sm90():
     objects = Path(runtime_build.CACHE / runtime_build.CUDA_CHECK_DIR / "build")
     for name in PATCHED_UNITS:
         assert len(list(objects.rglob(f"{name}.o"))) == 1, name
+    # libggml-cuda links with the version script that keeps the C++ runtime private (issue 26; linking needs
+    # the GPU machine's libraries, so the configured link statement is what is checked here)
+    link_txt = objects / "ggml" / "src" / "ggml-cuda" / "CMakeFiles" / "ggml-cuda.dir" / "link.txt"   # Makefiles
+    if link_txt.is_file():
+        link = link_txt.read_text()
+    else:   # Ninja
+        ninja = (objects / "build.ninja").read_text()
+        link = ninja[ninja.index("CUDA_SHARED_LIBRARY_LINKER__ggml-cuda_"):]
+        link = link[:link.index("\n\n")]
+    assert "--version-script=" in link and "private-cxx-runtime.map" in link and "--exclude-libs,ALL" in link
 
 
 def test_a_passed_compile_check_is_remembered_only_for_the_same_inputs(tmp_path):

@@ -25,6 +25,27 @@ def patched_lib():
     return runtime_build.build().lib_dir
 
 
+def test_built_libraries_keep_the_cxx_runtime_private(patched_lib):
+    """No library we build exports a symbol that libstdc++ defines (issue 26: on the GPU machine libllama bound
+    libstdc++'s stream output to libggml-cuda's exported copies and llama-cpp-python crashed), and each still
+    exports everything else its stock counterpart does (the llama_/ggml_ interface llama-cpp-python binds)."""
+    runtime_names = runtime_build.dynamic_symbols(runtime_build.cxx_runtime_library())
+    stock_dir = runtime_build.stock_lib_dir()
+    built = [so for so in sorted(patched_lib.glob("lib*.so"))
+             if not (stock_dir / so.name).is_file() or so.resolve().read_bytes() != (stock_dir / so.name).resolve()
+             .read_bytes()]
+    assert [so.name for so in built] == ["libllama.so"]   # the CPU build links llama-cpp-python's own libggml
+    for so in built:
+        ours = runtime_build.dynamic_symbols(so)
+        stock = runtime_build.dynamic_symbols(stock_dir / so.name)
+        print(f"{so.name}: exports {len(ours)} symbols, {len(ours & runtime_names)} also defined by libstdc++ "
+              f"(stock {so.name}: {len(stock)}, {len(stock & runtime_names)})")
+        assert not ours & runtime_names, sorted(ours & runtime_names)[:5]
+        assert not (stock - runtime_names) - ours, sorted((stock - runtime_names) - ours)[:5]
+    script = (runtime_build.build_dir() / "private-cxx-runtime.map").read_text()
+    assert "global: *;" in script and "_ZNSo9_M_insertIlEERSoT_;" in script   # std::ostream::_M_insert<long>
+
+
 def _fields(path) -> dict:
     return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("tokenizer.")}
 

@@ -70,7 +70,7 @@ def _cache_root() -> Path:
 
 CACHE = _cache_root()
 STAMP = ".complete"
-RECIPE = 2   # bump when build() or build_stock() changes what it produces
+RECIPE = 3   # bump when build() or build_stock() changes what it produces (3: the C++ runtime kept private)
 AMX_VERDICT = CACHE / "amx-probe.json"   # the AMX probe's result for this machine (cpu_features.probe_key)
 STOCK_TARGETS = ("llama", "ggml", "llama-quantize", "llama-imatrix", "llama-perplexity")
 # top-level folders of the vendored tree that a libllama (+ ggml) build never reads
@@ -275,6 +275,43 @@ def _patched_tree(src: Path, patches: list[Path]) -> None:
         _run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(p)], f"applying {p.name}", cwd=src)
 
 
+def cxx_runtime_library() -> Path:
+    """The libstdc++.so.6 of the C++ compiler that builds (the one our libraries bind at run time)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise Moeq2ggufError("no C++ compiler found (set CXX or install g++); building llama.cpp needs one")
+    found = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True).stdout.strip()
+    if not found or not Path(found).is_file():
+        raise Moeq2ggufError(f"{cxx} names no libstdc++.so.6 ({found!r}); the patched build links against it")
+    return Path(found).resolve()
+
+
+def dynamic_symbols(lib: Path) -> set[str]:
+    """Names of the dynamic symbols a shared library defines (without their version suffix), by binutils' nm."""
+    if shutil.which("nm") is None:
+        raise Moeq2ggufError("nm (binutils) is not installed; it comes with the compiler toolchain the build needs")
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise Moeq2ggufError(f"nm could not read {lib}: {out.stderr.strip()}")
+    return {f.split()[-1].split("@")[0] for f in out.stdout.splitlines() if len(f.split()) >= 3}
+
+
+def private_cxx_runtime_args(out: Path) -> list[str]:
+    """Link options that keep the C++ runtime private to each library we build.
+
+    Template code of the C++ standard library instantiated in our objects (std::string, streams, ...) is exported
+    by default, as weak definitions. Another library loaded before libstdc++ then answers for libstdc++ itself:
+    on a GPU machine libllama's stream output bound to libggml-cuda's copies and llama-cpp-python crashed
+    (BENCHMARKS.md, GPU section). A version script marks local every name libstdc++ defines (exact names win over
+    its `global: *`), and --exclude-libs keeps static archives' symbols (cudart_static) inside too; the llama_,
+    ggml_ and gguf_ interfaces, C and C++, stay exported."""
+    names = sorted(dynamic_symbols(cxx_runtime_library()))
+    script = out / "private-cxx-runtime.map"
+    _write_atomic(script, "/* written by moeq2gguf.runtime.build: the C++ runtime's names stay local */\n"
+                  "{\n  global: *;\n  local:\n" + "".join(f"    {n};\n" for n in names) + "};\n")
+    return [f"-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--version-script={script} -Wl,--exclude-libs,ALL"]
+
+
 def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = None, force: bool = False,
           cmake_args: tuple[str, ...] = ()) -> BuildResult:
     """Build (or find cached) the patched llama.cpp libraries; returns their folder. cmake_args: extra
@@ -305,6 +342,8 @@ def build(cuda: bool = False, cuda_arch: str | None = None, jobs: int | None = N
             "-DCMAKE_BUILD_WITH_INSTALL_RPATH=OFF"]
     env = dict(os.environ)
     args += _cmake_tool_args(env)
+    out.mkdir(parents=True, exist_ok=True)
+    args += private_cxx_runtime_args(out)
     targets = ["llama"]
     if cuda:
         args += ["-DGGML_CUDA=ON", *cpu_choice().cmake_args()]
@@ -546,7 +585,8 @@ def _configure_cuda_check(src: Path, bld: Path, arch: str, include: Path) -> Pat
             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
             "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
             f"-DCUDA_cuda_driver_LIBRARY={stub / 'libcuda.so'}", f"-DCUDA_cublas_LIBRARY={stub / 'libcublas.so'}",
-            f"-DCUDA_cublasLt_LIBRARY={stub / 'libcublasLt.so'}", f"-DCMAKE_CUDA_FLAGS=-I{include}"]
+            f"-DCUDA_cublasLt_LIBRARY={stub / 'libcublasLt.so'}", f"-DCMAKE_CUDA_FLAGS=-I{include}",
+            *private_cxx_runtime_args(bld.parent)]
     if shutil.which("ninja"):
         args += ["-G", "Ninja"]
     _run(args, "cmake configure (GGML_CUDA=ON)", quiet=True)
