@@ -17,7 +17,8 @@ def _convert(args: argparse.Namespace) -> None:
                            target_size=args.target_size, target_bpw=args.target_bpw, smooth=args.smooth,
                            expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite,
                            split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
-                           refine=args.refine, refine_routing=args.refine_routing)
+                           refine=args.refine, refine_routing=args.refine_routing,
+                           refine_scales=args.refine_scales)
     from moeq2gguf import parallel
     lead = parallel.world(config.device).rank == 0   # under torchrun only rank 0 writes, and speaks
     result = convert(args.model_dir, args.output, config, progress=lead and not args.quiet and not args.json,
@@ -42,11 +43,12 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def refine_summary(per_layer: dict) -> str:
-    lines = [f"{'--refine':8} {'output error':>25} {'next routing KL':>23} {'top-k agreement':>17} {'codes moved':>12}"]
+    lines = [f"{'--refine':8} {'output error':>25} {'next routing KL':>23} {'top-k agreement':>17} {'codes moved':>12} "
+             f"{'scales moved':>13}"]
     for bid, r in sorted(per_layer.items()):
         lines.append(f"layer {bid:<2} {r['error_before']:11.4e} -> {r['error_after']:10.4e} {r['routing_kl_before']:10.3e} -> "
                      f"{r['routing_kl_after']:9.3e} {r['routing_agreement_before']:7.1%} -> {r['routing_agreement_after']:6.1%} "
-                     f"{r['codes_moved'] / r['codes']:11.2%}")
+                     f"{r['codes_moved'] / r['codes']:11.2%} {r.get('scales_moved', 0) / max(r.get('scales', 0), 1):12.2%}")
     return "\n".join(lines)
 
 
@@ -261,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer's output and the next router (gptq/moequant; default 0: off)")
     p.add_argument("--refine-routing", type=float, default=1.0, metavar="W",
                    help="weight of --refine's routing-consistency term (default 1; 0: output error only)")
+    p.add_argument("--refine-scales", type=float, default=0.2, metavar="R",
+                   help="--refine also moves each 256-weight block's fp16 scale by a factor in [1-R, 1+R] (default 0.2; "
+                        "0: codes only)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (file, sizes, types, method, time, memory, coverage, stage profile)")
     p.add_argument("--allow-nonfinite", action="store_true",

@@ -36,6 +36,7 @@ class ConvertConfig:
     split_max_tensors: int = 0               # ... or of at most this many tensors (0: no limit)
     refine: int = 0                          # --refine STEPS: tune each layer's K-quant codes after GPTQ
     refine_routing: float = 1.0              # weight of the routing-consistency term of --refine
+    refine_scales: float = 0.2               # --refine moves each block scale by a factor in [1 - r, 1 + r] (0: codes only)
     # derived in __post_init__
     type_name: str = field(init=False)       # the validated type (for a size target: the mix standing in for it)
     stock_smooth: tuple[str, ...] = field(init=False)
@@ -59,7 +60,8 @@ class ConvertConfig:
         put("quant", QuantConfig(method=self.method, calib=self.calib or "calib", device=self.device,
                                  imatrix_file=self.imatrix, n_windows=self.calib_windows, ctx=self.calib_ctx,
                                  allow_nonfinite=self.allow_nonfinite,
-                                 refine=_refine_config(self.refine, self.refine_routing)))
+                                 refine=_refine_config(self.refine, self.refine_routing,
+                                                      self.refine_scales)))
         if plan.is_float(self.type_name) and (method.calibrated or self.imatrix):
             raise Moeq2ggufError(f"--method {self.method} / --imatrix quantize weights; pick a quantized --type such as "
                                  "Q4_K_M")
@@ -187,9 +189,9 @@ class EvalConfig:
             raise Moeq2ggufError(f"--chunks {self.chunks} must be at least 1")
 
 
-def _refine_config(steps: int, routing_weight: float):
+def _refine_config(steps: int, routing_weight: float, scale_range: float):
     from moeq2gguf.quant.refine import RefineConfig
     try:
-        return RefineConfig(steps=steps, routing_weight=routing_weight)
+        return RefineConfig(steps=steps, routing_weight=routing_weight, scale_range=scale_range)
     except ValueError as exc:
         raise Moeq2ggufError(str(exc)) from None

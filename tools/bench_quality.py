@@ -7,17 +7,26 @@ same-top-1), plus file size, bits per weight and conversion time. Also checks th
 byte-identical to llama.cpp's, that our quantizer fed llama-imatrix's own file is byte-identical to
 llama-quantize fed the same file, and cross-checks our eval against llama-perplexity --kl-divergence.
 
-usage: python tools/bench_quality.py [--models mixtral-tiny qwen2moe-tiny] [--mixes Q4_K_M Q3_K_M Q2_K]
+usage: python tools/bench_quality.py [--models mixtral-tiny qwen2moe-tiny DIR@pydoc] [--mixes Q4_K_M Q3_K_M Q2_K]
                                      [--methods rtn imatrix gptq moequant moequant+ebss] [--chunks 32] [--write] [--reuse]
+
+A model is a bundled fixture's name or a model folder; "@pydoc" after it says that it was trained on the Python
+documentation's prose (tools/train_fixture.py --corpus pydoc): its eval and calibration text are then the pydoc splits
+(moeq2gguf.calib.corpus), llama-imatrix's included; otherwise the stdlib splits.
 
 A method may carry "+" options: +refineN (--refine N), +routingW (--refine-routing W), +ebss (calibrate on EBSS data the
 model generates, cached),
 +rotate (residual rotation), +smooth (EAQuant's smoothing: aggregation and down-projection scaling), +smoothagg or
-+smoothdown (one of the two).
++smoothdown (one of the two), +alloc (--target-size at the smaller of llama.cpp's imatrix and rtn files of the mix: the
+size allocator instead of the fixed mix), +calibstdlib / +calibpydoc / +calibmixed (calibrate on the stdlib calib split,
+the pydoc one, or both interleaved, instead of the model's own corpus), +neutralprior (moequant's rare experts blended
+with llama.cpp's neutral imatrix prior of one token instead of the layer's pooled Hessian; set on the method for the
+row, not a convert option).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -45,7 +54,9 @@ import moeq2gguf.calib.ebss, moeq2gguf.calib.balance, moeq2gguf.calib.windows  #
 # --section NAME writes a table of its own (e.g. the i-quant mixes) between these markers, under this title
 SECTIONS = {"quality": ("", "Quality against llama.cpp's own quants"),
             "iquants": (":iquants", "Below 3 bits: the i-quant mixes against llama.cpp's (issue 23)"),
-            "refine": (":refine", "Refinement after GPTQ (--refine, issue 24)")}
+            "refine": (":refine", "Refinement after GPTQ (--refine, issue 24)"),
+            "recipe": (":recipe", "The default recipe: gptq, moequant, refinement and the allocator on three models (issue 24)"),
+            "calibsource": (":calibsource", "Which calibration text for a model of another domain (issue 24)")}
 
 
 def markers(section: str) -> tuple[str, str, str]:
@@ -89,7 +100,37 @@ def compare_digests(a: Path, b: Path) -> str:
 
 # "+" options of a --methods entry (e.g. moequant+ebss, gptq+rotate) -> keyword arguments of convert()
 METHOD_OPTIONS = {"ebss": {"calib": "ebss"}, "rotate": {"rotate": True}, "smooth": {"smooth": "aggregate,down"},
-                  "smoothagg": {"smooth": "aggregate"}, "smoothdown": {"smooth": "down"}}
+                  "smoothagg": {"smooth": "aggregate"}, "smoothdown": {"smooth": "down"}, "alloc": {"alloc": True},
+                  "calibstdlib": {"calib": "calib"}, "calibpydoc": {"calib": "pydoc-calib"},
+                  "calibmixed": {"calib": "mixed-calib"}, "neutralprior": {"rare_prior": "neutral"}}
+CORPORA = {"stdlib": ("eval", "calib"), "pydoc": ("pydoc-eval", "pydoc-calib")}   # (eval split, calib split)
+
+
+@contextlib.contextmanager
+def rare_prior(method: str, prior: str | None):
+    """The method's rare-expert rule for one row (+neutralprior), restored afterwards."""
+    from moeq2gguf import methods
+    cls = type(methods.get(method))
+    old = cls.blend_rare
+    if prior is not None:
+        cls.blend_rare = prior
+    try:
+        yield
+    finally:
+        cls.blend_rare = old
+
+
+def model_source(model: str) -> tuple[str, Path, str]:
+    """'NAME' or 'DIR[@CORPUS]' -> (row name, model folder, corpus)."""
+    spec, _, corpus_name = model.partition("@")
+    corpus_name = corpus_name or "stdlib"
+    if corpus_name not in CORPORA:
+        raise SystemExit(f"--models {model}: unknown corpus @{corpus_name}; known: {', '.join(CORPORA)}")
+    bundled = REPO / "moeq2gguf" / "fixtures" / spec
+    folder = bundled if bundled.is_dir() else Path(spec).resolve()
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--models {model}: neither a bundled fixture nor a model folder with config.json")
+    return folder.name, folder, corpus_name
 
 
 def convert_kwargs(method: str) -> dict:
@@ -103,6 +144,9 @@ def convert_kwargs(method: str) -> dict:
         if o.startswith("routing") and o[7:].replace(".", "", 1).isdigit():   # +routing0: --refine-routing 0
             kwargs["refine_routing"] = float(o[7:])
             continue
+        if o.startswith("scales") and o[6:].replace(".", "", 1).isdigit():   # +scales0: --refine-scales 0
+            kwargs["refine_scales"] = float(o[6:])
+            continue
         if o not in METHOD_OPTIONS:
             raise SystemExit(f"--methods {method}: unknown option +{o}; known: {', '.join(METHOD_OPTIONS)}")
         kwargs.update(METHOD_OPTIONS[o])
@@ -112,12 +156,13 @@ def convert_kwargs(method: str) -> dict:
 def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, calib_windows: int, ctx: int,
                 work: Path, done: set[tuple[str, str]] = frozenset()) -> tuple[list[dict], list[str]]:
     """Rows for every (mix, method) not in `done` (pairs of mix and row label kept from an earlier run)."""
-    model_dir = REPO / "moeq2gguf" / "fixtures" / model
+    model, model_dir, corpus_name = model_source(model)
+    eval_split, calib_split = CORPORA[corpus_name]
     work.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     base = convert(model_dir, work / "f32.gguf", type="F32", progress=False).output
     calib_file = work / "calib.txt"
-    calib_file.write_text(corpus.read_text("calib"))
+    calib_file.write_text(corpus.read_text(calib_split))
     imatrix_file = work / "imatrix.gguf"
     imatrix_seconds = None
     if any("+ebss" in m for m in methods):
@@ -149,9 +194,17 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
         for method in methods:
             if (mix, f"moeq2gguf {method}") in done or (needs_imatrix(mix) and method.split("+")[0] == "rtn"):
                 continue
+            kwargs = convert_kwargs(method)
+            if kwargs.pop("alloc", False):   # the allocator at llama.cpp's size of this mix
+                refs = [work / f"{mix}-llama-imatrix.gguf"] + ([] if needs_imatrix(mix) else [work / f"{mix}-llama-rtn.gguf"])
+                kwargs["target_size"] = min(p.stat().st_size for p in refs)
+            if kwargs["method"] != "rtn":
+                kwargs.setdefault("calib", calib_split)
+            prior = kwargs.pop("rare_prior", None)
             t0 = time.time()
-            out = convert(model_dir, work / f"{mix}-{method}.gguf", type=mix, calib_windows=calib_windows, calib_ctx=ctx,
-                          progress=False, **convert_kwargs(method)).output
+            with rare_prior(kwargs["method"], prior):
+                out = convert(model_dir, work / f"{mix}-{method}.gguf", type=mix, calib_windows=calib_windows,
+                              calib_ctx=ctx, progress=False, **kwargs).output
             files.append((mix, f"moeq2gguf {method}", out, time.time() - t0))
         if "rtn" in methods and (mix, "moeq2gguf rtn") not in done and not needs_imatrix(mix):
             notes.append(f"{model} {mix}: our rtn vs llama-quantize: "
@@ -164,7 +217,7 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
         if "imatrix" in methods and (mix, "moeq2gguf imatrix") not in done:
             notes.append(f"{model} {mix}: our --method imatrix (torch statistics) vs llama.cpp imatrix: "
                          f"{compare_digests(work / f'{mix}-imatrix.gguf', work / f'{mix}-llama-imatrix.gguf')}")
-    results = evaluate_many([f for _, _, f, _ in files], base, "eval", ctx, chunks, progress=True) if files else []
+    results = evaluate_many([f for _, _, f, _ in files], base, eval_split, ctx, chunks, progress=True) if files else []
     rows = []
     for (mix, method, path, seconds), res in zip(files, results):
         n_bytes, bpw = bits_per_weight(path)
@@ -176,9 +229,10 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
 
 def cross_check(model: str, rows: list[dict], ctx: int, chunks: int, work: Path) -> str:
     """Our eval against llama-perplexity --kl-divergence on the model's Q4_K_M llama.cpp imatrix file."""
+    model, _, corpus_name = model_source(model)
     row = next(r for r in rows if r["model"] == model and r["method"] == "llama.cpp imatrix")
     eval_file = work / "eval.txt"
-    eval_file.write_text(corpus.read_text("eval"))
+    eval_file.write_text(corpus.read_text(CORPORA[corpus_name][0]))
     ppl, kld = llama_perplexity_kld(work / "f32.gguf", work / f"{row['mix']}-llama-imatrix.gguf", eval_file, ctx, chunks, work)
     return (f"{model} {row['mix']} llama.cpp imatrix: our eval PPL {row['ppl']:.4f} vs llama-perplexity {ppl:.4f} "
             f"({100 * (row['ppl'] / ppl - 1):+.3f}%), mean KLD {row['kld']:.6f} vs {kld:.6f} ({100 * (row['kld'] / kld - 1):+.2f}%)")
@@ -251,14 +305,14 @@ def main() -> None:
     args = ap.parse_args()
     rows, notes = [], []
     for model in args.models:
-        work = Path(args.workdir) / model
+        work = Path(args.workdir) / model_source(model)[0]
         saved = json.loads((work / "results.json").read_text()) if args.reuse and (work / "results.json").exists() \
             else {"rows": [], "notes": []}
         done = {(r["mix"], r["method"]) for r in saved["rows"]}
         r, n = bench_model(model, args.mixes, args.methods, args.chunks, args.calib_windows, args.ctx, work, done)
         if r:
             commit_now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-            n.append(f"{model}: rows {', '.join(sorted({x['method'] for x in r}))} computed at commit {commit_now}")
+            n.append(f"{model_source(model)[0]}: rows {', '.join(sorted({x['method'] for x in r}))} computed at commit {commit_now}")
         order = {(mix, label): i for i, (mix, label) in enumerate(
             (mix, label) for mix in args.mixes for label in ["llama.cpp rtn", "llama.cpp imatrix"] + [f"moeq2gguf {m}" for m in args.methods])}
         model_rows = sorted(saved["rows"] + r, key=lambda x: order.get((x["mix"], x["method"]), len(order)))
@@ -268,7 +322,7 @@ def main() -> None:
         notes += model_notes
     for model in args.models:
         try:
-            notes.append(cross_check(model, rows, args.ctx, args.chunks, Path(args.workdir) / model))
+            notes.append(cross_check(model, rows, args.ctx, args.chunks, Path(args.workdir) / model_source(model)[0]))
         except Moeq2ggufError as e:  # llama-perplexity's output is sometimes cut short on a loaded machine
             notes.append(f"{model}: cross-check against llama-perplexity not done: {e}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
@@ -277,7 +331,8 @@ def main() -> None:
     text = (f"{begin}\n## {title}\n\n"
             f"Command: `{command}`  \nDate: {datetime.date.today()}  \nMachine: {machine()}  \nCommit: {commit}  \n"
             f"Eval: {args.chunks} windows of {args.ctx} tokens of the eval split, second half scored, against the F32 GGUF, "
-            f"F32 KV cache. Calibration: {args.calib_windows} windows of {args.ctx} tokens of the calib split for every "
+            f"F32 KV cache (a model marked @pydoc: the pydoc splits, moeq2gguf.calib.corpus). "
+            f"Calibration: {args.calib_windows} windows of {args.ctx} tokens of the calib split for every "
             f"calibrated method, llama-imatrix included, except +ebss rows: as many EBSS sequences of as many tokens, generated by "
             f"the model itself (docs/METHODS.md section 5). Time: conversion (llama.cpp imatrix includes llama-imatrix). "
             f"Rows of a model may come from different commits (`--reuse` computes only missing rows): the notes say which.\n\n"

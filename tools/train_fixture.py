@@ -1,4 +1,5 @@
-"""Train the bundled reference MoE models on the train split of the stdlib corpus.
+"""Train the bundled reference MoE models on the train split of the stdlib corpus (or, --corpus pydoc, of the Python
+documentation's prose: moeq2gguf.calib.corpus).
 
 Two families, saved exactly as hub checkpoints of that family lie on disk (config.json,
 generation_config.json, tokenizer.json + tokenizer_config.json, model.safetensors with the
@@ -6,6 +7,8 @@ per-expert tensor names real checkpoints use):
   mixtral : MixtralForCausalLM, 8 experts top-2, softmax renormalised over the top-2
   qwen2moe: Qwen2MoeForCausalLM, 16 fine-grained experts top-4 (not renormalised) plus the
             sigmoid-gated shared expert, qkv biases
+  qwen3moe: Qwen3MoeForCausalLM, 16 experts top-4 renormalised, q/k norms, no shared expert (not bundled: the
+            third model of the quality benchmarks, trained on pydoc prose into .cache)
   deepseek_v3: DeepseekV3ForCausalLM, MLA attention, the first layer dense, then 16 experts top-4
             chosen by sigmoid scores within the best 2 of 4 groups, renormalised and scaled, one shared
             expert (not bundled: trained for the EBSS benchmark, into .cache)
@@ -13,7 +16,7 @@ All use hidden 256 and 4 layers. Widths are multiples of 256 where llama.cpp's K
 them, except Qwen2-MoE's experts (128 wide), which like Qwen1.5-MoE-A2.7B's 1408 make llama-quantize
 fall back on ffn_down_exps; the pair stays under 40 MB in bf16.
 
-usage: python tools/train_fixture.py {mixtral,qwen2moe,deepseek_v3} -o DIR [--steps N] [--seed S]
+usage: python tools/train_fixture.py {mixtral,qwen2moe,qwen3moe,deepseek_v3} -o DIR [--corpus pydoc] [--steps N]
 """
 from __future__ import annotations
 
@@ -36,13 +39,18 @@ VOCAB_SIZE = 2048
 SEQ_LEN = 256
 
 
-def train_tokenizer(family: str):
-    return train_bpe_tokenizer(corpus.iter_split("train"), VOCAB_SIZE, family)
+def split_name(source: str, split: str) -> str:
+    return split if source == "stdlib" else f"pydoc-{split}"
+
+
+def train_tokenizer(family: str, source: str = "stdlib"):
+    return train_bpe_tokenizer(corpus.iter_texts(split_name(source, "train")), VOCAB_SIZE,
+                               "qwen2moe" if family == "qwen3moe" else family)
 
 
 def build_model(family: str, tokenizer, aux_coef: float):
     from transformers import (DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
-                              Qwen2MoeForCausalLM)
+                              Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     common = dict(vocab_size=VOCAB_SIZE, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -62,6 +70,13 @@ def build_model(family: str, tokenizer, aux_coef: float):
                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                                rope_parameters={"rope_type": "default", "rope_theta": 1e4})
         return DeepseekV3ForCausalLM(cfg)
+    if family == "qwen3moe":
+        cfg = Qwen3MoeConfig(**common, head_dim=64, intermediate_size=512, moe_intermediate_size=256, num_experts=16,
+                             num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                             rms_norm_eps=1e-6, router_aux_loss_coef=aux_coef, output_router_logits=True,
+                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        return Qwen3MoeForCausalLM(cfg)
     cfg = Qwen2MoeConfig(**common, intermediate_size=512, moe_intermediate_size=128, shared_expert_intermediate_size=512,
                          num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, rms_norm_eps=1e-6,
                          router_aux_loss_coef=aux_coef, output_router_logits=True, qkv_bias=True,
@@ -73,7 +88,7 @@ def build_model(family: str, tokenizer, aux_coef: float):
 def token_stream(tokenizer, split: str) -> np.ndarray:
     ids: list[int] = []
     sep = tokenizer.eos_token_id
-    for text in corpus.iter_split(split):
+    for text in corpus.iter_texts(split):
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.append(sep)
     return np.asarray(ids, dtype=np.int64)
@@ -125,7 +140,9 @@ def least_used_share(router_logits, config) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("family", choices=["mixtral", "qwen2moe", "deepseek_v3"])
+    ap.add_argument("family", choices=["mixtral", "qwen2moe", "qwen3moe", "deepseek_v3"])
+    ap.add_argument("--corpus", choices=["stdlib", "pydoc"], default="stdlib",
+                    help="training text: the stdlib sources' train split or the Python documentation's prose")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--steps", type=int, default=3000, help="step budget (the schedule's length)")
     ap.add_argument("--minutes", type=float, default=None,
@@ -144,9 +161,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
-    tokenizer = train_tokenizer(args.family)
-    train_ids = token_stream(tokenizer, "train")
-    eval_ids = token_stream(tokenizer, "eval")
+    tokenizer = train_tokenizer(args.family, args.corpus)
+    train_ids = token_stream(tokenizer, split_name(args.corpus, "train"))
+    eval_ids = token_stream(tokenizer, split_name(args.corpus, "eval"))
     bos = tokenizer.bos_token_id if args.family == "mixtral" else None
     print(f"tokenizer + data: {time.time() - t0:.0f} s, train {len(train_ids)} tokens, eval {len(eval_ids)} tokens", flush=True)
 
@@ -199,8 +216,9 @@ def main() -> None:
     (out_dir / "README.md").write_text(
         f"# {out_dir.name}\n\n"
         f"A {model.config.architectures[0]} trained by moeq2gguf's `tools/train_fixture.py` on the train split of\n"
-        f"the Python {sys.version.split()[0]} standard library sources (docs/EVALUATION.md), saved in bf16 in the\n"
-        f"on-disk layout of hub checkpoints of its family.\n\n"
+        + (f"the Python {sys.version.split()[0]} standard library sources (docs/EVALUATION.md)" if args.corpus == "stdlib" else
+           f"the Python {sys.version.split()[0]} documentation's prose (pydoc_data.topics; moeq2gguf.calib.corpus)")
+        + ", saved in bf16 in the\non-disk layout of hub checkpoints of its family.\n\n"
         f"- command: `{command}`\n"
         f"- parameters: {n_params / 1e6:.2f}M\n"
         f"- tokens seen: {tokens_seen} ({step} steps x {args.batch} x {SEQ_LEN})\n"

@@ -1,8 +1,17 @@
-"""Text corpora: the Python standard library split (docs/EVALUATION.md) and a user's own files.
+"""Text corpora: the Python standard library split (docs/EVALUATION.md), the Python documentation's prose, and a
+user's own files.
 
-The split is by file: sha1 of the path relative to the stdlib directory (POSIX form), as an
-integer, mod 10: 0 -> eval, 1 -> calib, 2..9 -> train. site-packages is excluded. Files are
-visited in sorted order so every consumer sees the same text in the same order.
+stdlib (source code; the names "eval", "calib", "train"): the split is by file: sha1 of the path relative to the
+stdlib directory (POSIX form), as an integer, mod 10: 0 -> eval, 1 -> calib, 2..9 -> train. site-packages is excluded.
+Files are visited in sorted order so every consumer sees the same text in the same order.
+
+pydoc (English prose; "pydoc-eval", "pydoc-calib", "pydoc-train"): the Python language reference's topics that every
+Python ships for help() (pydoc_data.topics, about 0.45 MB in 3.11), cut into pieces of about 2,000 characters at
+paragraph ends and split by the same rule over "topic/piece number", so each split holds about its share of the text.
+It is a second domain for the benchmarks (a model trained on it, calibrated with code or with it) and prose
+calibration for a user whose model is not a code model.
+
+"mixed-calib": the stdlib and pydoc calibration texts interleaved, about half the characters each from the start.
 """
 from __future__ import annotations
 
@@ -15,6 +24,10 @@ from pathlib import Path
 from moeq2gguf.errors import Moeq2ggufError
 
 SPLITS = ("eval", "calib", "train")
+PYDOC_SPLITS = tuple(f"pydoc-{s}" for s in SPLITS)
+MIXED = "mixed-calib"
+NAMED = SPLITS + PYDOC_SPLITS + (MIXED,)   # the sources a name (not a path) selects
+PIECE_CHARS = 2000
 
 
 class TextSourceError(Moeq2ggufError, ValueError):
@@ -48,6 +61,51 @@ def iter_split(split: str) -> Iterator[str]:
     """Yield the texts of one stdlib split, one per file, in a fixed order."""
     for path in stdlib_files(split):
         yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def pydoc_pieces() -> list[tuple[str, str]]:
+    """(topic/piece id, text) of the Python documentation's topics in sorted topic order, each topic cut at paragraph
+    ends into pieces of at least PIECE_CHARS characters (its last piece may be shorter)."""
+    from pydoc_data.topics import topics
+    pieces = []
+    for name in sorted(topics):
+        current: list[str] = []
+        size = 0
+        for para in topics[name].split("\n\n"):
+            current.append(para)
+            size += len(para) + 2
+            if size >= PIECE_CHARS:
+                pieces.append((f"{name}/{len(pieces)}", "\n\n".join(current)))
+                current, size = [], 0
+        if current:
+            pieces.append((f"{name}/{len(pieces)}", "\n\n".join(current)))
+    return pieces
+
+
+def iter_pydoc(split: str) -> Iterator[str]:
+    """Yield the pieces of one pydoc split ("pydoc-eval", "pydoc-calib", "pydoc-train") in a fixed order."""
+    if split not in PYDOC_SPLITS:
+        raise TextSourceError(f"unknown split {split!r}; choose one of {', '.join(PYDOC_SPLITS)}")
+    part = split[len("pydoc-"):]
+    for key, text in pydoc_pieces():
+        if split_of(key) == part:
+            yield text
+
+
+def iter_mixed() -> Iterator[str]:
+    """The stdlib calib split and the pydoc calib split, about half the characters each from the start: the next
+    text comes from whichever domain has given fewer characters so far (until one runs out)."""
+    sources = [iter_split("calib"), iter_pydoc("pydoc-calib")]
+    given = [0, 0]
+    while sources:
+        i = min(range(len(sources)), key=given.__getitem__)
+        text = next(sources[i], None)
+        if text is None:
+            sources.pop(i)
+            given.pop(i)
+            continue
+        given[i] += len(text)
+        yield text
 
 
 def jsonl_records(path: Path, expect: str) -> Iterator[tuple[int, object]]:
@@ -89,9 +147,13 @@ def iter_user_texts(path: str | os.PathLike[str]) -> Iterator[str]:
 
 
 def iter_texts(source: str) -> Iterator[str]:
-    """A split name (eval/calib/train) or a path to the user's text."""
+    """A named source (NAMED: a stdlib or pydoc split, mixed-calib) or a path to the user's text."""
     if source in SPLITS:
         return iter_split(source)
+    if source in PYDOC_SPLITS:
+        return iter_pydoc(source)
+    if source == MIXED:
+        return iter_mixed()
     return iter_user_texts(source)
 
 

@@ -25,7 +25,7 @@ def token_windows(model_dir: str | Path, source: str = "calib", n_windows: int =
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if source not in corpus.SPLITS and str(source).endswith(".jsonl"):
+    if source not in corpus.NAMED and str(source).endswith(".jsonl"):
         rows = read_token_file(source)
         if rows is not None:
             return _id_windows(rows, tokenizer, str(source), n_windows, ctx)

@@ -131,10 +131,12 @@ def _refine(layers, bid, block, xs, targets, w, qweights, walks, encoded, spec, 
     codes, info = refine.refine_layer(xs, targets, qweights, {k: t for k, (_, t) in tunable.items()}, spec, bid,
                                       _next_layer(layers, bid, spec, device), cfg.refine)
     for key, (s, t) in tunable.items():
-        grid, params = walks[s.name][:2]
-        data = grid.pack(params, codes[key].reshape(-1, t.codes0.shape[-1]).cpu())
+        grid = walks[s.name][0]
+        tuned_codes, tuned_d = codes[key]
+        data = grid.pack(t.tuned_params(tuned_d), tuned_codes.reshape(-1, t.codes0.shape[-1]).cpu())
         deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(t.shape).to(device)
-        if not torch.equal(deq, t.values_of(codes[key].to(device))):
+        dsub = tuned_d.repeat_interleave(t.per_block, dim=1) * t.sc
+        if not torch.equal(deq, t.values_of(tuned_codes.to(device), dsub)):
             raise AssertionError(f"refined {s.name} bytes do not dequantize to the weights the refinement tuned")
         qweights[key] = deq
         encoded[s.name] = data.reshape(*t.shape[:-1], -1)

@@ -215,7 +215,7 @@ def cache_dir() -> Path:
 
 
 def _calib_fingerprint(source: str) -> str:
-    if source in corpus.SPLITS or source == "ebss":
+    if source in corpus.NAMED or source == "ebss":
         return source
     path = Path(source)
     h = hashlib.sha256()

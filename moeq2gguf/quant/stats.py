@@ -119,23 +119,25 @@ class StatsCollector:
             r32 = r.to(s.weighted_xxt.dtype)
             s.weighted_xxt *= r32[:, :, None] * r32[:, None, :]
 
-    def hessians(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
+    def hessians(self, name: str, blend_rare: bool | str) -> tuple[torch.Tensor, Coverage]:
         """Normalised Hessians [G, K, K] for one input, with the coverage fallback applied.
 
-        blend_rare: blend experts with fewer tokens than K with the pooled Hessian (moequant);
+        blend_rare: True blends experts with fewer tokens than K with the pooled Hessian (moequant); "neutral" instead
+        blends every expert with a neutral prior worth one token (llama.cpp's imatrix --prior-weight 1: the identity
+        times the pooled mean channel energy; a benchmark comparison, tools/bench_quality.py +neutralprior);
         otherwise only experts with no token at all take the pooled one (their own would be zero)."""
         s = self.inputs[name]
         assert s.weighted_xxt is not None, "collector kept diagonals only"
-        return _normalise(s.weighted_xxt, s.pooled_xxt, s, blend_rare and s.routed)
+        return _normalise(s.weighted_xxt, s.pooled_xxt, s, blend_rare if s.routed else False)
 
     def diagonals(self, name: str, blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
         s = self.inputs[name]
         pooled = None if s.pooled_sq is None else s.pooled_sq.to(torch.float32)
-        return _normalise(s.weighted_sq.to(torch.float32), pooled, s, blend_rare and s.routed)
+        return _normalise(s.weighted_sq.to(torch.float32), pooled, s, blend_rare if s.routed else False)
 
 
 def _normalise(sums: torch.Tensor, pooled_sums: torch.Tensor | None, s: InputStats,
-               blend_rare: bool) -> tuple[torch.Tensor, Coverage]:
+               blend_rare: bool | str) -> tuple[torch.Tensor, Coverage]:
     mass = s.mass.to(torch.float32)
     k = sums.shape[-1]
     if pooled_sums is None:   # unrouted groups (one matrix, or heads): pooled over the groups at hand
@@ -148,6 +150,15 @@ def _normalise(sums: torch.Tensor, pooled_sums: torch.Tensor | None, s: InputSta
     lam = k * float(total_mass / total_count.clamp_min(1))
     out = torch.empty_like(sums)
     fallback = []
+    if blend_rare == "neutral":   # llama.cpp's neutral prior of one token's weight, for every expert
+        energy = (pooled.diagonal() if pooled.dim() == 2 else pooled).mean()
+        neutral = energy * (torch.eye(k, dtype=sums.dtype, device=sums.device) if sums.dim() == 3 else
+                            torch.ones(k, dtype=sums.dtype, device=sums.device))
+        one = float(total_mass / total_count.clamp_min(1))
+        for g in range(sums.shape[0]):
+            out[g] = (sums[g] + one * neutral) / (mass[g] + one)
+            fallback.append("own" if s.count[g] >= k else "neutral prior" if s.count[g] == 0 else "blended")
+        return out, Coverage([int(c) for c in s.count], [float(m) for m in s.mass], fallback)
     for g in range(sums.shape[0]):
         if s.count[g] == 0:
             out[g] = pooled

@@ -1,4 +1,5 @@
-"""--refine (quant/refine.py): with no step taken the tunable codes are GPTQ's exactly, for every K-quant; a refined
+"""--refine (quant/refine.py): with no step taken the tunable codes are GPTQ's exactly, for every K-quant, and moved
+block scales pack into bytes that decode to the tuned values; a refined
 conversion lowers each layer's output error (never raises its loss), writes bytes that decode to the tuned weights
 (checked inside the pass) and runs in llama.cpp; methods without GPTQ refuse it."""
 from __future__ import annotations
@@ -36,6 +37,16 @@ def test_zero_offsets_give_gptqs_codes_and_weights(qtype):
     # a half-step offset moves codes by at most one, within the format's range
     moved = t.codes(torch.full_like(t.u, 0.49))
     assert ((moved - t.codes0).abs() <= 1).all() and moved.min() >= 0 and moved.max() <= t.offset + t.hi
+    assert torch.equal(t.codes(zero, torch.zeros_like(t.d)), t.codes0)
+    assert torch.equal(t.values(zero, torch.zeros_like(t.d)), Qw)
+    # moved block scales: stored as fp16, and the packed bytes decode to exactly the values the refinement sees
+    a = (torch.rand_like(t.d) - 0.5) * 0.4
+    v = (torch.rand_like(t.u) - 0.5)
+    d, _ = t.scales(a)
+    assert torch.equal(d, d.to(torch.float16).to(torch.float32)) and not torch.equal(d, t.d)
+    data = grid.pack(t.tuned_params(d), t.codes(v, a).to(torch.int32).reshape(-1, K))
+    decoded = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(W.shape)
+    assert torch.equal(decoded, t.values(v, a))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,7 @@ def test_refined_conversion_lowers_each_layers_error_and_runs(checkpoint, tmp_pa
         before = r["error_before"] + r["routing_kl_before"]
         after = r["error_after"] + r["routing_kl_after"]
         assert after <= before
-        assert r["error_after"] < r["error_before"] and r["codes_moved"] > 0
+        assert r["error_after"] < r["error_before"] and r["codes_moved"] > 0 and r["scales_moved"] > 0
     assert {t["method"] for n, t in result.report.tensors.items() if n.endswith("ffn_up_exps.weight")} == {"moequant+refine24"}
     with runtime.load(result.output, n_ctx=64) as llm:
         assert np.isfinite(runtime.logits(llm, [1, 2, 3, 4])).all()
