@@ -47,3 +47,30 @@ def test_user_text_errors(tmp_path):
         list(corpus.iter_texts(str(bad)))
     with pytest.raises(ValueError, match="unknown split"):
         corpus.stdlib_files("test")
+
+
+def test_pydoc_splits_partition_the_documentation_prose():
+    """pydoc-eval/calib/train: disjoint pieces of pydoc_data.topics that together hold every topic's text, each split
+    with about its share (eval and calib 5-20% of the characters), pieces cut at paragraph ends."""
+    from pydoc_data.topics import topics
+    pieces = corpus.pydoc_pieces()
+    assert len({key for key, _ in pieces}) == len(pieces)
+    for name in topics:   # a topic's pieces rejoin to its text
+        assert "\n\n".join(t for key, t in pieces if key.rsplit("/", 1)[0] == name) == topics[name]
+    sizes = {s: len(corpus.read_text(s, separator="")) for s in corpus.PYDOC_SPLITS}
+    total = sum(len(t) for _, t in pieces)
+    assert sum(sizes.values()) == total
+    assert 0.05 < sizes["pydoc-eval"] / total < 0.2 and 0.05 < sizes["pydoc-calib"] / total < 0.2, sizes
+    assert list(corpus.iter_texts("pydoc-eval")) == list(corpus.iter_pydoc("pydoc-eval"))
+    with pytest.raises(corpus.TextSourceError, match="pydoc-eval"):
+        list(corpus.iter_pydoc("eval"))
+
+
+def test_mixed_calibration_holds_both_domains_from_the_start():
+    import itertools
+    first = list(itertools.islice(corpus.iter_mixed(), 20))
+    code = set(corpus.iter_split("calib"))
+    prose = set(corpus.iter_pydoc("pydoc-calib"))
+    n_code, n_prose = sum(len(t) for t in first if t in code), sum(len(t) for t in first if t in prose)
+    assert all(t in code or t in prose for t in first) and n_code > 0 and n_prose > 0
+    assert sorted(corpus.iter_mixed()) == sorted([*corpus.iter_split("calib"), *corpus.iter_pydoc("pydoc-calib")])

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 import bench_quality  # noqa: E402  (imports every module a conversion needs, as its long runs want)
-from bench_quality import bench_model, compare_digests, machine  # noqa: E402
+from bench_quality import CORPORA, bench_model, compare_digests, machine, model_source  # noqa: E402
 from moeq2gguf import runtime  # noqa: E402
 from moeq2gguf.runtime import build as runtime_build
 from moeq2gguf.runtime.bench import bench_file, machine_info  # noqa: E402
@@ -87,6 +87,7 @@ def quality(model: str, mixes: list[str], bases: list[str], chunks: int, calib_w
     saved_rows = [r for r in saved.get("rows", []) if r["mix"] in mixes and r["method"] in labels]
     done = {(mix, "llama.cpp rtn") for mix in mixes} | {(r["mix"], r["method"]) for r in saved_rows}
     rows, notes = bench_model(model, mixes, methods, chunks, calib_windows, ctx, work, done)
+    model = model_source(model)[0]
     if rows:
         notes.append(f"{model}: rows {', '.join(sorted({r['method'] for r in rows}))} computed with the code of commit "
                      f"{START_COMMIT} (as this run started), evaluated in one pass on the "
@@ -101,7 +102,8 @@ def quality(model: str, mixes: list[str], bases: list[str], chunks: int, calib_w
     stock_files = [(r, work / (f"{r['mix']}-llama-imatrix.gguf" if r["method"] == IMATRIX
                                else f"{r['mix']}-{r['method'].removeprefix('moeq2gguf ')}.gguf"))
                    for r in rows if r["method"] in stock_labels]
-    again = evaluate_many([p for _, p in stock_files], work / "f32.gguf", "eval", ctx, chunks, progress=True)
+    again = evaluate_many([p for _, p in stock_files], work / "f32.gguf", CORPORA[model_source(model)[2]][0], ctx, chunks,
+                          progress=True)
     same = sum(a.kld_mean == r["kld"] and a.ppl_quant == r["ppl"] and a.same_top1_pct == r["top1"]
                for (r, _), a in zip(stock_files, again))
     worst = max(abs(a.kld_mean / r["kld"] - 1) for (r, _), a in zip(stock_files, again))
@@ -242,8 +244,9 @@ def main() -> None:
     t0 = time.time()
     rows, notes, speed_rows = [], [], []
     for model in args.models:
-        work = Path(args.workdir) / model
-        r, n = quality(model, args.mixes, args.bases, args.chunks, args.calib_windows, args.ctx, work, Path(args.quality_dir) / model,
+        name = model_source(model)[0]
+        work = Path(args.workdir) / name
+        r, n = quality(model, args.mixes, args.bases, args.chunks, args.calib_windows, args.ctx, work, Path(args.quality_dir) / name,
                        args.reuse)
         rows += r
         notes += n

@@ -195,16 +195,22 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
             if (mix, f"moeq2gguf {method}") in done or (needs_imatrix(mix) and method.split("+")[0] == "rtn"):
                 continue
             kwargs = convert_kwargs(method)
-            if kwargs.pop("alloc", False):   # the allocator at llama.cpp's size of this mix
+            if kwargs.pop("alloc", False):   # the allocator at llama.cpp's size of this mix, instead of the mix
                 refs = [work / f"{mix}-llama-imatrix.gguf"] + ([] if needs_imatrix(mix) else [work / f"{mix}-llama-rtn.gguf"])
                 kwargs["target_size"] = min(p.stat().st_size for p in refs)
+            else:
+                kwargs["type"] = mix
             if kwargs["method"] != "rtn":
                 kwargs.setdefault("calib", calib_split)
             prior = kwargs.pop("rare_prior", None)
             t0 = time.time()
             with rare_prior(kwargs["method"], prior):
-                out = convert(model_dir, work / f"{mix}-{method}.gguf", type=mix, calib_windows=calib_windows,
-                              calib_ctx=ctx, progress=False, **kwargs).output
+                result = convert(model_dir, work / f"{mix}-{method}.gguf", calib_windows=calib_windows,
+                                 calib_ctx=ctx, progress=False, **kwargs)
+            out = result.output
+            if result.report is not None and result.report.refine:   # per layer: loss, routing agreement, time
+                out.with_name(out.name + ".refine.json").write_text(json.dumps(
+                    {str(k): v for k, v in result.report.refine.items()}, indent=1))
             files.append((mix, f"moeq2gguf {method}", out, time.time() - t0))
         if "rtn" in methods and (mix, "moeq2gguf rtn") not in done and not needs_imatrix(mix):
             notes.append(f"{model} {mix}: our rtn vs llama-quantize: "
@@ -247,6 +253,32 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['mix']} | {r['method']} | {r['bytes']} | {r['bpw']:.3f} | {r['ppl']:.4f} | "
                      f"{r['ppl_ratio']:.4f} | {r['kld']:.5f} | {r['kld999']:.4f} | {r['top1']:.2f}% | {r['seconds']:.1f} | {rel:.3f} |")
     return "\n".join(lines)
+
+
+def format_refine_layers(rows: list[dict], workdir: Path) -> str:
+    """Per refined file and layer (the .refine.json its conversion left): the layer's relative output error and the
+    share of calibration tokens whose next-layer top-k expert set is the float model's, GPTQ's -> refined, and the
+    seconds the tuning took. Empty when no row was refined."""
+    lines = []
+    for r in rows:
+        method = r["method"].removeprefix("moeq2gguf ")
+        path = workdir / r["model"] / f"{r['mix']}-{method}.gguf.refine.json"
+        if "refine" not in method or not path.is_file():
+            continue
+        for bid, x in sorted(json.loads(path.read_text()).items(), key=lambda kv: int(kv[0])):
+            agree = ("-" if x["routing_agreement_before"] != x["routing_agreement_before"] else   # NaN: last layer
+                     f"{100 * x['routing_agreement_before']:.2f}% -> {100 * x['routing_agreement_after']:.2f}%")
+            lines.append(f"| {r['model']} | {r['mix']} | {method} | {bid} | {x['error_before']:.4e} -> "
+                         f"{x['error_after']:.4e} | {x['routing_kl_before']:.3e} -> {x['routing_kl_after']:.3e} | {agree} | "
+                         f"{100 * x['codes_moved'] / x['codes']:.2f}% | "
+                         f"{100 * x.get('scales_moved', 0) / max(x.get('scales', 0), 1):.1f}% | "
+                         f"{x['seconds']:.1f} |" if "seconds" in x else
+                         f"| {r['model']} | {r['mix']} | {method} | {bid} | (a report without times) |")
+    if not lines:
+        return ""
+    head = ("| model | mix | method | layer | relative output error | next routing KL (last: logits) | "
+            "top-k set unchanged (next layer) | codes moved | scales moved | tuning s |")
+    return "\n".join([head, "|---" * (head.count("|") - 1) + "|", *lines])
 
 
 TRANSFORMS = ["", "+rotate", "+smooth", "+rotate+smooth"]
@@ -318,7 +350,8 @@ def main() -> None:
         model_rows = sorted(saved["rows"] + r, key=lambda x: order.get((x["mix"], x["method"]), len(order)))
         model_notes = saved["notes"] + [x for x in n if x not in saved["notes"]]
         (work / "results.json").write_text(json.dumps({"rows": model_rows, "notes": model_notes}, indent=1))  # kept if a later model fails
-        rows += model_rows
+        # the table shows what this command asks for; other saved rows stay in results.json for other sections
+        rows += [x for x in model_rows if (x["mix"], x["method"]) in order]
         notes += model_notes
     for model in args.models:
         try:
@@ -338,7 +371,10 @@ def main() -> None:
             f"Rows of a model may come from different commits (`--reuse` computes only missing rows): the notes say which.\n\n"
             f"{format_table(rows)}\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
             + (f"\nMean KLD / llama.cpp imatrix's by transform ('*': lowest of the line):\n\n{transforms}\n"
-               if (transforms := format_transform_table(rows)) else "") + f"{end}\n")
+               if (transforms := format_transform_table(rows)) else "")
+            + (f"\n--refine per layer (calibration tokens; 'top-k set unchanged': share of tokens whose next layer picks "
+               f"the float model's expert set; time on this machine, tuning alone):\n\n{layers}\n"
+               if (layers := format_refine_layers(rows, Path(args.workdir))) else "") + f"{end}\n")
     print(text)
     if args.write:
         write_section(text, begin, end)

@@ -15,6 +15,7 @@ Under torchrun the windows' batches, the routed experts' statistics and their GP
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 import dataclasses
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ def _refine(layers, bid, block, xs, targets, w, qweights, walks, encoded, spec, 
                                                                 device))
     if not tunable:
         return
+    t0 = time.perf_counter()
     codes, info = refine.refine_layer(xs, targets, qweights, {k: t for k, (_, t) in tunable.items()}, spec, bid,
                                       _next_layer(layers, bid, spec, device), cfg.refine)
     for key, (s, t) in tunable.items():
@@ -141,6 +143,7 @@ def _refine(layers, bid, block, xs, targets, w, qweights, walks, encoded, spec, 
         qweights[key] = deq
         encoded[s.name] = data.reshape(*t.shape[:-1], -1)
         report.tensors[s.name]["method"] += f"+refine{cfg.refine.steps}"
+    info["seconds"] = time.perf_counter() - t0   # the tuning alone, packing and checks excluded
     report.refine[bid] = info
 
 

@@ -33,6 +33,15 @@ def test_affinity_weighting_and_coverage_rules():
     assert torch.allclose(H[1], x1.T @ x1 / 3, atol=1e-6)
     assert cov.fallback == ["own", "own", "pooled"]
     assert torch.allclose(plain.inputs["exps_in"].plain_sq[0], (x0 * x0).sum(0).double())
+    # llama.cpp's neutral prior (the benchmark's +neutralprior): every expert blended with the identity times the
+    # pooled mean channel energy, worth one token of the layer's average weight; the unseen expert gets the prior alone
+    H, cov = collector.hessians("exps_in", blend_rare="neutral")
+    one = (a0.sum() + a1.sum()) / 23
+    neutral = pooled.diagonal().mean() * torch.eye(K)
+    assert torch.allclose(H[0], ((x0 * a0[:, None]).T @ x0 + one * neutral) / (a0.sum() + one), atol=1e-5)
+    assert torch.allclose(H[1], ((x1 * a1[:, None]).T @ x1 + one * neutral) / (a1.sum() + one), atol=1e-5)
+    assert torch.allclose(H[2], neutral, atol=1e-6)
+    assert cov.fallback == ["own", "blended", "neutral prior"]
 
 
 def test_per_head_inputs_get_one_hessian_per_head():
