@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imatrix", default=None, help="a llama-imatrix GGUF file to use as importance (with --method rtn)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-size", default=None, metavar="SIZE",
-                        help="instead of --type: choose each tensor's type so the file fits SIZE (6GiB, 3.5GB, bytes) "
-                             "with the least predicted loss, measured with --method's quantizer on the calibration text")
+                        help="instead of --type: choose each tensor's type so the file fits SIZE (6GiB, 3.5GB, bytes; "
+                             "or a mix name such as Q4_K_M: the tensor bytes llama.cpp's Q4_K_M of this model has) with "
+                             "the least predicted loss, measured with --method's quantizer on the calibration text")
     target.add_argument("--target-bpw", type=float, default=None, metavar="BPW",
                         help="as --target-size, for bits per weight as llama.cpp prints them")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

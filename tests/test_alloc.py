@@ -173,6 +173,20 @@ def test_target_bpw_as_llama_cpp_counts_it(checkpoint, tmp_path, cache, calib_fi
     assert reader.get_field(alloc.TARGET_BPW_KEY).contents() == pytest.approx(4.0)
 
 
+def test_target_size_of_a_mix_is_that_mixs_tensor_bytes(checkpoint, tmp_path, cache, calib_file):
+    """--target-size Q3_K_M: the tensor data of the file the fixed Q3_K_M mix gives (llama.cpp's, type for type) is the
+    budget; the allocated file's tensor data fits it, and names it."""
+    fixed, allocated = tmp_path / "fixed.gguf", tmp_path / "alloc.gguf"
+    convert(checkpoint, fixed, type="Q3_K_M", **KW)
+    convert(checkpoint, allocated, target_size="q3_k_m", calib=calib_file, **KW)
+    tensor_bytes = {p: sum(int(t.n_bytes) for t in gguf.GGUFReader(p).tensors) for p in (fixed, allocated)}
+    reader = gguf.GGUFReader(allocated)
+    assert reader.get_field(alloc.TARGET_SIZE_KEY).contents() == tensor_bytes[fixed]
+    assert 0.97 * tensor_bytes[fixed] <= tensor_bytes[allocated] <= tensor_bytes[fixed]
+    recipe = json.loads(reader.get_field(alloc.RECIPE_KEY).contents())
+    assert recipe["budget"] == tensor_bytes[fixed] and recipe["budget_kind"] == "bpw"
+
+
 def test_low_budget_uses_the_i_quants(checkpoint, tmp_path, cache, calib_file):
     """Below 4 bits per weight the i-quants are candidates: at 2.6 bpw the allocator picks some, the file stays within
     the budget and runs."""

@@ -54,7 +54,9 @@ def git_commit() -> str:
 
 # the code this run converts with: the modules imported above, i.e. the checkout as the run started
 START_COMMIT = git_commit()
-MARK_BEGIN, MARK_END = "<!-- bench_patched:begin -->", "<!-- bench_patched:end -->"
+# --section: which table of BENCHMARKS.md --write replaces (its markers and title)
+SECTIONS = {"main": ("", "Patched-runtime features: per-expert smoothing and the expert Hadamard against moequant"),
+            "lowbit": (":lowbit", "Patched-runtime features below 3 bits: the decision grid (issue 26)")}
 # the patched-runtime features as "+" options of bench_quality's --methods entries
 bench_quality.METHOD_OPTIONS.update({"perexpert": {"smooth": "per-expert"}, "ehadamard": {"expert_hadamard": True}})
 FEATURES = ["+perexpert", "+ehadamard", "+perexpert+ehadamard"]
@@ -235,6 +237,8 @@ def main() -> None:
     ap.add_argument("--quality-dir", default=str(REPO / ".cache" / "bench_quality"),
                     help="tools/bench_quality.py's --workdir, read only: its results.json for comparison")
     ap.add_argument("--reuse", action="store_true", help="keep quality rows of an earlier run's results.json")
+    ap.add_argument("--section", choices=sorted(SECTIONS), default="main",
+                    help="which table of BENCHMARKS.md --write replaces (lowbit: the i-quant decision grid)")
     ap.add_argument("--write", action="store_true", help="write the tables into BENCHMARKS.md")
     args = ap.parse_args()
     lib = runtime_build.build().lib_dir   # cached; builds the patched llama.cpp when missing
@@ -260,13 +264,15 @@ def main() -> None:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
     command = (env + " " if env else "") + "python tools/bench_patched.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse")
     info = machine_info()
-    text = (f"{MARK_BEGIN}\n## Patched-runtime features: per-expert smoothing and the expert Hadamard against moequant\n\n"
+    tag, title = SECTIONS[args.section]
+    MARK_BEGIN, MARK_END = f"<!-- bench_patched{tag}:begin -->", f"<!-- bench_patched{tag}:end -->"
+    text = (f"{MARK_BEGIN}\n## {title}\n\n"
             f"Command: `{command}`  \nDate: {datetime.date.today()}  \nMachine: {machine()}, load average "
             f"{os.getloadavg()[0]:.1f} at the end (shared with other jobs), this run at nice {os.nice(0)}  \n"
             f"Commit: {START_COMMIT}{f' (HEAD at the end: {end})' if (end := git_commit()) != START_COMMIT else ''}  \n"
             f"Patched llama.cpp: {lib} (runtime_patches/), stock: llama-cpp-python {info['llama_cpp_python']}'s own. "
             f"Wall time of this run: {time.time() - t0:.0f} s.\n\n"
-            f"Quality: eval {args.chunks} windows of {args.ctx} tokens of the eval split, second half scored, against the F32 "
+            f"Quality: eval {args.chunks} windows of {args.ctx} tokens of the eval split (pydoc-eval for a model marked @pydoc), second half scored, against the F32 "
             f"GGUF, F32 KV cache, as tools/bench_quality.py (its bench_model() converts and evaluates). Calibration: "
             f"{args.calib_windows} windows of {args.ctx} tokens of the calib split for every method, llama-imatrix and the "
             f"per-expert smoothing statistics included. +perexpert: `--smooth per-expert`; +ehadamard: `--expert-hadamard` "

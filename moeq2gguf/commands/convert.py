@@ -178,7 +178,7 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     if world.distributed and world.size > max(spec.n_experts, 1):
         raise Moeq2ggufError(f"torchrun started {world.size} processes for a model with {spec.n_experts} routed experts; "
                              f"each rank needs at least one expert: use --nproc-per-node {max(spec.n_experts, 1)} or fewer")
-    budget = alloc.make_budget(sources, config.target_size, config.target_bpw) if config.targeted else None
+    budget = alloc.make_budget(sources, config.target_size, config.target_bpw, spec) if config.targeted else None
     type_name = alloc.nearest_mix(sources, spec, budget) if budget else config.type_name  # llama.cpp only displays it
 
     # The calibration text, tokenized once, for whatever needs activations: the float pass's plug-ins and a

@@ -174,10 +174,28 @@ class Budget:
         return 8 * tensor_bytes / self.n_params
 
 
-def make_budget(sources: Sequence[TensorSource], target_size: str | int | None, target_bpw: float | None) -> Budget:
+def mix_tensor_bytes(sources: Sequence[TensorSource], spec, mix: str) -> int:
+    """Tensor data bytes of llama.cpp's `mix` of this model (its types as llama-quantize with an imatrix picks them;
+    plan.mixes reproduces them byte for byte)."""
+    types = assign_types([(s.name, s.shape) for s in sources], mix, n_layer=spec.n_layers, n_expert=spec.n_experts,
+                         n_head=spec.n_heads, n_head_kv=spec.n_kv_heads, has_imatrix=True)
+    return sum(tensor_nbytes(s.shape, t) for s, t in zip(sources, types))
+
+
+def make_budget(sources: Sequence[TensorSource], target_size: str | int | None, target_bpw: float | None,
+                spec=None) -> Budget:
+    """The budget of --target-size (bytes of the whole file, '6GiB', or a llama.cpp mix name: that mix's tensor bytes
+    for this model, e.g. Q4_K_M: the best file of Q4_K_M's size) or of --target-bpw."""
+    from moeq2gguf.plan.mixes import MIXES
     if (target_size is None) == (target_bpw is None):
         raise Moeq2ggufError("give one of --target-size and --target-bpw")
     n_params = sum(math.prod(s.shape) for s in sources)
+    if isinstance(target_size, str) and target_size.upper() in MIXES:
+        mix = target_size.upper()
+        if spec is None:
+            raise ValueError("a mix-named size target needs the model's spec")
+        n_bytes = mix_tensor_bytes(sources, spec, mix)
+        return Budget(n_bytes, "bpw", f"{mix}'s size", n_params, 8 * n_bytes / n_params)
     if target_bpw is not None:
         if not 0 < target_bpw <= 32:
             raise Moeq2ggufError(f"--target-bpw {target_bpw} must be in (0, 32]")
