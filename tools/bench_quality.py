@@ -56,7 +56,8 @@ SECTIONS = {"quality": ("", "Quality against llama.cpp's own quants"),
             "iquants": (":iquants", "Below 3 bits: the i-quant mixes against llama.cpp's (issue 23)"),
             "refine": (":refine", "Refinement after GPTQ (--refine, issue 24)"),
             "recipe": (":recipe", "The default recipe: gptq, moequant, refinement and the allocator on three models (issue 24)"),
-            "calibsource": (":calibsource", "Which calibration text for a model of another domain (issue 24)")}
+            "calibsource": (":calibsource", "Which calibration text for a model of another domain (issue 24)"),
+            "prior": (":prior", "Rare experts: the pooled Hessian or llama.cpp's neutral prior (issue 24)")}
 
 
 def markers(section: str) -> tuple[str, str, str]:
