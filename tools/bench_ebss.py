@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from moeq2gguf.calib import EBSSConfig, balance_report, generate_ebss  # noqa: E402
 from moeq2gguf.calib.balance import load_model, resolve_device  # noqa: E402
-from moeq2gguf.calib.ebss import DEFAULT_TAU, cache_path  # noqa: E402
+from moeq2gguf.calib.ebss import DEFAULT_TAU, cache_path, sidecar_path  # noqa: E402
 
 
 def main() -> None:
@@ -63,8 +63,8 @@ def main() -> None:
                              balance=balance)
             # the same cache `convert --calib ebss` reads, so tools/bench_quality.py reuses this data
             path = cache_path(model_dir, cfg, device)
-            if path.is_file() and path.with_suffix(".json").is_file():
-                summary = json.loads(path.with_suffix(".json").read_text())
+            if path.is_file() and sidecar_path(path).is_file():
+                summary = json.loads(sidecar_path(path).read_text())
                 print(f"reusing {path} (generated in {summary['seconds']:.0f} s)")
             else:
                 summary = generate_ebss(model_dir, path, cfg, progress=True, model=model).summary()

@@ -167,12 +167,12 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
     imatrix_file = work / "imatrix.gguf"
     imatrix_seconds = None
     if any("+ebss" in m for m in methods):
-        from moeq2gguf.calib.ebss import EBSSConfig, cache_path, cached_ebss
+        from moeq2gguf.calib.ebss import EBSSConfig, cache_path, cached_ebss, sidecar_path
         t0 = time.time()
         ebss_config = EBSSConfig(n=calib_windows, length=ctx)
         cached = cache_path(model_dir, ebss_config, __import__("torch").device("cpu")).is_file()
         path = cached_ebss(model_dir, ebss_config, device="cpu")
-        summary = json.loads(path.with_suffix(".json").read_text())
+        summary = json.loads(sidecar_path(path).read_text())
         notes.append(f"{model}: EBSS data {calib_windows} x {ctx} tokens ({'cached, ' if cached else ''}generated in "
                      f"{summary['seconds']:.0f} s, {summary['tokens_per_s']:.0f} tok/s on CPU; set sigma {summary['set_sigma']:.4f}); "
                      f"the +ebss rows' time excludes generation ({time.time() - t0:.0f} s this run)")
