@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{n}: {methods.get(n).summary}" for n in methods.names()))
     p.add_argument("--calib", default=None,
                    help="calibration text: a .txt/.jsonl file or folder, ebss (the model samples itself), or a bundled "
-                        "source: calib (the stdlib sources' calib split, the default), pydoc-calib (the Python "
-                        "documentation's prose), mixed-calib (both)")
+                        "source: calib (the stdlib sources' calib split), pydoc-calib (the Python documentation's prose), "
+                        "mixed-calib (both). Default: ebss with --device cuda (one process), calib otherwise")
     p.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default 32)")
     p.add_argument("--calib-ctx", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",

@@ -74,3 +74,17 @@ def test_mixed_calibration_holds_both_domains_from_the_start():
     n_code, n_prose = sum(len(t) for t in first if t in code), sum(len(t) for t in first if t in prose)
     assert all(t in code or t in prose for t in first) and n_code > 0 and n_prose > 0
     assert sorted(corpus.iter_mixed()) == sorted([*corpus.iter_split("calib"), *corpus.iter_pydoc("pydoc-calib")])
+
+
+def test_default_calibration_is_ebss_on_one_gpu_else_the_stdlib_split(monkeypatch):
+    """convert without --calib: EBSS on a GPU (it won out of domain), the stdlib calib split on CPU (EBSS generation
+    is too slow there) and under torchrun (not distributed yet)."""
+    from moeq2gguf.config import ConvertConfig, default_calib
+    assert default_calib("cuda", 1) == "ebss" and default_calib("cuda:1", 1) == "ebss"
+    assert default_calib("cpu", 1) == "calib" and default_calib("cuda", 2) == "calib"
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert default_calib("cuda") == "calib"
+    monkeypatch.delenv("WORLD_SIZE")
+    assert default_calib("cuda") == "ebss"
+    assert ConvertConfig(type="Q4_K_M", method="moequant").quant.calib == "calib"
+    assert ConvertConfig(type="Q4_K_M", method="moequant", calib="pydoc-calib").quant.calib == "pydoc-calib"
