@@ -89,7 +89,7 @@ def quality(model: str, mixes: list[str], bases: list[str], chunks: int, calib_w
     saved_rows = [r for r in saved.get("rows", []) if r["mix"] in mixes and r["method"] in labels]
     done = {(mix, "llama.cpp rtn") for mix in mixes} | {(r["mix"], r["method"]) for r in saved_rows}
     rows, notes = bench_model(model, mixes, methods, chunks, calib_windows, ctx, work, done)
-    model = model_source(model)[0]
+    model, _, corpus_name = model_source(model)
     if rows:
         notes.append(f"{model}: rows {', '.join(sorted({r['method'] for r in rows}))} computed with the code of commit "
                      f"{START_COMMIT} (as this run started), evaluated in one pass on the "
@@ -104,7 +104,7 @@ def quality(model: str, mixes: list[str], bases: list[str], chunks: int, calib_w
     stock_files = [(r, work / (f"{r['mix']}-llama-imatrix.gguf" if r["method"] == IMATRIX
                                else f"{r['mix']}-{r['method'].removeprefix('moeq2gguf ')}.gguf"))
                    for r in rows if r["method"] in stock_labels]
-    again = evaluate_many([p for _, p in stock_files], work / "f32.gguf", CORPORA[model_source(model)[2]][0], ctx, chunks,
+    again = evaluate_many([p for _, p in stock_files], work / "f32.gguf", CORPORA[corpus_name][0], ctx, chunks,
                           progress=True)
     same = sum(a.kld_mean == r["kld"] and a.ppl_quant == r["ppl"] and a.same_top1_pct == r["top1"]
                for (r, _), a in zip(stock_files, again))
