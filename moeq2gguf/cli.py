@@ -48,7 +48,7 @@ def refine_summary(per_layer: dict) -> str:
     for bid, r in sorted(per_layer.items()):
         lines.append(f"layer {bid:<2} {r['error_before']:11.4e} -> {r['error_after']:10.4e} {r['routing_kl_before']:10.3e} -> "
                      f"{r['routing_kl_after']:9.3e} {r['routing_agreement_before']:7.1%} -> {r['routing_agreement_after']:6.1%} "
-                     f"{r['codes_moved'] / r['codes']:11.2%} {r.get('scales_moved', 0) / max(r.get('scales', 0), 1):12.2%}")
+                     f"{r['codes_moved'] / r['codes']:11.2%} {r['scales_moved'] / r['scales']:12.2%}")
     return "\n".join(lines)
 
 

@@ -137,8 +137,7 @@ def _refine(layers, bid, block, xs, targets, w, qweights, walks, encoded, spec, 
         tuned_codes, tuned_d = codes[key]
         data = grid.pack(t.tuned_params(tuned_d), tuned_codes.reshape(-1, t.codes0.shape[-1]).cpu())
         deq = torch.from_numpy(np.asarray(grid.fmt.dequantize(data), dtype=np.float32)).reshape(t.shape).to(device)
-        dsub = tuned_d.repeat_interleave(t.per_block, dim=1) * t.sc
-        if not torch.equal(deq, t.values_of(tuned_codes.to(device), dsub)):
+        if not torch.equal(deq, t.values_of(tuned_codes.to(device), t.weight_scales(tuned_d))):
             raise AssertionError(f"refined {s.name} bytes do not dequantize to the weights the refinement tuned")
         qweights[key] = deq
         encoded[s.name] = data.reshape(*t.shape[:-1], -1)

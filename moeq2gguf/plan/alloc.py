@@ -183,7 +183,7 @@ def mix_tensor_bytes(sources: Sequence[TensorSource], spec, mix: str) -> int:
 
 
 def make_budget(sources: Sequence[TensorSource], target_size: str | int | None, target_bpw: float | None,
-                spec=None) -> Budget:
+                spec) -> Budget:
     """The budget of --target-size (bytes of the whole file, '6GiB', or a llama.cpp mix name: that mix's tensor bytes
     for this model, e.g. Q4_K_M: the best file of Q4_K_M's size) or of --target-bpw."""
     from moeq2gguf.plan.mixes import MIXES
@@ -192,8 +192,6 @@ def make_budget(sources: Sequence[TensorSource], target_size: str | int | None, 
     n_params = sum(math.prod(s.shape) for s in sources)
     if isinstance(target_size, str) and target_size.upper() in MIXES:
         mix = target_size.upper()
-        if spec is None:
-            raise ValueError("a mix-named size target needs the model's spec")
         n_bytes = mix_tensor_bytes(sources, spec, mix)
         return Budget(n_bytes, "bpw", f"{mix}'s size", n_params, 8 * n_bytes / n_params)
     if target_bpw is not None:
@@ -359,12 +357,9 @@ class Allocation:
 def nearest_mix(sources: Sequence[TensorSource], spec, budget: Budget) -> str:
     """The largest llama.cpp mix whose tensor data fits the budget (else the smallest): the
     general.file_type an allocated file displays."""
-    shapes = [(s.name, s.shape) for s in sources]
     best = DISPLAY_MIXES[0]
     for name in DISPLAY_MIXES:
-        types = assign_types(shapes, name, n_layer=spec.n_layers, n_expert=spec.n_experts, n_head=spec.n_heads,
-                             n_head_kv=spec.n_kv_heads, has_imatrix=True)
-        if sum(tensor_nbytes(s.shape, t) for s, t in zip(sources, types)) <= budget.n_bytes:
+        if mix_tensor_bytes(sources, spec, name) <= budget.n_bytes:
             best = name
     return best
 

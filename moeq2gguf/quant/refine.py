@@ -20,8 +20,8 @@ Loss, on the layer's calibration inputs (the quantized model's hidden states, as
 Each step takes one batch of windows in turn; V moves by lr * sign(gradient), lr decaying linearly from 1 / steps.
 Rare experts: an expert's codes get gradient only from the tokens routed to it, so one that no calibration token
 reaches keeps GPTQ's codes (from the pooled Hessian) and one with few tokens moves little.
-The V with the lowest loss over all batches, evaluated a few times per run, is kept (AutoRound keeps its best iteration;
-GPTQ's own codes are the first candidate, so the loss never rises).
+The state (V and the scale factors) with the lowest loss over all batches, evaluated a few times per run, is kept
+(AutoRound keeps its best iteration; GPTQ's own codes and scales are the first candidate, so the loss never rises).
 """
 from __future__ import annotations
 
@@ -71,14 +71,14 @@ class KQuantCodes:
         self.params = params
         cols = [_KQuantColumns(fmt, p, device) for p in params]
         sub = cols[0].sub
-        self.dsub = torch.cat([c.dsub.repeat_interleave(sub, dim=1) for c in cols], dim=1)      # [N, K]
         self.dm = (torch.cat([c.dm.repeat_interleave(sub, dim=1) for c in cols], dim=1)
                    if isinstance(fmt, ScaleMinFormat) else None)
-        # the super-block scales [N, nb] and each weight's sub-block scale (an integer, as float32): dsub = d * sc
+        # the super-block scales [N, nb] and each weight's sub-block scale (an integer, as float32)
         self.d = torch.stack([torch.from_numpy(p.d[:, 0].astype(np.float32)) for p in params], dim=1).to(device)
         self.sc = torch.cat([torch.from_numpy(p.sc[:, 0].astype(np.float32)).repeat_interleave(sub, dim=1)
                              for p in params], dim=1).to(device)
-        self.per_block = self.dsub.shape[1] // len(params)
+        self.per_block = self.sc.shape[1] // len(params)
+        self.dsub = self.weight_scales(self.d)      # [N, K], GPTQ's
         self.codes0 = codes.reshape(self.dsub.shape).to(device=device, dtype=torch.float32)
         self.frozen = self.dsub == 0          # ggml's fallback codes there: values do not depend on them
         self.x = targets.reshape(self.dsub.shape).to(device=device, dtype=torch.float32)
@@ -95,12 +95,16 @@ class KQuantCodes:
         safe = torch.where(self.frozen, torch.ones_like(dsub), dsub)
         return (self.x + self.dm) / safe if self.dm is not None else self.x / safe
 
+    def weight_scales(self, d: torch.Tensor) -> torch.Tensor:
+        """Each weight's scale d * sc [N, K] for super-block scales d [N, nb]: the float32 product grid.py forms."""
+        return d.repeat_interleave(self.per_block, dim=1) * self.sc
+
     def scales(self, a: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(super-block scales [N, nb] as stored: fp16 values, each weight's d * sc [N, K]) for factors 1 + a."""
         if a is None:
             return self.d, self.dsub
         d = _fp16_ste(self.d * (1 + a))
-        return d, d.repeat_interleave(self.per_block, dim=1) * self.sc
+        return d, self.weight_scales(d)
 
     def codes(self, v: torch.Tensor, a: torch.Tensor | None = None) -> torch.Tensor:
         u = self.u if a is None else self._u(self.scales(a)[1])
@@ -161,7 +165,7 @@ def refine_layer(xs: list[torch.Tensor], targets: list[torch.Tensor], weights: d
     device = xs[0].device
     v = {k: torch.zeros(t.codes0.shape, device=device, requires_grad=True) for k, t in tunable.items()}
     factors = ({k: torch.zeros(t.d.shape, device=device, requires_grad=True) for k, t in tunable.items()}
-         if cfg.scale_range > 0 else {k: None for k in tunable})
+               if cfg.scale_range > 0 else {k: None for k in tunable})
     fixed = {k: t.detach() for k, t in weights.items() if k not in tunable}
     with torch.no_grad():
         scale = [((t - x) ** 2).sum().clamp_min(1e-30) for x, t in zip(xs, targets)]
@@ -224,6 +228,6 @@ def refine_layer(xs: list[torch.Tensor], targets: list[torch.Tensor], weights: d
         "V = 0, A = 0 must give GPTQ's codes"
     total = sum(t.codes0.numel() for t in tunable.values())
     return result, {"error_before": err0, "error_after": best_parts[0], "routing_kl_before": kl0,
-                   "routing_kl_after": best_parts[1], "routing_agreement_before": agree0,
-                   "routing_agreement_after": best_parts[2], "codes_moved": moved, "codes": total,
+                    "routing_kl_after": best_parts[1], "routing_agreement_before": agree0,
+                    "routing_agreement_after": best_parts[2], "codes_moved": moved, "codes": total,
                     "scales_moved": rescaled, "scales": sum(t.d.numel() for t in tunable.values())}
