@@ -18,7 +18,7 @@ def _convert(args: argparse.Namespace) -> None:
                            expert_hadamard=args.expert_hadamard, allow_nonfinite=args.allow_nonfinite,
                            split_max_size=args.split_max_size, split_max_tensors=args.split_max_tensors,
                            refine=args.refine, refine_routing=args.refine_routing,
-                           refine_scales=args.refine_scales)
+                           refine_scales=args.refine_scales, expert_group=args.expert_group)
     from moeq2gguf import parallel
     lead = parallel.world(config.device).rank == 0   # under torchrun only rank 0 writes, and speaks
     result = convert(args.model_dir, args.output, config, progress=lead and not args.quiet and not args.json,
@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-scales", type=float, default=0.2, metavar="R",
                    help="--refine also moves each 256-weight block's fp16 scale by a factor in [1-R, 1+R] (default 0.2; "
                         "0: codes only)")
+    p.add_argument("--expert-group", type=int, default=None, metavar="N",
+                   help="quantize each layer's routed experts N at a time (statistics and GPTQ), to bound memory; the "
+                        "file is the same (default: all at once when the layer fits the device's free memory, else "
+                        "as many as fit)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (file, sizes, types, method, time, memory, coverage, stage profile)")
     p.add_argument("--allow-nonfinite", action="store_true",

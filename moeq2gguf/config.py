@@ -38,6 +38,7 @@ class ConvertConfig:
     refine: int = 0                          # --refine STEPS: tune each layer's K-quant codes after GPTQ
     refine_routing: float = 1.0              # weight of the routing-consistency term of --refine
     refine_scales: float = 0.2               # --refine moves each block scale by a factor in [1 - r, 1 + r] (0: codes only)
+    expert_group: int | None = None          # routed experts quantized at once (None: as many as free memory allows)
     # derived in __post_init__
     type_name: str = field(init=False)       # the validated type (for a size target: the mix standing in for it)
     stock_smooth: tuple[str, ...] = field(init=False)
@@ -60,7 +61,7 @@ class ConvertConfig:
         method = methods.get(self.method)
         put("quant", QuantConfig(method=self.method, calib=self.calib or default_calib(self.device), device=self.device,
                                  imatrix_file=self.imatrix, n_windows=self.calib_windows, ctx=self.calib_ctx,
-                                 allow_nonfinite=self.allow_nonfinite,
+                                 allow_nonfinite=self.allow_nonfinite, expert_group=self.expert_group,
                                  refine=_refine_config(self.refine, self.refine_routing,
                                                       self.refine_scales)))
         if plan.is_float(self.type_name) and (method.calibrated or self.imatrix):

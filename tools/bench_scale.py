@@ -67,8 +67,9 @@ def extrapolate(profile: dict, total_s: float, shape: str) -> dict:
             "layers": n, "whole_model_s": round(whole, 1)}
 
 
-def run_shape(shape: str, layers: int, device: str, work: Path, windows: int, report: dict, out: Path) -> None:
-    row = report["rows"].setdefault(shape, {"layers": layers, "device": device})
+def run_shape(shape: str, layers: int, device: str, work: Path, windows: int, report: dict, out: Path,
+              expert_group: int | None = None) -> None:
+    row = report["rows"].setdefault(shape, {"layers": layers, "device": device, "expert_group": expert_group})
     ckpt = work / f"{shape}-{layers}"
     if not (ckpt / "config.json").is_file():
         t0 = time.time()
@@ -78,11 +79,12 @@ def run_shape(shape: str, layers: int, device: str, work: Path, windows: int, re
     gguf = work / f"{shape}-{layers}-Q4_K_M.gguf"
     code = ("import json, sys; from moeq2gguf import convert; "
             "r = convert(sys.argv[1], sys.argv[2], type='Q4_K_M', method='moequant', device=sys.argv[3], "
-            "calib_windows=int(sys.argv[4]), progress=False, profile=True); "
+            "calib_windows=int(sys.argv[4]), expert_group=json.loads(sys.argv[5]), progress=False, profile=True); "
             "print(json.dumps({'seconds': r.seconds, 'peak_rss_mib': r.peak_rss_mib, 'bytes': r.n_bytes, "
-            "'profile': r.profile.to_dict()}))")
+            "'profile': r.profile.to_dict(), 'expert_stats_peak_mib': r.report.expert_stats_peak_bytes / 2**20}))")
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(gguf), device, str(windows)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(gguf), device, str(windows),
+                           json.dumps(expert_group)], capture_output=True,
                           text=True, cwd=REPO)
     if proc.returncode != 0:
         row["error"] = proc.stderr.strip()[-3000:]
@@ -91,6 +93,7 @@ def run_shape(shape: str, layers: int, device: str, work: Path, windows: int, re
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     row.update(convert_s=round(time.time() - t0, 1), converter_s=round(result["seconds"], 1),
                peak_rss_mib=round(result["peak_rss_mib"]), file_mib=round(result["bytes"] / 2**20, 1),
+               expert_stats_peak_mib=round(result["expert_stats_peak_mib"]),
                stages={k: v for k, v in result["profile"]["stages"].items()},
                per_layer_seconds=result["profile"]["per_layer_seconds"],
                peak_gpu_mib=max((v["peak_gpu_mib"] for v in result["profile"]["stages"].values()), default=0),
@@ -115,8 +118,10 @@ def table(report: dict) -> str:
             continue
         e, st = r["extrapolated"], r["stages"]
         top = sorted(st.items(), key=lambda kv: -kv[1]["seconds"])[:6]
-        lines.append(f"{shape} on {r['device']}, {r['layers']} layers measured: conversion {r['converter_s']} s, "
-                     f"peak RSS {r['peak_rss_mib']} MiB, peak GPU {r['peak_gpu_mib']:.0f} MiB; per MoE layer "
+        group = f", experts in groups of {r['expert_group']}" if r.get("expert_group") else ""
+        stats = f", routed statistics peak {r['expert_stats_peak_mib']} MiB" if "expert_stats_peak_mib" in r else ""
+        lines.append(f"{shape} on {r['device']}{group}, {r['layers']} layers measured: conversion {r['converter_s']} s, "
+                     f"peak RSS {r['peak_rss_mib']} MiB{stats}, peak GPU {r['peak_gpu_mib']:.0f} MiB; per MoE layer "
                      f"{e['moe_layer_s']} s, fixed {e['fixed_s']} s -> whole model ({e['layers']} layers) about "
                      f"{e['whole_model_s'] / 60:.1f} min (extrapolated); llama-cpp-python logits finite: "
                      f"{r.get('llama_cpp_logits_finite')}")
@@ -132,6 +137,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
+    ap.add_argument("--expert-group", type=int, default=None, metavar="N",
+                    help="convert --expert-group N (default: the converter's choice from free memory)")
     ap.add_argument("--work", default=str(REPO / ".cache" / "bench_scale"))
     ap.add_argument("--out", default=None, help="the JSON report (default WORK/report-DEVICE.json)")
     ap.add_argument("--table", default=None, metavar="REPORT", help="only print the table of a saved report")
@@ -147,7 +154,7 @@ def main() -> int:
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit, "windows": args.windows,
               "rows": {}}
     for shape in args.shape or ["qwen1.5-moe-a2.7b"]:
-        run_shape(shape, args.layers, args.device, work, args.windows, report, out)
+        run_shape(shape, args.layers, args.device, work, args.windows, report, out, args.expert_group)
         print(table({**report, "rows": {shape: report["rows"][shape]}}).splitlines()[1], flush=True)
     print(table(report))
     return 0

@@ -33,7 +33,7 @@ from moeq2gguf.nn.self_attention import NORM_ROPE_ARCHS, attention, mla_attentio
 __all__ = ["INPUT_OF", "NORM_ROPE_ARCHS", "Observer", "Routing", "attention", "attention_half", "decoder_layer", "dense_ffn", "embed",
            "gated_delta_net",
            "head", "linear", "mla_attention", "moe", "rms_norm", "rope", "rope_frequencies", "rope_mscale", "route",
-           "router_logits", "select_experts", "selection_scores", "unsupported_reason"]
+           "routed_experts", "router_logits", "select_experts", "selection_scores", "unsupported_reason"]
 
 # weight (GGUF name without blk.N. and .weight) -> the input it reads
 INPUT_OF = {
@@ -129,15 +129,15 @@ def _expert_activation(gate: torch.Tensor, up: torch.Tensor, spec: ModelSpec) ->
     return F.silu(gate) * up
 
 
-def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: Observer | None,
-        routing: Routing | None = None) -> tuple[torch.Tensor, Routing]:
-    """x [T, n_embd] (already normed) -> [T, n_embd]. `routing` fixes the expert choice (else computed)."""
-    routing = routing or route(x, w, spec)
-    out = torch.zeros_like(x)
+def routed_experts(x: torch.Tensor, routing: Routing, w: dict[str, torch.Tensor], spec: ModelSpec,
+                   observer: Observer | None, experts: range, out: torch.Tensor | None) -> None:
+    """The routed experts `experts` on their tokens of x [T, n_embd]: each one's weighted output added into out, or
+    with out None only their inputs observed (the grouped statistics pass, passes/quantize.py). An expert stack may
+    live on another device than x (a layer too big for the GPU keeps it on the host): one expert moves at a time."""
     gate_w, up_w, down_w = w["ffn_gate_exps.weight"], w["ffn_up_exps.weight"], w["ffn_down_exps.weight"]
     gate_b, up_b, down_b = (w.get(f"ffn_{p}_exps.bias") for p in ("gate", "up", "down"))
     smooth = w.get("ffn_exps_smooth")   # r_e = 1/s_e [E, n_embd]: the patched runtime's per-expert input smoothing
-    for e in range(spec.n_experts):
+    for e in experts:
         tok, slot = (routing.experts == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
@@ -148,7 +148,7 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: 
             xe, a = xe * a[:, None], None
         if observer:
             observer.observe("exps_in", xe, a, e)
-        gate, up = xe @ gate_w[e].T, xe @ up_w[e].T
+        gate, up = xe @ gate_w[e].to(x.device).T, xe @ up_w[e].to(x.device).T
         if gate_b is not None:
             gate, up = gate + gate_b[e], up + up_b[e]
         h = _expert_activation(gate, up, spec)
@@ -156,10 +156,20 @@ def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: 
             h = apply_blocks(h, spec.expert_hadamard_block)
         if observer:
             observer.observe("exps_down", h, a, e)
-        y = h @ down_w[e].T
+        if out is None:
+            continue
+        y = h @ down_w[e].to(x.device).T
         if down_b is not None:
             y = y + down_b[e]
         out.index_add_(0, tok, y * a[:, None] if a is not None else y)
+
+
+def moe(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: Observer | None,
+        routing: Routing | None = None) -> tuple[torch.Tensor, Routing]:
+    """x [T, n_embd] (already normed) -> [T, n_embd]. `routing` fixes the expert choice (else computed)."""
+    routing = routing or route(x, w, spec)
+    out = torch.zeros_like(x)
+    routed_experts(x, routing, w, spec, observer, range(spec.n_experts), out)
     if "ffn_up_shexp.weight" in w:
         gate = torch.sigmoid(x @ w["ffn_gate_inp_shexp.weight"][:, None])[:, 0] if "ffn_gate_inp_shexp.weight" in w else None
         if observer:
@@ -197,12 +207,16 @@ def attention_half(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec,
 
 
 def decoder_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, observer: Observer | None = None,
-                  routing: Routing | None = None, *, bid: int | None = None) -> tuple[torch.Tensor, Routing | None]:
+                  routing: Routing | None = None, *, bid: int | None = None,
+                  ffn_inputs: list | None = None) -> tuple[torch.Tensor, Routing | None]:
     """One decoder layer: x [B, L, n_embd] -> (x', routing of its B*L tokens, None for a dense layer).
-    bid: the layer's index, needed by families whose layers differ by index (gpt-oss's sliding window)."""
+    bid: the layer's index, needed by families whose layers differ by index (gpt-oss's sliding window).
+    ffn_inputs: a MoE layer appends (its FFN's normed input [B*L, n_embd], routing), for routed_experts later."""
     h, flat = attention_half(x, w, spec, observer, bid)
     if "ffn_gate_inp.weight" in w:
         y, routing = moe(flat, w, spec, observer, routing)
+        if ffn_inputs is not None:
+            ffn_inputs.append((flat, routing))
     else:
         y, routing = dense_ffn(flat, w, observer), None
     return h + y.view(h.shape), routing

@@ -29,6 +29,7 @@ from moeq2gguf import methods, nn, parallel
 from moeq2gguf.profile import stage
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec
+from moeq2gguf.passes import expert_groups
 from moeq2gguf.passes.layers import Layers, block_key, block_weights, input_of, short_name
 from moeq2gguf.quant import tensor_quant
 from moeq2gguf.quant.gptq import GPTQConfig
@@ -51,6 +52,7 @@ class QuantConfig:
     imatrix_file: str | None = None    # a llama-imatrix GGUF to use instead of our statistics
     allow_nonfinite: bool = False      # write NaN/Inf (and F16-overflowing) weights instead of refusing them
     refine: RefineConfig = RefineConfig()   # --refine: tune each layer's K-quant codes after GPTQ (quant/refine.py)
+    expert_group: int | None = None    # routed experts quantized at once (passes/expert_groups.py); None: by free memory
 
     def __post_init__(self) -> None:
         methods.get(self.method)   # an unknown name: the error lists the registered ones
@@ -59,6 +61,8 @@ class QuantConfig:
                                  "--method gptq or moequant, or drop --refine")
         if self.refine.steps and not self.gptq.keep_rounded:   # the walk keeps what --refine starts from
             object.__setattr__(self, "gptq", dataclasses.replace(self.gptq, keep_rounded=True))
+        if self.expert_group is not None and self.expert_group < 1:
+            raise Moeq2ggufError(f"--expert-group {self.expert_group}: give at least 1 expert per group")
         if self.n_windows < 1 or self.ctx < 2:
             raise Moeq2ggufError(f"calibration needs at least one window of 2+ tokens (got {self.n_windows} x {self.ctx})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -80,18 +84,20 @@ class QuantReport:
         self.tensors[name] = info
 
 
-def _run(xs: list[torch.Tensor], w: dict[str, torch.Tensor], spec: ModelSpec, observer, bid: int) -> list[torch.Tensor]:
-    """One block over each batch of windows (run_block's chunks, kept apart)."""
+def _run(xs: list[torch.Tensor], w: dict[str, torch.Tensor], spec: ModelSpec, observer, bid: int,
+         ffn_inputs: list | None = None) -> list[torch.Tensor]:
+    """One block over each batch of windows (run_block's chunks, kept apart); ffn_inputs: receives each batch's
+    FFN input and routing (nn.decoder_layer)."""
     with torch.no_grad():
-        return [nn.decoder_layer(c, w, spec, observer, bid=bid)[0] for c in xs]
+        return [nn.decoder_layer(c, w, spec, observer, bid=bid, ffn_inputs=ffn_inputs)[0] for c in xs]
 
 
 def _observed_run(xs: list[torch.Tensor], n_batches: int, w, spec: ModelSpec, collector: StatsCollector, bid: int,
-                  world: parallel.World) -> list[torch.Tensor]:
+                  world: parallel.World, ffn_inputs: list | None = None) -> list[torch.Tensor]:
     """The float block over this rank's batches, its observations reaching `collector` in global batch order: under
     torchrun each batch's are recorded by the rank that ran it, broadcast and replayed by every rank (parallel.py)."""
     if not world.distributed:
-        return _run(xs, w, spec, collector, bid)
+        return _run(xs, w, spec, collector, bid, ffn_inputs)
     outs, records = [], {}
     for b, c in zip(range(world.rank, n_batches, world.size), xs):
         recorder = parallel.Recorder()
@@ -144,6 +150,38 @@ def _refine(layers, bid, block, xs, targets, w, qweights, walks, encoded, spec, 
         report.tensors[s.name]["method"] += f"+refine{cfg.refine.steps}"
     info["seconds"] = time.perf_counter() - t0   # the tuning alone, packing and checks excluded
     report.refine[bid] = info
+
+
+def _quantize_in_groups(grouping: expert_groups.ExpertGrouping, block, w: dict[str, torch.Tensor], ffn_inputs: list,
+                        collector: StatsCollector, method, type_of: dict, spec: ModelSpec, cfg: QuantConfig,
+                        report: QuantReport, bid: int, device: torch.device, bar) -> dict[str, tuple]:
+    """The routed expert stacks of one layer, `grouping.size` experts at a time (passes/expert_groups.py): each group's
+    statistics from the stored FFN inputs (the pooled sums from `collector`, which saw every token), its GPTQ, its
+    statistics freed. Returns per stack (bytes, dequantized weights where the stack lives, report info)."""
+    stacks = [s for s in block if s.name in grouping.stacks]
+    parts: dict[str, list] = {s.name: [] for s in stacks}
+    dequantized = {s.name: torch.empty(s.shape, dtype=torch.float32, device=w[block_key(s.name)].device) for s in stacks}
+    for g0 in range(0, spec.n_experts, grouping.size):
+        experts = range(g0, min(g0 + grouping.size, spec.n_experts))
+        stats = method.collector(spec.n_experts, device, experts)
+        with stage("forward", bid):   # only these experts, on the tokens routed to them
+            with torch.no_grad():
+                for flat, routing in ffn_inputs:
+                    nn.routed_experts(flat, routing, w, spec, stats, experts, None)
+        stats.adopt_pooled(collector)
+        report.expert_stats_peak_bytes = max(report.expert_stats_peak_bytes, routed_stats_bytes(stats))
+        for s in stacks:
+            key = block_key(s.name)
+            with stage("quantize", bid):
+                q = methods.quantize_tensor(method, w[key][g0:experts.stop].to(device), type_of[s.name], stats,
+                                            input_of(s.name), cfg.gptq)
+            dequantized[s.name][g0:experts.stop] = q.weights
+            parts[s.name].append((q.data, q.info))
+            bar.set_postfix_str(f"{short_name(s.name)} experts {g0}-{experts.stop - 1}")
+            bar.update(len(experts))
+        del stats
+    return {name: (np.concatenate([p[0] for p in ps]), dequantized[name], _merge_infos([p[1] for p in ps]))
+            for name, ps in parts.items()}
 
 
 def routed_stats_bytes(collector: StatsCollector) -> int:
@@ -213,31 +251,56 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
     del token_embd, deq, table
     experts = world.experts(spec.n_experts) if world.distributed else None
 
+    if world.distributed and cfg.expert_group is not None:
+        raise Moeq2ggufError("--expert-group applies to one process; under torchrun each rank already keeps only its "
+                             "share of every layer's experts: drop --expert-group")
     bar = tqdm(total=spec.n_layers, desc=f"quantize {cfg.method}", unit="layer", disable=not progress)
     for bid, block in layers:
+        copied = {s.name for s in block if s.raw_qtype is not None and type_of[s.name] == s.raw_qtype}
+        grouping = None if world.distributed else expert_groups.plan(
+            expert_groups.routed_stacks(block, copied), spec.n_experts, method.full_statistics, device, cfg.expert_group)
+        if grouping is not None and cfg.refine.steps:
+            raise Moeq2ggufError(f"layer {bid}: its experts are quantized in groups of {grouping.size} (to fit memory), "
+                                 "and --refine tunes a whole layer at once: drop --refine, or convert on a device "
+                                 "with more free memory")
+        if grouping is not None:
+            log.info("layer %d: experts in groups of %d%s", bid, grouping.size,
+                     ", expert weights in host memory" if grouping.host_stacks else "")
         with stage("read", bid):
-            w = block_weights(block, device)
+            on_host = set(grouping.stacks) if grouping is not None and grouping.host_stacks else set()
+            w = block_weights([s for s in block if s.name not in on_host], device)
+            w.update(block_weights([s for s in block if s.name in on_host], "cpu"))
             for s in block:
-                if s.raw_qtype is None or type_of[s.name] != s.raw_qtype:
+                if s.name not in copied:
                     check(s.name, w[block_key(s.name)], type_of[s.name])
-        collector = method.collector(spec.n_experts, device, experts)
+        # grouped: this pass keeps every routed expert's tokens in the pooled sums only, and the FFN inputs
+        collector = method.collector(spec.n_experts, device, range(0) if grouping else experts)
+        ffn_inputs = [] if grouping else None
         with stage("forward", bid):
-            x_float = _observed_run(xs, n_batches, w, spec, collector, bid, world)
+            x_float = _observed_run(xs, n_batches, w, spec, collector, bid, world, ffn_inputs)
         report.expert_stats_peak_bytes = max(report.expert_stats_peak_bytes, routed_stats_bytes(collector))
-        encoded, qweights, walks = {}, {}, {}
+        encoded, qweights, walks, infos = {}, {}, {}, {}
         # A second bar inside the layer, over its tensors counted in groups (a routed expert stack counts
         # E, any other tensor 1): the expert stacks are where a big model's GPTQ time goes.
         groups = [s.shape[0] if s.role == "expert" and len(s.shape) == 3 else 1 for s in block]
         inner = tqdm(total=sum(groups), desc=f"layer {bid}", unit="group", leave=False, position=1,
                      disable=not progress)
+        if grouping is not None:
+            for name, (data, deq, info) in _quantize_in_groups(grouping, block, w, ffn_inputs, collector, method,
+                                                               type_of, spec, cfg, report, bid, device,
+                                                               inner).items():
+                encoded[name], qweights[block_key(name)], infos[name] = data, deq, info
+            del ffn_inputs
         for s, n_groups in zip(block, groups):
             key, qtype = block_key(s.name), type_of[s.name]
             inner.set_postfix_str(short_name(s.name))   # the tensor being quantized
-            if s.raw_qtype is not None and qtype == s.raw_qtype:
+            if s.name in encoded:   # quantized in groups above (the bar counted them there)
+                continue
+            elif s.name in copied:
                 # blocks the checkpoint already holds in a GGML format (GPT-OSS MXFP4 experts) are copied;
                 # w[key] holds their exact values, which the next layers then see
                 encoded[s.name], qweights[key] = s.load_raw().numpy(), w[key]
-                report.tensors[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
+                infos[s.name] = {"type": s.raw_qtype.name, "method": "copied"}
             elif experts is not None and s.role == "expert" and len(s.shape) == 3:
                 # this rank's experts, then every rank's gathered in expert order (parallel.py)
                 with stage("quantize", bid):
@@ -246,16 +309,19 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 parts = parallel.gather_all((q.data, q.weights.cpu(), q.info), world)
                 encoded[s.name] = np.concatenate([p[0] for p in parts])
                 qweights[key] = torch.cat([p[1] for p in parts]).to(device)
-                report.add(s.name, _merge_infos([p[2] for p in parts]))
+                infos[s.name] = _merge_infos([p[2] for p in parts])
             else:
                 with stage("quantize", bid):
                     q = methods.quantize_tensor(method, w[key], qtype, collector, input_of(s.name), cfg.gptq)
                 encoded[s.name], qweights[key] = q.data, q.weights
                 if q.walk is not None:
                     walks[s.name] = q.walk
-                report.add(s.name, q.info)
+                infos[s.name] = q.info
             inner.update(n_groups)
         inner.close()
+        for s in block:   # the report in file order, whichever order the tensors were quantized in
+            if s.name in infos:
+                report.add(s.name, infos[s.name])
         if cfg.refine.steps and walks:
             with stage("refine", bid):
                 _refine(layers, bid, block, xs, x_float, w, qweights, walks, encoded, spec, cfg, report, device)

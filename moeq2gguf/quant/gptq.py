@@ -41,15 +41,26 @@ class GPTQConfig:
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, batched: H [G, K, K] -> [G, K, K].
-    Columns that never saw a non-zero input (diag 0) get a unit diagonal so they round to nearest."""
+    Columns that never saw a non-zero input (diag 0) get a unit diagonal so they round to nearest.
+    A few experts at a time, so that the float64 temporaries stay near FACTOR_CHUNK_BYTES (each matrix is factored
+    on its own either way: the result does not depend on the chunking)."""
+    K = H.shape[-1]
+    step = max(1, FACTOR_CHUNK_BYTES // (8 * K * K))
+    if H.shape[0] > step:
+        return torch.cat([inverse_hessian_factor(H[g:g + step], damp) for g in range(0, H.shape[0], step)])
     H = H.to(torch.float64).clone()
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag[dead] = 1.0
     diag += damp * diag.mean(-1, keepdim=True)
     L = torch.linalg.cholesky(H)
+    del H
     Hinv = torch.cholesky_inverse(L)
+    del L
     return torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
+
+
+FACTOR_CHUNK_BYTES = 1 << 30
 
 
 def group_weights(U_block: torch.Tensor) -> torch.Tensor:

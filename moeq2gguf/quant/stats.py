@@ -93,6 +93,20 @@ class StatsCollector:
         if self.full:
             stats.weighted_xxt[g] += xxt
 
+    def adopt_pooled(self, other: "StatsCollector") -> None:
+        """Take the pooled sums of every routed input from `other`, a collector that saw all of the layer's tokens
+        (this one saw only its experts' tokens: a group of passes/expert_groups.py). An input none of this collector's
+        experts saw gets zero sums of its own, so its experts fall back on the pooled Hessian as in one pass."""
+        for name, theirs in other.inputs.items():
+            if not theirs.routed:
+                continue
+            mine = self.inputs.get(name)
+            if mine is None:
+                k = theirs.plain_sq.shape[-1]
+                mine = self.inputs[name] = InputStats.empty(len(self.experts), k, self.full, self.device, routed=True)
+            mine.pooled_xxt, mine.pooled_sq = theirs.pooled_xxt, theirs.pooled_sq
+            mine.pooled_count, mine.pooled_mass = theirs.pooled_count, theirs.pooled_mass
+
     def _observe_heads(self, name: str, x: torch.Tensor) -> None:
         """x [T, H, K]: head h's input rows are x[:, h]."""
         t, heads, k = x.shape

@@ -73,3 +73,48 @@ def test_expert_without_tokens_uses_pooled_hessian(qwen_checkpoint, tmp_path, mo
     original = load_file(qwen_checkpoint / "model.safetensors")["model.layers.0.mlp.experts.3.up_proj.weight"].float().numpy()
     assert np.abs(deq[3]).max() > 0
     assert np.abs(deq[3] - original).mean() < 0.2 * np.abs(original).mean()
+
+
+def test_experts_in_groups_give_the_same_file(qwen_checkpoint, tmp_path, monkeypatch):
+    """--expert-group 3 (groups of 3, 3, 2 of the 8 experts, statistics from the stored FFN inputs) writes the same bytes
+    and the same report as all experts at once, with a smaller peak of routed statistics; experts 3-5 (a whole group)
+    never routed still take the layer's pooled Hessian."""
+    from moeq2gguf import nn
+    real = nn.router_logits
+    monkeypatch.setattr(nn, "router_logits",
+                        lambda x, w: real(x, w).index_fill(1, torch.tensor([3, 4, 5]), float("-inf")))
+    kwargs = dict(type="Q4_K_M", method="moequant", calib="eval", calib_windows=3, calib_ctx=256, progress=False)
+    whole = convert(qwen_checkpoint, tmp_path / "whole.gguf", **kwargs)
+    grouped = convert(qwen_checkpoint, tmp_path / "grouped.gguf", expert_group=3, **kwargs)
+    assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "grouped.gguf").read_bytes()
+    assert grouped.report.coverage == whole.report.coverage
+    assert list(grouped.report.tensors) == list(whole.report.tensors)   # file order
+    for name, t in whole.report.tensors.items():   # errors summed over groups: the same up to the last bits
+        g = grouped.report.tensors[name]
+        assert {k: v for k, v in g.items() if "error" not in k} == {k: v for k, v in t.items() if "error" not in k}
+        assert all(abs(g[k] - t[k]) <= 1e-12 * abs(t[k]) for k in t if "error" in k), name
+    assert whole.report.coverage["blk.0.ffn_up_exps.weight"]["fallback"][3:6] == ["pooled"] * 3
+    assert grouped.report.expert_stats_peak_bytes < 0.6 * whole.report.expert_stats_peak_bytes
+
+
+def test_expert_group_plan():
+    """passes/expert_groups.plan: all at once when the layer fits, else groups sized to the budget; on a GPU the expert
+    weights go to the host when they alone would crowd out a group; --expert-group N is taken as given."""
+    from types import SimpleNamespace
+    from moeq2gguf.passes import expert_groups
+    stacks = [SimpleNamespace(name=f"blk.0.ffn_{p}_exps.weight", shape=(64, *shape), role="expert")
+              for p, shape in (("gate", (1408, 2048)), ("up", (1408, 2048)), ("down", (2048, 1408)))]
+    weights, per_expert = expert_groups.layer_bytes(stacks, True)
+    assert weights == 2 * 4 * 64 * 3 * 1408 * 2048
+    assert per_expert > 4 * (2048 ** 2 + 1408 ** 2)    # at least the two inputs' Hessians
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    roomy = int((weights + 64 * per_expert) / expert_groups.BUDGET_FRACTION) + 1
+    assert expert_groups.plan(stacks, 64, True, cpu, None, available=roomy) is None
+    tight = int((weights + 10.5 * per_expert) / expert_groups.BUDGET_FRACTION)
+    assert expert_groups.plan(stacks, 64, True, cpu, None, available=tight) == \
+        expert_groups.ExpertGrouping(10, False, tuple(s.name for s in stacks))
+    small_gpu = int(weights / 2 / expert_groups.BUDGET_FRACTION)
+    g = expert_groups.plan(stacks, 64, True, cuda, None, available=small_gpu)
+    assert g.host_stacks and 1 <= g.size < 64
+    assert expert_groups.plan(stacks, 64, True, cpu, 16, available=roomy).size == 16
+    assert expert_groups.plan(stacks, 64, True, cpu, 64, available=roomy) is None

@@ -76,3 +76,28 @@ def test_dead_input_columns_do_not_break_cholesky():
     H = X.transpose(1, 2) @ X
     Q, _, _ = gptq_quantize(W, H, AbsmaxInt4())
     assert torch.isfinite(Q).all()
+
+
+def test_reconstruction_error_is_the_output_error():
+    """tensor_quant.reconstruction_error (float32 products, float64 sum) equals ||X (W - Q)^T||^2 / T in float64."""
+    from moeq2gguf.quant.tensor_quant import reconstruction_error
+    G, R, K, T = 3, 64, 512, 700
+    X = correlated_inputs(G, T, K, seed=3).to(torch.float64)
+    W = torch.randn(G, R, K, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    Q = rtn(W)
+    H = (X.transpose(1, 2) @ X / T).to(torch.float32)
+    direct = float(((X @ (W - Q).transpose(1, 2)) ** 2).sum()) / T
+    got = reconstruction_error(W.to(torch.float32), Q.to(torch.float32), H)
+    assert abs(got / direct - 1) < 1e-5, (got, direct)
+    assert reconstruction_error(W[0].to(torch.float32), Q[0].to(torch.float32), H[:1]) < got   # a matrix: one group
+
+
+def test_inverse_factor_in_chunks_is_the_same(monkeypatch):
+    """The inverse-Hessian factor taken a few experts at a time (bounded float64 temporaries) equals one batch."""
+    from moeq2gguf.quant import gptq
+    X = correlated_inputs(5, 300, 64, seed=5)
+    H = X.transpose(1, 2) @ X / 300
+    H[2] = 0   # an expert that saw nothing
+    whole = gptq.inverse_hessian_factor(H, 0.01)
+    monkeypatch.setattr(gptq, "FACTOR_CHUNK_BYTES", 2 * 8 * 64 * 64)   # two experts per chunk
+    assert torch.equal(gptq.inverse_hessian_factor(H, 0.01), whole)
