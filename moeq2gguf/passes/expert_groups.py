@@ -9,8 +9,11 @@ freed. Every expert's sums are accumulated in the same order as in one pass, so 
 (tests/quant/test_expert_groups.py). On a GPU, expert stacks too big to sit beside a group's work stay in host memory
 and move one expert (forward) or one group (GPTQ) at a time.
 
-The estimate is deliberately rough (fp32 bytes of the weights, their dequantized copies, the Hessians and GPTQ's
-work arrays per expert); the budget is a fraction of what the device has free when the layer starts.
+The estimate is rough (fp32 bytes of the weights, their dequantized copies, the Hessians and GPTQ's work arrays per
+expert; not the hidden states); the budget is a fraction of what the device has free when the layer starts. At the
+shapes of tools/make_shape_checkpoint.py it keeps Qwen1.5-MoE-A2.7B (about 16 GiB) whole on a 24 GiB host, and
+Qwen3-30B-A3B and Mixtral-8x7B whole on an 80 GB GPU; DeepSeek-V3 goes in groups of about 50 with its expert weights
+on the host.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from moeq2gguf.models.base import TensorSource
+from moeq2gguf.quant.gptq import FACTOR_CHUNK_BYTES
 
-BUDGET_FRACTION = 0.7       # of the device's free memory at the start of a layer
+BUDGET_FRACTION = 0.8       # of the device's free memory at the start of a layer
 F32 = 4
 
 
@@ -41,9 +45,10 @@ def layer_bytes(stacks: list[TensorSource], full_statistics: bool) -> tuple[int,
     weights = sum(2 * F32 * s.shape[0] * s.shape[1] * s.shape[2] for s in stacks)
     inputs = {s.shape[2] for s in stacks}   # gate/up share the layer input, down reads the FFN width
     stats = sum(F32 * k * k if full_statistics else 3 * 8 * k for k in inputs)
-    # GPTQ of one tensor: the Hessian and its inverse factor (fp32), the factorisation's float64 temporaries, and
-    # about ten weight-sized arrays (walk copies, codes, values, the RTN reference, the error products)
-    work = max(((F32 * 2 + 8 * 3) * s.shape[2] ** 2 if full_statistics else 0) + 10 * F32 * s.shape[1] * s.shape[2]
+    # GPTQ of one tensor: the normalised Hessian and its inverse factor (fp32; the factorisation's float64
+    # temporaries are bounded apart, quant/gptq.FACTOR_CHUNK_BYTES) and about eight weight-sized arrays (the walk's
+    # copy, values, codes, the RTN reference, the error products)
+    work = max((2 * F32 * s.shape[2] ** 2 if full_statistics else 0) + 8 * F32 * s.shape[1] * s.shape[2]
                for s in stacks)
     return weights, stats + work
 
@@ -70,7 +75,7 @@ def plan(stacks: list[TensorSource], n_experts: int, full_statistics: bool, devi
         return None
     names = tuple(s.name for s in stacks)
     weights, per_expert = layer_bytes(stacks, full_statistics)
-    budget = BUDGET_FRACTION * (free_bytes(device) if available is None else available)
+    budget = BUDGET_FRACTION * (free_bytes(device) if available is None else available) - 3 * FACTOR_CHUNK_BYTES
     if requested is not None:
         size = max(1, min(requested, n_experts))
         host = device.type == "cuda" and weights + size * per_expert > budget
