@@ -6,12 +6,12 @@
 
 Stages (the names the code uses): tokenize (the calibration text, once), read (a layer's weights from the
 checkpoint), forward (the calibration forward on the quantization pass, the statistics' accumulation included),
-quantize (a tensor's quantization outside the stages below), statistics (sums to Hessians), gptq (the column
-walk), scale search (the format's fit of each block's scales), round (a column to the frozen grid, on the host),
-pack (codes to bytes), write (bytes to the file); in the float pass: float forward and plug-ins (smoothing
-maxima, the allocator's sensitivity, whose quantizations show as the stages above). Nested stages count in
-their own line only: a stage's time excludes the stages opened inside it. Without an active collector, stage()
-costs a context-variable lookup.
+quantize (a tensor's quantization outside the stages below), statistics (sums to Hessians and their inverse
+factor, once per input), gptq (the column walk), scale search (the format's fit of each block's scales), round (a
+column to the frozen grid), pack (codes to bytes), write (bytes to the file); in the float pass: float forward and
+plug-ins (smoothing maxima, the allocator's sensitivity, whose quantizations show as the stages above). Nested
+stages count in their own line only: a stage's time excludes the stages opened inside it. Without an active
+collector, stage() costs a context-variable lookup.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -109,6 +110,61 @@ def run_shape(shape: str, layers: int, device: str, work: Path, windows: int, re
     gguf.unlink(missing_ok=True)
 
 
+def llama_cpp_times(ckpt: Path, work: Path, windows: int) -> dict:
+    """What a llama.cpp user runs on the same checkpoint: the float GGUF (our F16 conversion, the same bytes as
+    convert_hf_to_gguf.py's), llama-imatrix on 32 x 512 tokens of the same calibration text, llama-quantize --imatrix
+    Q4_K_M; seconds of each. llama-imatrix offloads to a GPU when its build has CUDA (-ngl 99 is passed either way)."""
+    sys.path.insert(0, str(REPO))
+    from moeq2gguf import convert
+    from moeq2gguf.calib import corpus
+    from moeq2gguf.runtime.llama_tools import llama_tool, run_tool
+    f16, imatrix, quant = (work / f"{ckpt.name}-{s}" for s in ("F16.gguf", "imatrix.gguf", "Q4_K_M-llama.gguf"))
+    calib = work / "calib.txt"
+    if not calib.is_file():
+        calib.write_text(corpus.read_text("calib"))
+    t0 = time.time()
+    convert(ckpt, f16, type="F16", progress=False)
+    t1 = time.time()
+    log = run_tool([llama_tool("llama-imatrix"), "-m", f16, "-f", calib, "-o", imatrix, "-c", 512, "--chunks", windows,
+                    "-t", len(os.sched_getaffinity(0)), "-ngl", 99])
+    t2 = time.time()
+    run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix, f16, quant, "Q4_K_M", len(os.sched_getaffinity(0))])
+    t3 = time.time()
+    for f in (f16, imatrix, quant):
+        f.unlink(missing_ok=True)
+    offloaded = re.search(r"offloaded (\d+)/\d+ layers to GPU", log)
+    on_gpu = offloaded is not None and int(offloaded.group(1)) > 0
+    return {"f16_s": round(t1 - t0, 1), "imatrix_s": round(t2 - t1, 1), "quantize_s": round(t3 - t2, 1),
+            "imatrix_on": "GPU" if on_gpu else f"CPU ({len(os.sched_getaffinity(0))} threads)"}
+
+
+def run_llama(shape: str, layers: int, work: Path, windows: int, report: dict, out: Path) -> None:
+    """llama.cpp imatrix + quantize at `layers` and `layers - 1` decoder layers: the difference is its time per layer,
+    so its whole-model time is extrapolated as ours is (fixed costs once, per-layer times the real layer count)."""
+    row = report["rows"].setdefault(shape, {})
+    runs = {}
+    for n in sorted({max(1, layers - 1), layers}):
+        ckpt = work / f"{shape}-{n}"
+        if not (ckpt / "config.json").is_file():
+            shapes.write(shape, ckpt, n)
+        runs[n] = llama_cpp_times(ckpt, work, windows)
+        row["llama_cpp"] = {"runs": runs}
+        save(report, out)
+    total = {n: r["imatrix_s"] + r["quantize_s"] for n, r in runs.items()}
+    real = shapes.SHAPES[shape]["num_hidden_layers"]
+    if len(total) == 2:
+        lo, hi = sorted(total)
+        per_layer = max(0.0, (total[hi] - total[lo]) / (hi - lo))
+        whole = total[hi] + (real - hi) * per_layer
+    else:   # one layer only: every second of it scaled (an overestimate of llama.cpp's time)
+        per_layer, whole = total[layers], total[layers] * real
+    row["llama_cpp"].update(per_layer_s=round(per_layer, 1), whole_model_s=round(whole, 1))
+    ours = row.get("extrapolated", {}).get("whole_model_s")
+    if ours:
+        row["llama_cpp"]["ours_over_llama_cpp"] = round(ours / whole, 2)
+    save(report, out)
+
+
 def table(report: dict) -> str:
     lines = [f"machine: {report['machine']}; {report['date']}, commit {report['commit']}; calibration "
              f"{report['windows']} x 512 tokens; moequant Q4_K_M"]
@@ -128,15 +184,26 @@ def table(report: dict) -> str:
         lines.append("  stages (s): " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in top))
         for b, v in r["per_layer_seconds"].items():
             lines.append(f"  layer {b}: " + ", ".join(f"{k} {s:.1f}" for k, s in sorted(v.items(), key=lambda kv: -kv[1])[:6]))
+        lc = r.get("llama_cpp")
+        if lc and "whole_model_s" in lc:
+            runs = "; ".join(f"{n} layers: F16 {v['f16_s']} s, imatrix {v['imatrix_s']} s ({v['imatrix_on']}), quantize "
+                             f"{v['quantize_s']} s" for n, v in lc["runs"].items())
+            lines.append(f"  llama.cpp imatrix + quantize Q4_K_M, same machine: {runs} -> per layer {lc['per_layer_s']} s, "
+                         f"whole model about {lc['whole_model_s'] / 60:.1f} min (extrapolated); moequant / llama.cpp "
+                         f"{lc.get('ours_over_llama_cpp', 'n/a')}")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", action="append", help=f"one of {', '.join(shapes.SHAPES)} (repeatable)")
+    ap.add_argument("--shape", action="append", choices=list(shapes.SHAPES), help="a real model's shape (repeatable)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--windows", type=int, default=32, help="calibration windows of 512 tokens (default 32)")
+    ap.add_argument("--llama", action="store_true",
+                    help="also time llama.cpp's route on the same checkpoint (F16, llama-imatrix, llama-quantize "
+                         "--imatrix Q4_K_M) at --layers and --layers - 1 layers")
+    ap.add_argument("--skip-convert", action="store_true", help="only the llama.cpp timing (with --llama)")
     ap.add_argument("--expert-group", type=int, default=None, metavar="N",
                     help="convert --expert-group N (default: the converter's choice from free memory)")
     ap.add_argument("--work", default=str(REPO / ".cache" / "bench_scale"))
@@ -153,9 +220,14 @@ def main() -> int:
                             text=True).stdout.strip()
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit, "windows": args.windows,
               "rows": {}}
+    if args.skip_convert and out.is_file():   # add llama.cpp's times to a saved report
+        report = json.loads(out.read_text())
     for shape in args.shape or ["qwen1.5-moe-a2.7b"]:
-        run_shape(shape, args.layers, args.device, work, args.windows, report, out, args.expert_group)
-        print(table({**report, "rows": {shape: report["rows"][shape]}}).splitlines()[1], flush=True)
+        if not args.skip_convert:
+            run_shape(shape, args.layers, args.device, work, args.windows, report, out, args.expert_group)
+            print(table({**report, "rows": {shape: report["rows"][shape]}}).splitlines()[1], flush=True)
+        if args.llama:
+            run_llama(shape, args.layers, work, args.windows, report, out)
     print(table(report))
     return 0
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packs .gpu/: what tools/check_cuda_fusion.py needs on a GPU machine that has neither internet nor this project's
 # .venv (the device tool: carry [".gpu"], at most 64 MiB with the tracked tree; then `bash tools/gpu_check.sh`).
+# --site-only: only .gpu/site/gguf, for tools/gpu_scale.sh.
 #   .gpu/files             the prepared files (check_cuda_fusion.py prepare: conversions, cached in
 #                          .cache/check_cuda_fusion, ~8 min the first time; CPU logits; skeletons)
 #   .gpu/llama-src.tar.xz  the vendored llama.cpp of the pinned llama-cpp-python, without the other backends
@@ -17,6 +18,11 @@ VENDOR=.cache/llama-cpp-python-$VERSION/src/vendor
 [ -f "$VENDOR/llama.cpp/CMakeLists.txt" ] || { echo "no $VENDOR/llama.cpp: run make setup first" >&2; exit 2; }
 
 mkdir -p $G/site $G/bin
+if [ "${1:-}" = --site-only ]; then   # tools/gpu_scale.sh needs only the gguf package
+    rm -rf $G/site/gguf && cp -r "$SITE/gguf" $G/site/ && find $G/site -name __pycache__ -type d -prune -exec rm -rf {} +
+    du -sh $G/site
+    exit 0
+fi
 $PY tools/check_cuda_fusion.py prepare $G/files
 
 others=(vulkan metal sycl opencl cann musa hip kompute webgpu zdnn rpc blas virtgpu hexagon openvino zendnn et)

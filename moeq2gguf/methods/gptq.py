@@ -10,7 +10,7 @@ import torch
 from moeq2gguf.methods.base import Method, QuantizedTensor, register
 from moeq2gguf.profile import stage
 from moeq2gguf.quant import tensor_quant
-from moeq2gguf.quant.gptq import gptq_quantize
+from moeq2gguf.quant.gptq import gptq_quantize, inverse_hessian_factor
 
 
 def _groups(w: torch.Tensor) -> torch.Tensor:
@@ -29,13 +29,27 @@ class GPTQ(Method):
         from moeq2gguf.quant.grid import FormatGrid
         from moeq2gguf.quant.lattice_grid import LatticeGrid
         with stage("statistics"):
-            H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
+            H, coverage, U = self._hessians(stats, input_name, gptq)
         grid = LatticeGrid(qtype) if is_lattice(qtype) else FormatGrid(qtype)
         grid.prepare(_groups(w))
         # the weights as the walk rounds them: only --refine reads them (a weight-sized tensor more per tensor)
         targets = torch.empty_like(_groups(w), dtype=torch.float32) if gptq.keep_rounded else None
         with stage("gptq"):
-            return H, coverage, grid, (*gptq_quantize(_groups(w), H, grid, gptq, targets), targets)
+            return H, coverage, grid, (*gptq_quantize(_groups(w), H, grid, gptq, targets, U), targets)
+
+    def _hessians(self, stats, input_name, gptq):
+        """The input's Hessians, coverage and inverse-Hessian factor, kept on the collector for the next tensor that
+        reads the same input (q/k/v, gate/up: in file order they follow each other; the allocator simulates one
+        tensor at several types): the float64 factorisation is most of a small layer's GPTQ time on a CPU."""
+        key = (input_name, self.blend_rare, gptq.damp)
+        cached = stats.factor_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        stats.factor_cache = None   # free the previous input's before making this one's
+        H, coverage = stats.hessians(input_name, blend_rare=self.blend_rare)
+        entry = (H, coverage, inverse_hessian_factor(H, gptq.damp))
+        stats.factor_cache = (key, entry)
+        return entry
 
     def quantize(self, w, qtype, stats, input_name, gptq) -> QuantizedTensor:
         from moeq2gguf.formats.lattice import is_lattice

@@ -56,8 +56,12 @@ class StatsCollector:
         self.device = torch.device(device)
         self.experts = range(n_experts) if experts is None else experts
         self.inputs: dict[str, InputStats] = {}
+        # (key, value) a method derived from these sums last (methods/gptq.py: Hessians and their inverse factor);
+        # any change to the sums drops it
+        self.factor_cache: tuple | None = None
 
     def observe(self, name: str, x: torch.Tensor, token_weight: torch.Tensor | None, expert: int | None) -> None:
+        self.factor_cache = None
         routed = expert is not None
         if x.dim() == 3:
             assert not routed and token_weight is None, "per-head inputs are unrouted and unweighted"
@@ -97,6 +101,7 @@ class StatsCollector:
         """Take the pooled sums of every routed input from `other`, a collector that saw all of the layer's tokens
         (this one saw only its experts' tokens: a group of passes/expert_groups.py). An input none of this collector's
         experts saw gets zero sums of its own, so its experts fall back on the pooled Hessian as in one pass."""
+        self.factor_cache = None
         for name, theirs in other.inputs.items():
             if not theirs.routed:
                 continue
@@ -125,6 +130,7 @@ class StatsCollector:
     def scale_input(self, name: str, r: torch.Tensor) -> None:
         """The input was x and is x * r now, r [G or 1, K] (a transform of the layer, e.g. smoothing): every
         sum follows (x x^T -> r x x^T r per group; x^2 -> r^2 x^2); counts and masses are unchanged."""
+        self.factor_cache = None
         s = self.inputs[name]
         r = r.to(self.device, torch.float64).expand(s.plain_sq.shape)
         s.plain_sq *= r * r

@@ -1,6 +1,7 @@
 """GPTQ kernel properties on a simple reference grid (symmetric 4-bit, absmax scale per 32 columns)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moeq2gguf.quant.gptq import GPTQConfig, gptq_quantize
@@ -101,3 +102,60 @@ def test_inverse_factor_in_chunks_is_the_same(monkeypatch):
     whole = gptq.inverse_hessian_factor(H, 0.01)
     monkeypatch.setattr(gptq, "FACTOR_CHUNK_BYTES", 2 * 8 * 64 * 64)   # two experts per chunk
     assert torch.equal(gptq.inverse_hessian_factor(H, 0.01), whole)
+
+
+def row_major_walk(W, H, grid, cfg=GPTQConfig()):
+    """The walk as first written, on [G, R, B] slices (a column strided by B): the reference for the column-major one."""
+    from moeq2gguf.quant.gptq import group_weights, inverse_hessian_factor
+    G, R, K = W.shape
+    U = inverse_hessian_factor(H, cfg.damp)
+    importance = H.diagonal(dim1=-2, dim2=-1).to(torch.float32)
+    W = W.to(torch.float32).clone()
+    Q = torch.empty_like(W)
+    B, vector, chosen = min(cfg.lazy_block, K), getattr(grid, "vector", 1), None
+    inner = min(32, grid.group, B)
+    for b0 in range(0, K, B):
+        b1 = min(b0 + B, K)
+        W1, U1 = W[:, :, b0:b1].clone(), U[:, b0:b1, b0:b1]
+        Err = torch.zeros_like(W1)
+        for i0 in range(0, b1 - b0, inner):
+            i1 = min(i0 + inner, b1 - b0)
+            for j in range(i0, i1):
+                col, jj = b0 + j, (b0 + j) % grid.group
+                if jj == 0:
+                    imp = importance[:, None, col:col + grid.group].expand(G, R, grid.group).reshape(G * R, grid.group)
+                    params = grid.fit(W1[:, :, j:j + grid.group].reshape(G * R, grid.group), imp)
+                w = W1[:, :, j]
+                if vector > 1:
+                    if jj % vector == 0:
+                        weights = group_weights(U1[:, j:j + vector, j:j + vector])[:, None, :].expand(G, R, vector)
+                        chosen = grid.round_group(W1[:, :, j:j + vector].reshape(G * R, vector),
+                                                  weights.reshape(G * R, vector), params, jj).view(G, R, vector)
+                    q = chosen[:, :, jj % vector]
+                else:
+                    q = grid.round(w.reshape(G * R), params, jj)[0].view(G, R)
+                Q[:, :, col] = q
+                err = (w - q) / U1[:, j, j][:, None]
+                W1[:, :, j + 1:i1] -= err[:, :, None] * U1[:, None, j, j + 1:i1]
+                Err[:, :, j] = err
+            W1[:, :, i1:] -= Err[:, :, i0:i1] @ U1[:, i0:i1, i1:]
+        W[:, :, b1:] -= Err @ U[:, b0:b1, b1:]
+    return Q
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_0", "IQ2_XXS"])
+def test_column_major_walk_equals_the_row_major_one(qtype):
+    """quant/gptq walks each lazy block column-major for speed: the weights equal, bit for bit, those of the walk on
+    [G, R, B] slices, for K-quants, a legacy format and an i-quant lattice (two lazy blocks, several experts)."""
+    import gguf
+    from moeq2gguf.formats.lattice import is_lattice
+    from moeq2gguf.quant.grid import FormatGrid
+    from moeq2gguf.quant.lattice_grid import LatticeGrid
+    q = gguf.GGMLQuantizationType[qtype]
+    X = correlated_inputs(3, 700, 512, seed=7)
+    H = X.transpose(1, 2) @ X / 700
+    W = torch.randn(3, 24, 512, generator=torch.Generator().manual_seed(8))
+    grids = [LatticeGrid(q) if is_lattice(q) else FormatGrid(q) for _ in range(2)]
+    for g in grids:
+        g.prepare(W)
+    assert torch.equal(gptq_quantize(W, H, grids[0])[0], row_major_walk(W, H, grids[1]))
