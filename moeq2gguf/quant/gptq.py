@@ -84,7 +84,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, grid: Grid, cfg: GPTQConfig 
 
     Each lazy block is walked column-major ([B, G, R]: a column of all G*R rows is contiguous), so the per-column
     operations read and write contiguous memory; the arithmetic is the same, element for element, as walking
-    [G, R, B] (tests/quant/test_gptq.py), 1.35x faster on a CPU at Qwen1.5-MoE's expert shape (BENCHMARKS.md)."""
+    [G, R, B] (tests/quant/test_gptq.py), and faster (BENCHMARKS.md, conversion at real shapes)."""
     G, R, K = W.shape
     if K % grid.group:
         raise ValueError(f"row size {K} is not a multiple of the format block {grid.group}")
