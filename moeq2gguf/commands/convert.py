@@ -62,6 +62,8 @@ class ConvertResult:
                 "types": dict(types), "methods": dict(methods_used),
                 "expert_coverage": dict(fallbacks),   # own / blended / pooled Hessians over experts and tensors
                 "expert_statistics_peak_mib": round(self.report.expert_stats_peak_bytes / 2**20, 3) if self.report else 0,
+                # layers whose routed experts went in groups (passes/expert_groups.py): layer -> experts per group
+                "expert_groups": {str(b): n for b, n in self.report.expert_groups.items()} if self.report else {},
                 "recipe": json.loads(self.allocation.recipe_json()) if self.allocation else None,
                 "profile": self.profile.to_dict() if self.profile else None}
 

@@ -76,6 +76,7 @@ class QuantReport:
     coverage: dict[str, dict] = field(default_factory=dict)
     expert_stats_peak_bytes: int = 0   # the most memory one layer's routed-input statistics took (this rank's share)
     refine: dict[int, dict] = field(default_factory=dict)   # per layer: --refine's loss before / after, codes moved
+    expert_groups: dict[int, int] = field(default_factory=dict)   # layers quantized in expert groups: their size
 
     def add(self, name: str, info: dict) -> None:
         coverage = info.pop("coverage", None)
@@ -264,6 +265,7 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                                  "and --refine tunes a whole layer at once: drop --refine, or convert on a device "
                                  "with more free memory")
         if grouping is not None:
+            report.expert_groups[bid] = grouping.size
             log.info("layer %d: experts in groups of %d%s", bid, grouping.size,
                      ", expert weights in host memory" if grouping.host_stacks else "")
         with stage("read", bid):

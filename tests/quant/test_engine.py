@@ -95,6 +95,7 @@ def test_experts_in_groups_give_the_same_file(qwen_checkpoint, tmp_path, monkeyp
         assert all(abs(g[k] - t[k]) <= 1e-12 * abs(t[k]) for k in t if "error" in k), name
     assert whole.report.coverage["blk.0.ffn_up_exps.weight"]["fallback"][3:6] == ["pooled"] * 3
     assert grouped.report.expert_stats_peak_bytes < 0.6 * whole.report.expert_stats_peak_bytes
+    assert grouped.to_dict()["expert_groups"] == {"0": 3, "1": 3} and whole.to_dict()["expert_groups"] == {}
 
 
 def test_expert_group_plan():
