@@ -165,6 +165,31 @@ def run_llama(shape: str, layers: int, work: Path, windows: int, report: dict, o
     save(report, out)
 
 
+def memory_plan(memory: str, device: str) -> str:
+    """How the converter would take each shape's MoE layer with `memory` free on `device` (passes/expert_groups.py's
+    estimate; no checkpoint is written, nothing is measured)."""
+    sys.path.insert(0, str(REPO))
+    from types import SimpleNamespace
+    import torch
+    from moeq2gguf.passes import expert_groups
+    from moeq2gguf.plan.alloc import parse_size
+    free = parse_size(memory, "--plan")
+    lines = [f"{memory} free on {device} (predicted by passes/expert_groups.py, moequant):"]
+    for name, cfg in shapes.SHAPES.items():
+        n = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg["n_routed_experts"]
+        hidden, ff = cfg["hidden_size"], cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        stacks = [SimpleNamespace(name=p, shape=shape, role="expert")
+                  for p, shape in (("gate", (n, ff, hidden)), ("up", (n, ff, hidden)), ("down", (n, hidden, ff)))]
+        weights, per_expert = expert_groups.layer_bytes(stacks, True)
+        g = expert_groups.plan(stacks, n, True, torch.device(device), None, available=free)
+        how = "all experts at once" if g is None else (f"{g.size} experts per group" +
+                                                        (", expert weights in host memory" if g.host_stacks else "") +
+                                                        ("" if g.fits else "; does not fit even so"))
+        lines.append(f"  {name}: {n} experts, expert weights + dequantized copies {weights / 2**30:.1f} GiB, "
+                     f"{per_expert / 2**20:.0f} MiB per expert of statistics and GPTQ work -> {how}")
+    return "\n".join(lines)
+
+
 def table(report: dict) -> str:
     lines = [f"machine: {report['machine']}; {report['date']}, commit {report['commit']}; calibration "
              f"{report['windows']} x 512 tokens; moequant Q4_K_M"]
@@ -209,7 +234,12 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / ".cache" / "bench_scale"))
     ap.add_argument("--out", default=None, help="the JSON report (default WORK/report-DEVICE.json)")
     ap.add_argument("--table", default=None, metavar="REPORT", help="only print the table of a saved report")
+    ap.add_argument("--plan", default=None, metavar="MEMORY",
+                    help="only print how each shape's MoE layer would be taken with MEMORY free on --device (24GiB)")
     args = ap.parse_args()
+    if args.plan:
+        print(memory_plan(args.plan, args.device))
+        return 0
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return 0

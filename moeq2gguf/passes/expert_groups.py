@@ -6,14 +6,12 @@ weights 45 GB in fp32 (twice that with their dequantized copies). When a layer w
 the pass takes its experts in groups: one float forward keeps the FFN's normed input and routing of every calibration
 batch, then each group's statistics are collected from those (nn.routed_experts), its GPTQ runs, and its statistics are
 freed. Every expert's sums are accumulated in the same order as in one pass, so the file is byte-identical
-(tests/quant/test_expert_groups.py). On a GPU, expert stacks too big to sit beside a group's work stay in host memory
-and move one expert (forward) or one group (GPTQ) at a time.
+(tests/quant/test_engine.py). On a GPU, when keeping the expert stacks in host memory at least doubles the group, they
+stay there and move one expert (forward) or one group (GPTQ) at a time.
 
 The estimate is rough (fp32 bytes of the weights, their dequantized copies, the Hessians and GPTQ's work arrays per
-expert; not the hidden states); the budget is a fraction of what the device has free when the layer starts. At the
-shapes of tools/make_shape_checkpoint.py it keeps Qwen1.5-MoE-A2.7B (about 16 GiB) whole on a 24 GiB host, and
-Qwen3-30B-A3B and Mixtral-8x7B whole on an 80 GB GPU; DeepSeek-V3 goes in groups of about 50 with its expert weights
-on the host.
+expert; not the hidden states); the budget is a fraction of what the device has free when the layer starts.
+`python tools/bench_scale.py --plan 80GB --device cuda` prints what it chooses for the real models' shapes.
 """
 from __future__ import annotations
 
@@ -33,6 +31,7 @@ class ExpertGrouping:
     size: int                   # experts per group
     host_stacks: bool           # the layer's expert weight stacks stay in host memory (a GPU device only)
     stacks: tuple[str, ...]     # GGUF names of the stacks quantized in groups
+    fits: bool = True           # False: even one expert at a time exceeds the budget (expect to run out of memory)
 
 
 def routed_stacks(block, copied: set[str]) -> list[TensorSource]:
@@ -82,6 +81,9 @@ def plan(stacks: list[TensorSource], n_experts: int, full_statistics: bool, devi
         return ExpertGrouping(size, host, names) if size < n_experts or host else None
     if weights + n_experts * per_expert <= budget:
         return None
-    host = device.type == "cuda" and weights + per_expert > budget
-    size = int((budget - (0 if host else weights)) // per_expert)
-    return ExpertGrouping(max(1, min(size, n_experts)), host, names)
+    # on a GPU, the expert weights go to the host when that at least doubles the group (fewer, larger groups: each
+    # group costs a pass over its tokens, the host copy one transfer per expert)
+    beside, alone = int((budget - weights) // per_expert), int(budget // per_expert)
+    host = device.type == "cuda" and alone > 2 * max(beside, 0)
+    size = alone if host else beside
+    return ExpertGrouping(max(1, min(size, n_experts)), host, names, fits=size >= 1)

@@ -266,6 +266,10 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                                  "with more free memory")
         if grouping is not None:
             report.expert_groups[bid] = grouping.size
+            if not grouping.fits:
+                log.warning("layer %d: even one expert at a time is estimated not to fit the %s's free memory; "
+                            "the conversion may run out of memory (use a machine with more, or a GPU)", bid,
+                            device.type)
             log.info("layer %d: experts in groups of %d%s", bid, grouping.size,
                      ", expert weights in host memory" if grouping.host_stacks else "")
         with stage("read", bid):

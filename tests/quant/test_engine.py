@@ -118,5 +118,10 @@ def test_expert_group_plan():
     small_gpu = int((weights / 2 + spare) / expert_groups.BUDGET_FRACTION)
     g = expert_groups.plan(stacks, 64, True, cuda, None, available=small_gpu)
     assert g.host_stacks and 1 <= g.size < 64
+    g = expert_groups.plan(stacks, 64, True, cpu, None, available=int(weights / 2 / expert_groups.BUDGET_FRACTION))
+    assert g.size == 1 and not g.fits and not g.host_stacks   # the CPU has no host to move the weights to
+    # a GPU with room for the weights beside 10 experts' work: the host copy gives groups more than twice as large
+    g = expert_groups.plan(stacks, 64, True, cuda, None, available=tight)
+    assert g.host_stacks and g.size > 20 and g.fits
     assert expert_groups.plan(stacks, 64, True, cpu, 16, available=roomy).size == 16
     assert expert_groups.plan(stacks, 64, True, cpu, 64, available=roomy) is None
