@@ -40,27 +40,47 @@ def _rss_mib() -> float:
 class StageStats:
     seconds: float = 0.0
     calls: int = 0
-    rss_mib: float = 0.0        # the largest RSS seen when the stage ended
+    rss_mib: float = 0.0        # the largest RSS seen during the stage (sampled every SAMPLE_SECONDS, and at its end)
     gpu_mib: float = 0.0        # the largest GPU memory allocated during the stage (CUDA only)
+
+
+SAMPLE_SECONDS = 0.02
 
 
 @dataclass
 class Profile:
     stages: dict[tuple[str, int | None], StageStats] = field(default_factory=dict)
-    _open: list[list] = field(default_factory=list)      # [name, layer, start, child seconds]
+    # open stages, innermost last: [name, layer, start, child seconds, peak RSS MiB, peak GPU MiB]; a stage's peaks
+    # include those of the stages inside it
+    _open: list[list] = field(default_factory=list)
+
+    def sample_rss(self) -> None:
+        """Raise every open stage's RSS peak to the current RSS (collect()'s sampler thread calls this)."""
+        rss = _rss_mib()
+        for frame in list(self._open):
+            frame[4] = max(frame[4], rss)
+
+    def _note_gpu_peak(self) -> None:
+        """Before torch's peak counter is reset (a stage opening) or read: credit its value to every open stage."""
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        for frame in self._open:
+            frame[5] = max(frame[5], peak)
 
     @contextlib.contextmanager
     def stage(self, name: str, layer: int | None = None) -> Iterator[None]:
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
+            self._note_gpu_peak()
             torch.cuda.reset_peak_memory_stats()
         if layer is None and self._open:   # a stage inside a layer's stage belongs to that layer
             layer = self._open[-1][1]
-        frame = [name, layer, time.perf_counter(), 0.0]
+        frame = [name, layer, time.perf_counter(), 0.0, 0.0, 0.0]
         self._open.append(frame)
         try:
             yield
         finally:
+            if cuda:
+                self._note_gpu_peak()
             self._open.pop()
             elapsed = time.perf_counter() - frame[2]
             if self._open:
@@ -68,9 +88,8 @@ class Profile:
             s = self.stages.setdefault((name, layer), StageStats())
             s.seconds += elapsed - frame[3]
             s.calls += 1
-            s.rss_mib = max(s.rss_mib, _rss_mib())
-            if cuda:
-                s.gpu_mib = max(s.gpu_mib, torch.cuda.max_memory_allocated() / 2**20)
+            s.rss_mib = max(s.rss_mib, frame[4], _rss_mib())
+            s.gpu_mib = max(s.gpu_mib, frame[5])
 
     def totals(self) -> dict[str, StageStats]:
         out: dict[str, StageStats] = {}
@@ -110,12 +129,24 @@ class Profile:
 
 @contextlib.contextmanager
 def collect() -> Iterator[Profile]:
-    """Profile everything run inside (stage() calls anywhere below report to it)."""
+    """Profile everything run inside (stage() calls anywhere below report to it). A daemon thread samples the RSS
+    every SAMPLE_SECONDS, so a stage's peak counts memory it freed before it ended."""
+    import threading
     prof = Profile()
     token = _current.set(prof)
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(SAMPLE_SECONDS):
+            prof.sample_rss()
+
+    thread = threading.Thread(target=sampler, name="moeq2gguf-rss-sampler", daemon=True)
+    thread.start()
     try:
         yield prof
     finally:
+        stop.set()
+        thread.join()
         _current.reset(token)
 
 

@@ -78,3 +78,20 @@ def test_cuda_and_cpu_conversions_agree(tmp_path):
     a, b = (evaluate(files[d], f32, "eval", ctx=128, chunks=4, progress=False) for d in ("cpu", "cuda"))
     cross = evaluate(files["cuda"], files["cpu"], "eval", ctx=128, chunks=4, progress=False)
     assert cross.kld_mean < 0.1 * min(a.kld_mean, b.kld_mean), (cross, a, b)
+
+
+def test_stage_peak_counts_memory_freed_before_the_stage_ends():
+    """convert --profile's peak RSS per stage is sampled while the stage runs: 256 MiB allocated, touched and freed
+    inside a stage shows in its peak (a reading at the stage's end alone would miss it), and in the enclosing stage's."""
+    import time
+    from moeq2gguf import profile
+    with profile.collect() as prof:
+        with profile.stage("outer", 0):
+            base = profile._rss_mib()
+            with profile.stage("inner"):
+                block = np.ones(64 * 2**20, dtype=np.float32)   # 256 MiB, every page written
+                time.sleep(10 * profile.SAMPLE_SECONDS)
+                del block
+    totals = prof.totals()
+    assert totals["inner"].rss_mib > base + 200, (totals["inner"].rss_mib, base)
+    assert totals["outer"].rss_mib >= totals["inner"].rss_mib
