@@ -106,9 +106,15 @@ class Profile:
     def to_dict(self) -> dict:
         per_layer = {str(b): {n: round(s.seconds, 4) for (n, layer), s in self.stages.items() if layer == b}
                      for b in self.layers()}
+        # where the memory peaks: per layer, and "outside" (embedding, head, the float pass's tail)
+        peaks: dict[str, list[float]] = {}
+        for (_, layer), s in self.stages.items():
+            p = peaks.setdefault("outside" if layer is None else str(layer), [0.0, 0.0])
+            p[0], p[1] = max(p[0], s.rss_mib), max(p[1], s.gpu_mib)
         return {"stages": {n: {"seconds": round(s.seconds, 4), "calls": s.calls, "peak_rss_mib": round(s.rss_mib, 1),
                                "peak_gpu_mib": round(s.gpu_mib, 1)} for n, s in self.totals().items()},
-                "per_layer_seconds": per_layer}
+                "per_layer_seconds": per_layer,
+                "per_layer_peak_mib": {k: {"rss": round(v[0]), "gpu": round(v[1])} for k, v in peaks.items()}}
 
     def table(self) -> str:
         totals = self.totals()

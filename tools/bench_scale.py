@@ -97,6 +97,7 @@ def run_shape(shape: str, layers: int, device: str, work: Path, windows: int, re
                expert_stats_peak_mib=round(result["expert_stats_peak_mib"]),
                stages={k: v for k, v in result["profile"]["stages"].items()},
                per_layer_seconds=result["profile"]["per_layer_seconds"],
+               per_layer_peak_mib=result["profile"].get("per_layer_peak_mib", {}),
                peak_gpu_mib=max((v["peak_gpu_mib"] for v in result["profile"]["stages"].values()), default=0),
                extrapolated=extrapolate(result["profile"], result["seconds"], shape))
     save(report, out)
@@ -209,6 +210,10 @@ def table(report: dict) -> str:
         lines.append("  stages (s): " + ", ".join(f"{k} {v['seconds']:.1f}" for k, v in top))
         for b, v in r["per_layer_seconds"].items():
             lines.append(f"  layer {b}: " + ", ".join(f"{k} {s:.1f}" for k, s in sorted(v.items(), key=lambda kv: -kv[1])[:6]))
+        if r.get("per_layer_peak_mib"):
+            lines.append("  peak RSS / GPU MiB during: " + ", ".join(
+                f"{'layer ' + k if k != 'outside' else 'outside the layers'} {v['rss']} / {v['gpu']}"
+                for k, v in r["per_layer_peak_mib"].items()))
         lc = r.get("llama_cpp")
         if lc and "whole_model_s" in lc:
             runs = "; ".join(f"{n} layers: F16 {v['f16_s']} s, imatrix {v['imatrix_s']} s ({v['imatrix_on']}), quantize "

@@ -360,8 +360,9 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
             for b in range(n_batches):
                 parallel.replay(parallel.broadcast(records.pop(b, None), b % world.size, world), collector)
     for s in layers.tail:
-        q = methods.quantize_tensor(method, tail_w[s.name], type_of[s.name], collector,
-                                    "output" if s.name == "output.weight" else None, cfg.gptq)
+        with stage("quantize"):   # outside the layers: the profile's fixed costs
+            q = methods.quantize_tensor(method, tail_w[s.name], type_of[s.name], collector,
+                                        "output" if s.name == "output.weight" else None, cfg.gptq)
         q.info.pop("coverage", None)
         report.tensors[s.name] = q.info
         yield q.data
