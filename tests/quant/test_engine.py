@@ -52,20 +52,24 @@ def test_gptq_below_rtn_on_every_tensor(qwen_checkpoint, tmp_path):
         assert t["recon_error"] < t["recon_error_rtn"], name
 
 
-def test_expert_without_tokens_uses_pooled_hessian(qwen_checkpoint, tmp_path, monkeypatch):
-    """A router forced away from expert 3: the expert is quantized from the layer's pooled Hessian,
-    reported as such, and never zeroed."""
+def test_experts_without_tokens_and_in_groups(qwen_checkpoint, tmp_path, monkeypatch):
+    """A router forced away from experts 3-5: they are quantized from the layer's pooled Hessian, reported as such,
+    and never zeroed. The same conversion with --expert-group 3 (groups of 3, 3, 2 of the 8 experts, statistics from
+    the stored FFN inputs; experts 3-5 a whole group that saw nothing) writes the same bytes and report, with a smaller
+    peak of routed statistics."""
     from moeq2gguf import nn
     real = nn.router_logits
-    monkeypatch.setattr(nn, "router_logits", lambda x, w: real(x, w).index_fill(1, torch.tensor([3]), float("-inf")))
+    monkeypatch.setattr(nn, "router_logits",
+                        lambda x, w: real(x, w).index_fill(1, torch.tensor([3, 4, 5]), float("-inf")))
     out = tmp_path / "forced.gguf"
-    result = convert(qwen_checkpoint, out, type="Q4_K_M", method="moequant", calib="eval", calib_windows=2, calib_ctx=256,
-                     rotate=False, progress=False)  # unrotated: the dequantized expert is compared with the checkpoint's
-    assert result.to_dict()["expert_coverage"]["pooled"] >= 3   # convert --json's count: expert 3 of three tensors at least
+    kwargs = dict(type="Q4_K_M", method="moequant", calib="eval", calib_windows=2, calib_ctx=256, rotate=False,
+                  progress=False)  # unrotated: the dequantized expert is compared with the checkpoint's
+    result = convert(qwen_checkpoint, out, **kwargs)
+    assert result.to_dict()["expert_coverage"]["pooled"] >= 9   # convert --json's count: experts 3-5 of three tensors
     coverage = json.loads(out.with_name(out.name + ".coverage.json").read_text())
     for name in ("blk.0.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight"):
         entry = coverage[name]
-        assert entry["tokens"][3] == 0 and entry["fallback"][3] == "pooled", name
+        assert entry["tokens"][3] == 0 and entry["fallback"][3:6] == ["pooled"] * 3, name
         assert sum(entry["tokens"]) == 2 * 256 * 2  # every token reached its top-2 among the others
     reader = gguf.GGUFReader(out)
     t = next(t for t in reader.tensors if t.name == "blk.0.ffn_up_exps.weight")
@@ -74,28 +78,16 @@ def test_expert_without_tokens_uses_pooled_hessian(qwen_checkpoint, tmp_path, mo
     assert np.abs(deq[3]).max() > 0
     assert np.abs(deq[3] - original).mean() < 0.2 * np.abs(original).mean()
 
-
-def test_experts_in_groups_give_the_same_file(qwen_checkpoint, tmp_path, monkeypatch):
-    """--expert-group 3 (groups of 3, 3, 2 of the 8 experts, statistics from the stored FFN inputs) writes the same bytes
-    and the same report as all experts at once, with a smaller peak of routed statistics; experts 3-5 (a whole group)
-    never routed still take the layer's pooled Hessian."""
-    from moeq2gguf import nn
-    real = nn.router_logits
-    monkeypatch.setattr(nn, "router_logits",
-                        lambda x, w: real(x, w).index_fill(1, torch.tensor([3, 4, 5]), float("-inf")))
-    kwargs = dict(type="Q4_K_M", method="moequant", calib="eval", calib_windows=3, calib_ctx=256, progress=False)
-    whole = convert(qwen_checkpoint, tmp_path / "whole.gguf", **kwargs)
     grouped = convert(qwen_checkpoint, tmp_path / "grouped.gguf", expert_group=3, **kwargs)
-    assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "grouped.gguf").read_bytes()
-    assert grouped.report.coverage == whole.report.coverage
-    assert list(grouped.report.tensors) == list(whole.report.tensors)   # file order
-    for name, t in whole.report.tensors.items():   # errors summed over groups: the same up to the last bits
+    assert out.read_bytes() == (tmp_path / "grouped.gguf").read_bytes()
+    assert grouped.report.coverage == result.report.coverage
+    assert list(grouped.report.tensors) == list(result.report.tensors)   # file order
+    for name, t in result.report.tensors.items():   # errors summed over groups: the same up to the last bits
         g = grouped.report.tensors[name]
         assert {k: v for k, v in g.items() if "error" not in k} == {k: v for k, v in t.items() if "error" not in k}
         assert all(abs(g[k] - t[k]) <= 1e-12 * abs(t[k]) for k in t if "error" in k), name
-    assert whole.report.coverage["blk.0.ffn_up_exps.weight"]["fallback"][3:6] == ["pooled"] * 3
-    assert grouped.report.expert_stats_peak_bytes < 0.6 * whole.report.expert_stats_peak_bytes
-    assert grouped.to_dict()["expert_groups"] == {"0": 3, "1": 3} and whole.to_dict()["expert_groups"] == {}
+    assert grouped.report.expert_stats_peak_bytes < 0.6 * result.report.expert_stats_peak_bytes
+    assert grouped.to_dict()["expert_groups"] == {"0": 3, "1": 3} and result.to_dict()["expert_groups"] == {}
 
 
 def test_expert_group_plan():
