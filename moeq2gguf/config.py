@@ -89,10 +89,10 @@ class ConvertConfig:
             raise Moeq2ggufError(f"--imatrix FILE holds statistics of the unsmoothed model, which do not apply to the "
                                  f"weights --smooth {self.smooth} scales; use --method imatrix (statistics of the smoothed "
                                  "model)")
-        if self.patched_runtime and (self.imatrix or self.targeted):
+        if self.patched_runtime and self.imatrix:
             raise Moeq2ggufError("--smooth per-expert / --expert-hadamard change the expert weights and inputs: an "
-                                 "--imatrix FILE (statistics of the untransformed model) or a size target does not "
-                                 "apply; use --method with --type")
+                                 "--imatrix FILE (statistics of the untransformed model) does not apply; use --method "
+                                 "imatrix (statistics of the transformed model)")
         put("overrides", tuple(parse_override(t) for t in self.tensor_types))
         put("split_max_bytes", alloc.parse_size(self.split_max_size, "--split-max-size")
             if self.split_max_size is not None else 0)

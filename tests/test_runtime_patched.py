@@ -195,20 +195,29 @@ def test_patched_loader_checks_the_file(patched_lib, tmp_path, small_tokenizers,
 def test_calibrated_methods_on_transformed_model(patched_lib, tmp_path, small_tokenizers, eval_text, method):
     """GPTQ / imatrix quantize the transformed weights with statistics of the transformed inputs (x * r_e, h H: the
     calibration forward applies the patched runtime's transforms): Q4_0 as close to the float model as the
-    untransformed Q4_0 file is on stock llama.cpp."""
+    untransformed Q4_0 file is on stock llama.cpp; so is a file the size allocator fits in the same bytes."""
     tok = small_tokenizers["mixtral"]
     model = random_model("mixtral", intermediate_size=96)
     ckpt = save_checkpoint(model, tok, tmp_path / "ckpt")
     kw = dict(type="Q4_0", method=method, progress=False, **CALIB)
     plain = convert(ckpt, tmp_path / "plain.gguf", **kw).output
     path = convert(ckpt, tmp_path / "tf.gguf", smooth="per-expert", expert_hadamard=True, **kw).output
+    # the size allocator on the transformed model (its sensitivity measured there), at the Q4_0 file's size
+    budget = path.stat().st_size
+    kw.pop("type")
+    allocated = convert(ckpt, tmp_path / "alloc.gguf", smooth="per-expert", expert_hadamard=True, target_size=budget,
+                        **kw)
+    assert allocated.allocation is not None and allocated.output.stat().st_size <= budget
+    assert {"moeq2gguf.recipe", "llama.expert_smoothing", "llama.expert_hadamard_block"} <= set(_fields(allocated.output))
     tokens = eval_tokens(tok, eval_text, N_TOKENS)
     ref = transformers_logits(model, tokens)
     errors = {}
     for label, logits in (("plain", runtime.run_logits(plain, tokens)),
-                          ("transformed", runtime.run_logits(path, tokens, patched=True))):
+                          ("transformed", runtime.run_logits(path, tokens, patched=True)),
+                          ("transformed, allocated", runtime.run_logits(allocated.output, tokens, patched=True))):
         per_token = np.abs(logits - ref).max(-1) / np.abs(ref).max()
         errors[label] = float(np.median(per_token))
         print(f"{method} Q4_0 {label}: median per-token error {errors[label]:.4f}, "
               f"argmax agreement {(logits.argmax(-1) == ref.argmax(-1)).mean():.3f}")
     assert errors["transformed"] < 1.5 * errors["plain"]
+    assert errors["transformed, allocated"] < 1.5 * errors["plain"]

@@ -175,6 +175,16 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     if rotate:
         rotation = random_rotation(spec.hidden_size, config.seed)
         sources = rotate_sources(sources, spec, rotation)
+    # files for the patched llama.cpp (runtime_patches/), after the rotation: smoothing is measured on the rotated model
+    patched_model = None
+    pass_sources = sources   # what the float pass runs
+    if config.patched_runtime:
+        from moeq2gguf.transforms import patched
+        patched_model = patched.prepare(sources, spec,
+                                        patched.ExpertTransforms(smooth=next(iter(config.patched_smooth), None),
+                                                                 hadamard=config.expert_hadamard),
+                                        transform_blocks=config.targeted)
+        sources, pass_sources, spec = patched_model.sources, patched_model.pass_sources, patched_model.spec
     vocab = load_vocab(adapter.reader.model_dir, spec.vocab_size, adapter.config, adapter.default_pre_tokenizer)
     method = config.method_impl
     if world.distributed and world.size > max(spec.n_experts, 1):
@@ -191,14 +201,12 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
         with profiling.stage("tokenize"):
             windows = calibration_windows(adapter.reader.model_dir, cfg.calib, cfg.n_windows, cfg.ctx)
     plugins = []
-    smoother = experts = sensitivity = None
+    smoother = sensitivity = None
     if config.stock_smooth:   # after the rotation, whose norm folding would cancel aggregate's 1/s (smoothing.py)
         smoother = smoothing.Smoothing(spec, config.stock_smooth, transform_blocks=budget is not None)
         plugins.append(smoother)
-    if config.patched_smooth:   # measured on the rotated model
-        from moeq2gguf.transforms.expert_smoothing import ExpertInputMaxima
-        experts = ExpertInputMaxima(spec)
-        plugins.append(experts)
+    if patched_model is not None and patched_model.maxima is not None:
+        plugins.append(patched_model.maxima)
 
     report = QuantReport()
     writer = gguf.GGUFWriter(None, adapter.arch_name, split_max_tensors=config.split_max_tensors,
@@ -206,20 +214,17 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     temps = [tmp]
     try:
-        expert_tf = None
-        if config.patched_runtime:   # files for the patched llama.cpp (runtime_patches/)
-            from moeq2gguf.transforms import patched
-            expert_tf = patched.ExpertTransforms(smooth=next(iter(config.patched_smooth), None),
-                                                 hadamard=config.expert_hadamard)
         _add_metadata(writer, model_name, type_name, config, budget, rotation, adapter)
-        if expert_tf is None:
-            vocab.add_to(writer)
+        if patched_model is not None:
+            patched_model.add_metadata(writer)
+        vocab.add_to(writer)
         if budget is not None:   # every other key is in the writer now: the file's size is exact for any types
             alloc.check_budget(writer, sources, config.overrides, budget, config.method)   # fail fast, before measuring
             # smoothing replaces the values of tensors a checkpoint holds as GGML blocks: measure those too
             measured = alloc.measured_candidates(sources, budget, config.method, include_raw=bool(config.stock_smooth))
             transforms = {"rotate": None if rotation is None else [rotation.kind, rotation.seed],
-                          "smooth": list(config.stock_smooth)}
+                          "smooth": list(config.stock_smooth), "expert_smooth": list(config.patched_smooth),
+                          "expert_hadamard": spec.expert_hadamard_block}
             cache = sens.cache_key(adapter.reader.model_dir, cfg, measured, transforms)
             losses = sens.load_cached(cache) if measured else {}
             if losses is None:
@@ -227,17 +232,14 @@ def _convert(model_dir, output, config: ConvertConfig, progress: bool) -> Conver
                                                tied=not any(s.name == "output.weight" for s in sources))
                 plugins.append(sensitivity)
         if plugins:
-            _float_pass(sources, spec, windows, plugins, config, progress)
+            _float_pass(pass_sources, spec, windows, plugins, config, progress)
         if sensitivity is not None:
             losses = sensitivity.losses
             sens.store(cache, losses)
         if smoother is not None:
             sources = smoother.apply(sources)
-        if expert_tf is not None:   # after the rotation: smoothing is measured on the rotated model
-            sources, spec, add_expert_metadata = patched.apply(sources, spec, expert_tf,
-                                                               experts.stats if experts else None)
-            add_expert_metadata(writer)
-            vocab.add_to(writer)
+        if patched_model is not None:
+            patched_model.check()
         types = plan.assign(sources, config.type_name, spec, method.calibrated or config.imatrix is not None,
                             config.overrides)
         allocation = None

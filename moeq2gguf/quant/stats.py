@@ -128,16 +128,31 @@ class StatsCollector:
             stats.weighted_xxt += torch.einsum("thk,thl->hkl", x, x)
 
     def scale_input(self, name: str, r: torch.Tensor) -> None:
-        """The input was x and is x * r now, r [G or 1, K] (a transform of the layer, e.g. smoothing): every
-        sum follows (x x^T -> r x x^T r per group; x^2 -> r^2 x^2); counts and masses are unchanged."""
+        """The input was x and is x * r now, r [G or 1, K] (a transform of the layer: smoothing, one r for every
+        group, or per-expert smoothing, one per expert): every sum follows (x x^T -> r x x^T r per group;
+        x^2 -> r^2 x^2), the pooled sums of a routed input too; counts and masses are unchanged."""
         self.factor_cache = None
         s = self.inputs[name]
+        per_group = r.shape[0] > 1
+        if per_group and s.routed and len(self.experts) != self.n_experts:
+            raise AssertionError("per-expert input scales need every expert's sums to rebuild the pooled ones")
         r = r.to(self.device, torch.float64).expand(s.plain_sq.shape)
         s.plain_sq *= r * r
         s.weighted_sq *= r * r
         if s.weighted_xxt is not None:
             r32 = r.to(s.weighted_xxt.dtype)
             s.weighted_xxt *= r32[:, :, None] * r32[:, None, :]
+        if not s.routed:
+            return
+        if per_group:   # each expert's tokens scale by their own r: the pooled sums are the experts' sums again
+            s.pooled_sq = s.weighted_sq.sum(0)
+            if s.weighted_xxt is not None:
+                s.pooled_xxt = s.weighted_xxt.sum(0, dtype=s.pooled_xxt.dtype)
+        else:
+            s.pooled_sq = s.pooled_sq * r[0] * r[0]
+            if s.pooled_xxt is not None:
+                r32 = r[0].to(s.pooled_xxt.dtype)
+                s.pooled_xxt = s.pooled_xxt * r32[:, None] * r32[None, :]
 
     def hessians(self, name: str, blend_rare: bool | str) -> tuple[torch.Tensor, Coverage]:
         """Normalised Hessians [G, K, K] for one input, with the coverage fallback applied.

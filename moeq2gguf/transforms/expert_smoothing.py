@@ -28,7 +28,7 @@ import torch
 from moeq2gguf import nn
 from moeq2gguf.errors import Moeq2ggufError
 from moeq2gguf.models.base import ModelSpec, TensorSource
-from moeq2gguf.passes.calibration import Plugin, float_pass
+from moeq2gguf.passes.calibration import BlockView, Plugin, float_pass
 from moeq2gguf.passes.layers import Layers
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,12 @@ def _split(name: str) -> tuple[int | None, str]:
 
 class ExpertInputMaxima(Plugin):
     """--smooth per-expert as a plug-in of the float calibration pass: per MoE layer, the max |x| of every
-    expert's input over the tokens routed to it (`stats` after the pass, for smooth_sources)."""
+    expert's input over the tokens routed to it (`stats` after the pass, for smooth_sources). transform_blocks (a
+    later plug-in measures the smoothed model: the size allocator's sensitivity): each block is also smoothed in
+    the pass, its gate/up weights scaled and the expert input's scale r_e recorded (passes/calibration.py)."""
 
-    def __init__(self, spec: ModelSpec):
-        self.spec = spec
+    def __init__(self, spec: ModelSpec, alpha: float = ALPHA, transform_blocks: bool = False):
+        self.spec, self.alpha, self.transform_blocks = spec, alpha, transform_blocks
         self.stats: dict[int, ExpertAbsMax] = {}
 
     def observer(self, bid: int, weights: dict[str, torch.Tensor]) -> nn.Observer | None:
@@ -82,6 +84,27 @@ class ExpertInputMaxima(Plugin):
             return None
         self.stats[bid] = ExpertAbsMax(self.spec.n_experts, self.spec.hidden_size)
         return self.stats[bid]
+
+    def after_block(self, view: BlockView) -> None:
+        if self.transform_blocks and view.bid in self.stats:
+            smooth_block(view, self.stats[view.bid], self.alpha)
+
+
+def weight_absmax(readers: list[torch.Tensor]) -> torch.Tensor:
+    """max |W| over the rows of every gate/up stack [E, R, n] of one layer: [E, n] float32."""
+    return torch.stack([w.abs().amax(-2).to(torch.float32) for w in readers]).amax(0)
+
+
+def smooth_block(view: BlockView, stats: ExpertAbsMax, alpha: float = ALPHA) -> None:
+    """Smooth one block of the float pass as smooth_sources smooths the file: the gate/up stacks times s_e, and the
+    experts' input scaled by r_e = 1/s_e."""
+    keys = [f"{r}.weight" for r in READERS if f"{r}.weight" in view.weights]
+    s = smoothing_scales(stats.absmax, weight_absmax([view.weights[k].cpu() for k in keys]), alpha)
+    for k in keys:
+        w = view.weights[k]
+        view.weights[k] = w * s[:, None, :].to(w.device, torch.float32)
+    r = 1.0 / s
+    view.input_scales["exps_in"] = r if "exps_in" not in view.input_scales else view.input_scales["exps_in"] * r
 
 
 def expert_input_absmax(sources: list[TensorSource], spec: ModelSpec, windows: torch.Tensor, batch: int = 8,
@@ -94,22 +117,27 @@ def expert_input_absmax(sources: list[TensorSource], spec: ModelSpec, windows: t
 
 def smooth_sources(sources: list[TensorSource], spec: ModelSpec, stats: dict[int, ExpertAbsMax],
                    alpha: float = ALPHA) -> list[TensorSource]:
-    """Gate/up expert columns times s_e, and blk.N.ffn_exps_smooth (r_e = 1/s_e) after each layer's last reader."""
+    """Gate/up expert columns times s_e, and blk.N.ffn_exps_smooth (r_e = 1/s_e) after each layer's last reader.
+    stats is read when a tensor is loaded, not before: convert passes the dict the float pass is still to fill."""
     readers: dict[int, list[TensorSource]] = {}
     for s in sources:
         bid, base = _split(s.name)
         if bid is not None and base in tuple(f"{r}.weight" for r in READERS):
             readers.setdefault(bid, []).append(s)
-    if set(readers) != set(stats):
-        raise Moeq2ggufError(f"--smooth per-expert: layers with experts {sorted(readers)} differ from the layers the "
-                             f"calibration pass routed {sorted(stats)}")
+    if not readers:
+        raise Moeq2ggufError("--smooth per-expert: the model has no routed expert gate/up tensors to smooth")
     scales: dict[int, torch.Tensor] = {}
 
     def scale_of(bid: int) -> torch.Tensor:
         # computed once per layer, from the unscaled gate/up weights (each load() of a new source reads them)
         if bid not in scales:
-            wmax = torch.stack([r.load().reshape(r.shape).abs().amax(-2).to(torch.float32) for r in readers[bid]]).amax(0)
+            if bid not in stats:
+                raise Moeq2ggufError(f"--smooth per-expert: the calibration pass routed no tokens through layer {bid}'s "
+                                     f"experts (layers seen: {sorted(stats)})")
+            wmax = weight_absmax([r.load().reshape(r.shape) for r in readers[bid]])
             scales[bid] = smoothing_scales(stats[bid].absmax, wmax, alpha)
+            if len(scales) == len(readers):
+                _log_unrouted(stats, alpha, len(readers))
         return scales[bid]
 
     last = {bid: rs[-1].name for bid, rs in readers.items()}
@@ -126,10 +154,13 @@ def smooth_sources(sources: list[TensorSource], spec: ModelSpec, stats: dict[int
                                         lambda bid=bid: 1.0 / scale_of(bid), layer=bid))
         else:
             out.append(s)
+    return out
+
+
+def _log_unrouted(stats: dict[int, ExpertAbsMax], alpha: float, n_layers: int) -> None:
     unrouted = {bid: int((st.count == 0).sum()) for bid, st in stats.items() if (st.count == 0).any()}
     log.info("per-expert smoothing (alpha %.2f) of %d MoE layers; experts no calibration token reached keep s = 1: %s",
-             alpha, len(readers), unrouted or "none")
-    return out
+             alpha, n_layers, unrouted or "none")
 
 
 def add_metadata(writer: gguf.GGUFWriter, arch: str) -> None:

@@ -34,31 +34,47 @@ class ExpertTransforms:
         return self.smooth is not None or self.hadamard
 
 
-def apply(sources: list[TensorSource], spec: ModelSpec, transforms: ExpertTransforms,
-          stats: dict[int, expert_smoothing.ExpertAbsMax] | None = None
-          ) -> tuple[list[TensorSource], ModelSpec, Callable[[gguf.GGUFWriter], None]]:
-    """The transformed sources, the spec the calibration forward must run them with (the expert Hadamard is part
-    of the patched runtime's graph), and a function that writes the GGUF keys announcing them. stats: the
-    per-expert input maxima of a float pass (expert_smoothing.ExpertInputMaxima), for --smooth per-expert."""
-    steps, before, spec_before = [], sources, spec
-    if transforms.smooth == "per-expert":
-        if stats is None:
-            raise AssertionError("--smooth per-expert needs the float pass's expert input maxima")
-        sources = expert_smoothing.smooth_sources(sources, spec, stats, transforms.alpha)
-        steps.append(lambda w: expert_smoothing.add_metadata(w, spec_before.gguf_arch))
+@dataclass
+class PatchedModel:
+    """The model as the patched runtime runs it, prepared before the float pass (see prepare)."""
+    sources: list[TensorSource]       # what the file holds; smoothed values read `maxima` when loaded
+    pass_sources: list[TensorSource]  # what the float pass runs: with the Hadamard, without the smoothing it measures
+    spec: ModelSpec                   # the runtime's graph (the expert Hadamard is part of it) for every forward
+    maxima: expert_smoothing.ExpertInputMaxima | None   # the float pass's plug-in (--smooth per-expert)
+    _before: tuple[list[TensorSource], ModelSpec]
+    _steps: list[Callable[[gguf.GGUFWriter], None]]
+
+    def add_metadata(self, writer: gguf.GGUFWriter) -> None:
+        """The GGUF keys announcing the transforms (known before the pass: a size budget counts them)."""
+        for step in self._steps:
+            step(writer)
+
+    def check(self) -> None:
+        """After the float pass: the calibration forward runs the transformed model as the patched runtime does."""
+        check_forward(self._before[1], self.spec, self._before[0], self.sources)
+
+
+def prepare(sources: list[TensorSource], spec: ModelSpec, transforms: ExpertTransforms,
+            transform_blocks: bool = False) -> PatchedModel:
+    """The transformed sources and the spec every later forward runs them with. The expert Hadamard needs no
+    statistics, so the float pass already runs the rotated experts (its plug-ins measure the file's model); per-expert
+    smoothing needs the pass's maxima, so its sources read them when loaded, and `maxima` is the plug-in that
+    collects them (transform_blocks: and smooths each block in the pass, for the size allocator's sensitivity)."""
+    before, spec_before = sources, spec
+    smooth_step = hadamard_step = None
     if transforms.hadamard:
         block = expert_hadamard.hadamard_block(spec.expert_width, transforms.hadamard_max_block)
         sources = expert_hadamard.expert_hadamard_sources(sources, spec, block)
-        steps.append(lambda w: expert_hadamard.add_metadata(w, spec_before.gguf_arch, block))
-        # the model is now the patched runtime's graph: the calibration forward (nn.moe) rotates h as it does
+        hadamard_step = lambda w: expert_hadamard.add_metadata(w, spec_before.gguf_arch, block)  # noqa: E731
         spec = dataclasses.replace(spec, expert_hadamard_block=block)
-
-    check_forward(spec_before, spec, before, sources)
-
-    def add_metadata(writer: gguf.GGUFWriter) -> None:
-        for step in steps:
-            step(writer)
-    return sources, spec, add_metadata
+    pass_sources, maxima = sources, None
+    if transforms.smooth == "per-expert":
+        maxima = expert_smoothing.ExpertInputMaxima(spec, transforms.alpha, transform_blocks)
+        sources = expert_smoothing.smooth_sources(sources, spec, maxima.stats, transforms.alpha)
+        smooth_step = lambda w: expert_smoothing.add_metadata(w, spec_before.gguf_arch)  # noqa: E731
+    # the keys in the order the files have always had them: smoothing, then the Hadamard
+    steps = [step for step in (smooth_step, hadamard_step) if step is not None]
+    return PatchedModel(sources, pass_sources, spec, maxima, (before, spec_before), steps)
 
 
 def check_forward(spec_before: ModelSpec, spec_after: ModelSpec, before: list[TensorSource],

@@ -59,3 +59,23 @@ def test_per_head_inputs_get_one_hessian_per_head():
         assert torch.allclose(hess[h], x[:, h].T @ x[:, h] / T, atol=1e-6)
         assert torch.allclose(diag[h], (x[:, h] ** 2).mean(0), atol=1e-6)
     assert collector.inputs["q_nope"].count.tolist() == [T] * H
+
+
+def test_scaled_input_matches_observing_the_scaled_input():
+    """scale_input(r) leaves the sums that observing x * r would have given, the pooled ones (which rare experts fall
+    back on) included: one r for every expert (smoothing) and one per expert (per-expert smoothing)."""
+    K, E = 6, 3
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, K, generator=gen) for n in (20, 3, 9)]
+    weights = [torch.rand(x.shape[0], generator=gen) for x in xs]
+    for r in (torch.rand(1, K, generator=gen) + 0.5, torch.rand(E, K, generator=gen) + 0.5):
+        scaled, direct = (StatsCollector(E, affinity=True, full=True) for _ in range(2))
+        for e, (x, a) in enumerate(zip(xs, weights)):
+            scaled.observe("exps_in", x, a, e)
+            direct.observe("exps_in", x * r[e if r.shape[0] > 1 else 0], a, e)
+        scaled.scale_input("exps_in", r)
+        got, want = scaled.inputs["exps_in"], direct.inputs["exps_in"]
+        for field in ("weighted_xxt", "weighted_sq", "plain_sq", "pooled_xxt", "pooled_sq"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-5, msg=field)
+        torch.testing.assert_close(scaled.hessians("exps_in", True)[0], direct.hessians("exps_in", True)[0],
+                                   rtol=1e-5, atol=1e-5)

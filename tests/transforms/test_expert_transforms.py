@@ -139,3 +139,46 @@ def test_transformed_model_is_the_same_function(mixtral, small_tokenizers, eval_
             h_plain = nn.decoder_layer(h_plain, layer, spec, bid=bid)[0]
             h_tf = nn.decoder_layer(h_tf, layer_tf, nn_spec, bid=bid)[0]
             assert relative_error(h_tf.numpy(), h_plain.numpy()) < 1e-5, bid
+
+
+def test_sensitivity_of_the_transformed_model(mixtral, small_tokenizers, eval_text):
+    """The size allocator measures the file's model: the float pass runs the expert Hadamard, and per-expert
+    smoothing transforms each block in the pass (its weights and the statistics of the expert input, pooled sums
+    included). The losses equal those of a second pass over the smoothed sources, and differ from the plain model's:
+    exactly for RTN (the weights and the loss's input statistics), closely for moequant (GPTQ's rounding choices
+    follow float rounding of its Hessians, which the two passes accumulate in different orders)."""
+    from moeq2gguf import methods
+    from moeq2gguf.passes.calibration import float_pass
+    from moeq2gguf.passes.layers import Layers
+    from moeq2gguf.passes.quantize import QuantConfig
+    from moeq2gguf.plan.alloc import candidate_types
+    from moeq2gguf.quant.sensitivity import Sensitivity
+    from moeq2gguf.transforms import patched
+    path, _ = mixtral
+    adapter = open_model(path)
+    spec, sources = adapter.spec, adapter.all_tensors()
+    windows = torch.tensor(eval_tokens(small_tokenizers["mixtral"], eval_text, 128, offset=5000)).view(2, 64)
+    candidates = {s.name: candidate_types(s.shape)[:3] for s in sources if "_exps." in s.name}
+    model = patched.prepare(sources, spec, patched.ExpertTransforms(smooth="per-expert", hadamard=True),
+                            transform_blocks=True)
+
+    def measure(method, layer_sources, spec, *plugins):
+        sens = Sensitivity(spec, candidates, methods.get(method), QuantConfig(method=method).gptq, tied=False)
+        float_pass(Layers.of(layer_sources, spec.n_layers), spec, windows, [*plugins, sens], "test")
+        return [(n, q, loss) for n, losses in sorted(sens.losses.items()) for q, loss in losses.items()]
+
+    def deviation(a, b):   # the mean relative difference of two measurements
+        assert [x[:2] for x in a] == [x[:2] for x in b]
+        return sum(abs(x[2] / y[2] - 1) for x, y in zip(a, b)) / len(a)
+
+    for method, same in (("rtn", 1e-5), ("moequant", 0.02)):
+        in_pass = measure(method, model.pass_sources, model.spec, model.maxima)
+        direct = measure(method, model.sources, model.spec)
+        plain = measure(method, sources, spec)
+        print(f"{method}: mean relative difference to the smoothed sources' pass {deviation(in_pass, direct):.2e}, "
+              f"to the plain model's {deviation(in_pass, plain):.2e}")
+        assert deviation(in_pass, direct) < same
+        assert deviation(in_pass, plain) > 0.05
+        for kind in ("ffn_gate_exps", "ffn_down_exps"):   # each transform moves its tensors' losses
+            assert deviation(*([x for x in m if kind in x[0]] for m in (in_pass, plain))) > 0.02, kind
+    adapter.reader.close()
