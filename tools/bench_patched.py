@@ -276,8 +276,10 @@ def main() -> None:
             f"GGUF, F32 KV cache, as tools/bench_quality.py (its bench_model() converts and evaluates). Calibration: "
             f"{args.calib_windows} windows of {args.ctx} tokens of the calib split for every method, llama-imatrix and the "
             f"per-expert smoothing statistics included. +perexpert: `--smooth per-expert`; +ehadamard: `--expert-hadamard` "
-            f"(files only the patched llama.cpp runs); +rotate: `--rotate` (every other row: `--no-rotate`). KLD / base: "
-            f"against the row's method without +perexpert / +ehadamard. Time: conversion wall time (llama.cpp imatrix "
+            f"(files only the patched llama.cpp runs); +rotate: `--rotate` (every other row: `--no-rotate`); +alloc: "
+            f"`--target-size` at the size of llama.cpp imatrix's file of the mix instead of the mix's types (the size "
+            f"allocator, its sensitivity measured on the transformed model), so every +alloc row of a mix has the same bytes. "
+            f"KLD / base: against the row's method without +perexpert / +ehadamard. Time: conversion wall time (llama.cpp imatrix "
             f"includes llama-imatrix), which other jobs on the machine stretch.\n\n"
             f"{quality_table(rows)}\n\n" + "\n".join(f"- {n}" for n in quality_summary(rows, args.bases) + notes) + "\n")
     if speed_rows:
