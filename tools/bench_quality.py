@@ -198,7 +198,8 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
             kwargs = convert_kwargs(method)
             if kwargs.pop("alloc", False):   # the allocator at llama.cpp's size of this mix, instead of the mix
                 refs = [work / f"{mix}-llama-imatrix.gguf"] + ([] if needs_imatrix(mix) else [work / f"{mix}-llama-rtn.gguf"])
-                kwargs["target_size"] = min(p.stat().st_size for p in refs)
+                # a run without llama.cpp rtn rows (tools/bench_patched.py) has no rtn file: the imatrix one alone
+                kwargs["target_size"] = min(p.stat().st_size for p in refs if p.is_file())
             else:
                 kwargs["type"] = mix
             if kwargs["method"] != "rtn":
