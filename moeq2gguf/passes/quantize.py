@@ -361,8 +361,8 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 parallel.replay(parallel.broadcast(records.pop(b, None), b % world.size, world), collector)
     for s in layers.tail:
         with stage("quantize"):   # outside the layers: the profile's fixed costs
-            q = methods.quantize_tensor(method, tail_w[s.name], type_of[s.name], collector,
-                                        "output" if s.name == "output.weight" else None, cfg.gptq)
-        q.info.pop("coverage", None)
-        report.tensors[s.name] = q.info
-        yield q.data
+            data, info = methods.quantize_rows(method, tail_w[s.name], type_of[s.name], collector,
+                                               "output" if s.name == "output.weight" else None, cfg.gptq)
+        info.pop("coverage", None)
+        report.tensors[s.name] = info
+        yield data

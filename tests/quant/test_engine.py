@@ -117,3 +117,24 @@ def test_expert_group_plan():
     assert g.host_stacks and g.size > 20 and g.fits
     assert expert_groups.plan(stacks, 64, True, cpu, 16, available=roomy).size == 16
     assert expert_groups.plan(stacks, 64, True, cpu, 64, available=roomy) is None
+
+
+@pytest.mark.parametrize("method, qtype", [("moequant", Q.Q6_K), ("moequant", Q.IQ2_XXS), ("imatrix", Q.Q4_K),
+                                           ("rtn", Q.Q5_K)])
+def test_the_head_in_row_blocks_is_the_same_bytes(method, qtype):
+    """quantize_rows (the tensors after the last layer, a block of rows at a time: bounded memory for a large
+    vocabulary's head) writes the bytes of quantizing the matrix whole, and sums its errors."""
+    from moeq2gguf import methods
+    from moeq2gguf.passes.quantize import QuantConfig
+    from moeq2gguf.quant.stats import StatsCollector
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 256, generator=gen) * torch.linspace(0.5, 2, 300)[:, None]
+    stats = StatsCollector(1, affinity=False, full=True)
+    stats.observe("output", torch.randn(512, 256, generator=gen) * torch.linspace(0.2, 3, 256), None, None)
+    m, gptq = methods.get(method), QuantConfig(method=method).gptq
+    whole = methods.quantize_tensor(m, w, qtype, stats, "output", gptq)
+    data, info = methods.quantize_rows(m, w, qtype, stats, "output", gptq, block_bytes=64 * 256 * 4)   # 5 blocks
+    assert data.shape == whole.data.shape and np.array_equal(data, whole.data)
+    assert info.keys() == whole.info.keys()
+    for key in info:
+        assert info[key] == (pytest.approx(whole.info[key], rel=1e-9) if key.startswith("recon") else whole.info[key])
