@@ -255,3 +255,18 @@ def test_sensitivity_counts_an_expert_by_router_use(tmp_path, small_tokenizers, 
     values = [used[q.name] for q in types]
     assert all(a > b for a, b in zip(values, values[1:])), used
     assert unused["Q4_K"] > 0 and used["Q4_K"] > 100 * unused["Q4_K"]
+
+
+def test_a_layer_too_big_to_measure_is_warned_of(monkeypatch, caplog):
+    """The sensitivity keeps every expert's statistics of a layer at once: where that is estimated not to fit the
+    device's free memory, a warning says so before the layer is measured (once per conversion)."""
+    import torch
+    from moeq2gguf.passes import expert_groups
+    from moeq2gguf.quant import sensitivity
+    weights = {"ffn_up_exps.weight": torch.zeros(8, 64, 256), "attn_q.weight": torch.zeros(256, 256)}
+    monkeypatch.setattr(expert_groups, "free_bytes", lambda device: 2**40)
+    assert not sensitivity.warn_if_too_big(3, weights, 8, torch.device("cpu"))
+    monkeypatch.setattr(expert_groups, "free_bytes", lambda device: 2**20)
+    with caplog.at_level("WARNING"):
+        assert sensitivity.warn_if_too_big(3, weights, 8, torch.device("cpu"))
+    assert "measures all 8 experts of layer 3 at once" in caplog.text and "--type MIX" in caplog.text

@@ -38,6 +38,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import torch
@@ -46,6 +47,7 @@ from tqdm import tqdm
 from moeq2gguf import methods, nn
 from moeq2gguf.calib import corpus
 from moeq2gguf.models.base import FamilyAdapter, TensorSource
+from moeq2gguf.passes import expert_groups
 from moeq2gguf.passes.calibration import BlockView, Plugin, float_pass
 from moeq2gguf.passes.layers import Layers, input_of
 from moeq2gguf.quant import tensor_quant
@@ -142,6 +144,7 @@ class Sensitivity(Plugin):
         self.n_tokens = 0
         self.token_embd: torch.Tensor | None = None
         self._observer: ScaledInputs | None = None
+        self._warned = False
 
     def _new_observer(self, n_groups: int) -> ScaledInputs:
         method_stats = StatsCollector(n_groups, affinity=self.method.affinity, full=True, device=self.device)
@@ -156,6 +159,8 @@ class Sensitivity(Plugin):
         self.token_embd = token_embd if self.tied else None   # a tied token_embd is the head, measured there
 
     def observer(self, bid: int, weights: dict[str, torch.Tensor]) -> nn.Observer:
+        if not self._warned:
+            self._warned = warn_if_too_big(bid, weights, self.spec.n_experts, self.device)
         self._observer = self._new_observer(self.spec.n_experts)
         return self._observer
 
@@ -189,6 +194,26 @@ class Sensitivity(Plugin):
         weighted = self.method.calibrates_head and name == "output.weight"
         self.losses[name] = tensor_losses(weights, self.candidates[name], self.method, observer, "output", self.n_tokens,
                                           self.gptq, weighted)
+
+
+def warn_if_too_big(bid: int, weights: dict[str, torch.Tensor], n_experts: int, device: torch.device) -> bool:
+    """Warn (and say so) when measuring a layer is estimated not to fit the device: the measurement keeps every
+    expert's statistics of a layer at once, twice (the method's and the loss's), where the quantization pass would take
+    the experts in groups (passes/expert_groups.py, whose estimate this uses)."""
+    stacks = [SimpleNamespace(name=k, shape=tuple(w.shape)) for k, w in weights.items()
+              if w.dim() == 3 and k.endswith("_exps.weight")]
+    if not stacks or n_experts < 2:
+        return False
+    stack_bytes, per_expert = expert_groups.layer_bytes(stacks, full_statistics=True)
+    second = sum(expert_groups.F32 * k * k for k in {s.shape[2] for s in stacks})   # the loss's own Hessians
+    need, free = stack_bytes + n_experts * (per_expert + second), expert_groups.free_bytes(device)
+    if need <= expert_groups.BUDGET_FRACTION * free:
+        return False
+    log.warning("--target-size measures all %d experts of layer %d at once, about %.0f GiB, more than the %.0f GiB the "
+                "%s has free: it may run out of memory (the quantization pass would take them in groups; this "
+                "measurement does not yet); convert with --type MIX instead, or on a machine with more memory",
+                n_experts, bid, need / 2**30, free / 2**30, device.type)
+    return True
 
 
 def measure(adapter: FamilyAdapter, sources: list[TensorSource], candidates: Mapping[str, Sequence[Q]],
