@@ -76,9 +76,9 @@ def quantize_tensor(method: Method, w: torch.Tensor, qtype: Q, stats: StatsColle
     return method.quantize(w, qtype, stats, input_name, gptq)
 
 
-# rows of a matrix quantize_rows hands the method at once: the output head of a 151,936-token vocabulary at
-# n_embd 2048 took 9.4 GiB of host memory beyond its weights quantized whole (GPTQ's work arrays, the packed-bytes
-# check, the RTN baseline and the error products, each weight-sized); in blocks of 256 MiB of float32 weights, a few
+# the most rows (in float32 bytes) quantize_rows hands the method at once: quantizing a matrix holds about eight
+# weight-sized arrays together (GPTQ's work, the packed-bytes check, the RTN baseline, the error products), several
+# GiB for the output head of a 151,936-token vocabulary
 ROW_BLOCK_BYTES = 256 * 2**20
 
 
