@@ -278,7 +278,10 @@ def main() -> None:
             f"per-expert smoothing statistics included. +perexpert: `--smooth per-expert`; +ehadamard: `--expert-hadamard` "
             f"(files only the patched llama.cpp runs); +rotate: `--rotate` (every other row: `--no-rotate`); +alloc: "
             f"`--target-size` at the size of llama.cpp imatrix's file of the mix instead of the mix's types (the size "
-            f"allocator, its sensitivity measured on the transformed model), so every +alloc row of a mix has the same bytes. "
+            f"allocator, its sensitivity measured on the transformed model), so every +alloc row of a mix has the same bytes; "
+            f"+allocq: as +alloc plus the bytes of the transforms' own F32 tensors (ffn_exps_smooth, the Hadamard matrix), "
+            f"so the quantized tensors of every +allocq row have the stock file's bytes (at these tiny sizes the "
+            f"transforms' tensors are up to 8% of a file; at a real model's, a few MiB of many GiB). "
             f"KLD / base: against the row's method without +perexpert / +ehadamard. Time: conversion wall time (llama.cpp imatrix "
             f"includes llama-imatrix), which other jobs on the machine stretch.\n\n"
             f"{quality_table(rows)}\n\n" + "\n".join(f"- {n}" for n in quality_summary(rows, args.bases) + notes) + "\n")

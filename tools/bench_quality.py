@@ -18,7 +18,8 @@ A method may carry "+" options: +refineN (--refine N), +routingW (--refine-routi
 model generates, cached),
 +rotate (residual rotation), +smooth (EAQuant's smoothing: aggregation and down-projection scaling), +smoothagg or
 +smoothdown (one of the two), +alloc (--target-size at the smaller of llama.cpp's imatrix and rtn files of the mix: the
-size allocator instead of the fixed mix), +calibstdlib / +calibpydoc / +calibmixed (calibrate on the stdlib calib split,
+size allocator instead of the fixed mix), +allocq (as +alloc, plus the bytes of the tensors the patched-runtime
+transforms add: the quantized tensors get the stock file's bytes; the same as +alloc without such a transform), +calibstdlib / +calibpydoc / +calibmixed (calibrate on the stdlib calib split,
 the pydoc one, or both interleaved, instead of the model's own corpus), +neutralprior (moequant's rare experts blended
 with llama.cpp's neutral imatrix prior of one token instead of the layer's pooled Hessian; set on the method for the
 row, not a convert option).
@@ -102,6 +103,7 @@ def compare_digests(a: Path, b: Path) -> str:
 # "+" options of a --methods entry (e.g. moequant+ebss, gptq+rotate) -> keyword arguments of convert()
 METHOD_OPTIONS = {"ebss": {"calib": "ebss"}, "rotate": {"rotate": True}, "smooth": {"smooth": "aggregate,down"},
                   "smoothagg": {"smooth": "aggregate"}, "smoothdown": {"smooth": "down"}, "alloc": {"alloc": True},
+                  "allocq": {"alloc": True, "alloc_plus_transforms": True},
                   "calibstdlib": {"calib": "calib"}, "calibpydoc": {"calib": "pydoc-calib"},
                   "calibmixed": {"calib": "mixed-calib"}, "neutralprior": {"rare_prior": "neutral"}}
 CORPORA = {"stdlib": ("eval", "calib"), "pydoc": ("pydoc-eval", "pydoc-calib")}   # (eval split, calib split)
@@ -154,6 +156,19 @@ def convert_kwargs(method: str) -> dict:
     return kwargs
 
 
+def transform_tensor_bytes(model_dir: Path, kwargs: dict) -> int:
+    """Bytes of the F32 tensors the patched-runtime transforms add to a file (per-expert smoothing: r_e of every MoE
+    layer; the expert Hadamard: its matrix), each padded to GGUF's 32-byte alignment (+allocq's allowance)."""
+    from moeq2gguf.models.registry import open_model
+    from moeq2gguf.transforms.expert_hadamard import hadamard_block
+    adapter = open_model(model_dir)
+    spec, n_moe = adapter.spec, sum(s.name.endswith("ffn_gate_inp.weight") for s in adapter.all_tensors())
+    adapter.reader.close()
+    padded = lambda n: -(-n // 32) * 32   # noqa: E731
+    extra = n_moe * padded(4 * spec.n_experts * spec.hidden_size) if kwargs.get("smooth") == "per-expert" else 0
+    return extra + (padded(4 * hadamard_block(spec.expert_width) ** 2) if kwargs.get("expert_hadamard") else 0)
+
+
 def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, calib_windows: int, ctx: int,
                 work: Path, done: set[tuple[str, str]] = frozenset()) -> tuple[list[dict], list[str]]:
     """Rows for every (mix, method) not in `done` (pairs of mix and row label kept from an earlier run)."""
@@ -200,6 +215,8 @@ def bench_model(model: str, mixes: list[str], methods: list[str], chunks: int, c
                 refs = [work / f"{mix}-llama-imatrix.gguf"] + ([] if needs_imatrix(mix) else [work / f"{mix}-llama-rtn.gguf"])
                 # a run without llama.cpp rtn rows (tools/bench_patched.py) has no rtn file: the imatrix one alone
                 kwargs["target_size"] = min(p.stat().st_size for p in refs if p.is_file())
+                if kwargs.pop("alloc_plus_transforms", False):
+                    kwargs["target_size"] += transform_tensor_bytes(model_dir, kwargs)
             else:
                 kwargs["type"] = mix
             if kwargs["method"] != "rtn":
