@@ -83,6 +83,7 @@ def configs(base: str) -> list[tuple[str, bool, str]]:
 
 def quality(model: str, mixes: list[str], bases: list[str], chunks: int, calib_windows: int, ctx: int, work: Path,
             quality_dir: Path, reuse: bool) -> tuple[list[dict], list[str]]:
+    model_arg = model
     methods = [m for b in bases for m in variants(b)]
     labels = [IMATRIX] + [f"moeq2gguf {m}" for m in methods]
     saved = json.loads((work / "results.json").read_text()) if reuse and (work / "results.json").is_file() else {}
@@ -123,6 +124,15 @@ def quality(model: str, mixes: list[str], bases: list[str], chunks: int, calib_w
             notes.append(f"{model}: {label} mean KLD here vs tools/bench_quality.py's results.json: " + ", ".join(
                 f"{r['mix']} {r['kld']:.5f} vs {t['kld']:.5f}" for r, t in pairs)
                 + (f" (F32 GGUF here vs there: {same_f32})" if label == IMATRIX and same_f32 else ""))
+    sizes = {mix: (work / f"{mix}-llama-imatrix.gguf").stat().st_size for mix in mixes
+             if (work / f"{mix}-llama-imatrix.gguf").is_file()}
+    if sizes:
+        _, model_dir, _ = model_source(model_arg)
+        extra = {f: bench_quality.transform_tensor_bytes(model_dir, bench_quality.METHOD_OPTIONS[f[1:]]) for f in FEATURES[:2]}
+        notes = [n for n in notes if "the transforms' own F32 tensors" not in n] + [
+            f"{model}: the transforms' own F32 tensors: " + ", ".join(f"{f} {b} bytes" for f, b in extra.items())
+            + "; of llama.cpp imatrix's file: " + ", ".join(
+                f"{mix} " + " / ".join(f"{100 * b / size:.1f}%" for b in extra.values()) for mix, size in sizes.items())]
     (work / "results.json").write_text(json.dumps({**saved, "rows": rows, "notes": notes}, indent=1))
     return rows, notes
 
@@ -280,8 +290,8 @@ def main() -> None:
             f"`--target-size` at the size of llama.cpp imatrix's file of the mix instead of the mix's types (the size "
             f"allocator, its sensitivity measured on the transformed model), so every +alloc row of a mix has the same bytes; "
             f"+allocq: as +alloc plus the bytes of the transforms' own F32 tensors (ffn_exps_smooth, the Hadamard matrix), "
-            f"so the quantized tensors of every +allocq row have the stock file's bytes (at these tiny sizes the "
-            f"transforms' tensors are up to 8% of a file; at a real model's, a few MiB of many GiB). "
+            f"so the quantized tensors of every +allocq row have the stock file's bytes (the notes give those tensors' bytes "
+            f"per model: a large part of these tiny files, a small one of a real model's). "
             f"KLD / base: against the row's method without +perexpert / +ehadamard. Time: conversion wall time (llama.cpp imatrix "
             f"includes llama-imatrix), which other jobs on the machine stretch.\n\n"
             f"{quality_table(rows)}\n\n" + "\n".join(f"- {n}" for n in quality_summary(rows, args.bases) + notes) + "\n")
