@@ -63,9 +63,14 @@ FEATURES = ["+perexpert", "+ehadamard", "+perexpert+ehadamard"]
 IMATRIX = "llama.cpp imatrix"
 
 
+def reference(base: str) -> str:
+    """The row a base's features are compared with: +allocq without a feature is +alloc (the same budget and file)."""
+    return base.replace("+allocq", "+alloc")
+
+
 def variants(base: str) -> list[str]:
-    """bench_quality --methods entries: the base and the base with each feature"""
-    return [base] + [base + f for f in FEATURES]
+    """bench_quality --methods entries: the base (unless it is another base's file) and the base with each feature"""
+    return ([base] if reference(base) == base else []) + [base + f for f in FEATURES]
 
 
 def base_of(label: str) -> str:
@@ -184,7 +189,7 @@ def quality_table(rows: list[dict]) -> str:
             return ref["kld"] if ref and ref["kld"] > 0 else float("nan")
         lines.append(f"| {r['model']} | {r['mix']} | {r['method']} | {r['bytes']} | {r['bpw']:.3f} | {r['ppl']:.4f} | "
                      f"{r['ppl_ratio']:.4f} | {r['kld']:.5f} | {r['kld999']:.4f} | {r['top1']:.2f}% | {r['seconds']:.1f} | "
-                     f"{r['kld'] / kld_of(base_of(r['method'])):.3f} | {r['kld'] / kld_of(IMATRIX):.3f} |")
+                     f"{r['kld'] / kld_of(reference(base_of(r['method']))):.3f} | {r['kld'] / kld_of(IMATRIX):.3f} |")
     return "\n".join(lines)
 
 
@@ -192,12 +197,12 @@ def quality_summary(rows: list[dict], bases: list[str]) -> list[str]:
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         for base in bases:
-            ref = {r["mix"]: r["kld"] for r in rows if r["model"] == model and r["method"] == f"moeq2gguf {base}"}
-            for method in variants(base)[1:]:
+            ref = {r["mix"]: r["kld"] for r in rows if r["model"] == model and r["method"] == f"moeq2gguf {reference(base)}"}
+            for method in [base + f for f in FEATURES]:
                 mine = [r for r in rows if r["model"] == model and r["method"] == f"moeq2gguf {method}" and r["mix"] in ref]
                 if mine:
                     wins = sum(r["kld"] < ref[r["mix"]] for r in mine)
-                    out.append(f"{model} {method}: mean KLD below {base}'s at {wins} of {len(mine)} mixes (ratios "
+                    out.append(f"{model} {method}: mean KLD below {reference(base)}'s at {wins} of {len(mine)} mixes (ratios "
                                + ", ".join(f"{r['mix']} {r['kld'] / ref[r['mix']]:.3f}" for r in mine) + ")")
     return out
 
@@ -292,7 +297,7 @@ def main() -> None:
             f"+allocq: as +alloc plus the bytes of the transforms' own F32 tensors (ffn_exps_smooth, the Hadamard matrix), "
             f"so the quantized tensors of every +allocq row have the stock file's bytes (the notes give those tensors' bytes "
             f"per model: a large part of these tiny files, a small one of a real model's). "
-            f"KLD / base: against the row's method without +perexpert / +ehadamard. Time: conversion wall time (llama.cpp imatrix "
+            f"KLD / base: against the row's method without +perexpert / +ehadamard (for +allocq, the +alloc row). Time: conversion wall time (llama.cpp imatrix "
             f"includes llama-imatrix), which other jobs on the machine stretch.\n\n"
             f"{quality_table(rows)}\n\n" + "\n".join(f"- {n}" for n in quality_summary(rows, args.bases) + notes) + "\n")
     if speed_rows:
