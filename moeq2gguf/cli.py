@@ -251,11 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EAQuant smoothing (alpha 0.6) measured on the calibration text, exact in float. aggregate: one "
                         "s per layer folded into the FFN norm and the columns of every FFN reader; down: each expert's "
                         "up rows / s, down columns * s; aggregate,down: both (these run on stock llama.cpp). "
-                        "per-expert (experimental: 0.977-1.045x moequant's mean KLD at Q2_K..IQ3_XXS, "
-                        "BENCHMARKS.md): each expert's gate/up input by its own s_e; the file then needs the patched "
-                        "llama.cpp (moeq2gguf runtime build)")
+                        "per-expert (experimental: 0.977-1.045x moequant's mean KLD at Q2_K..IQ3_XXS for more bytes, "
+                        "0.949-1.031x with --target-size at equal quantized bytes; BENCHMARKS.md): each expert's "
+                        "gate/up input by its own s_e; the file then needs the patched llama.cpp (moeq2gguf runtime "
+                        "build)")
     p.add_argument("--expert-hadamard", action="store_true",
-                   help="experimental (0.975-1.014x moequant's mean KLD at Q2_K..IQ3_XXS, for more bytes; BENCHMARKS.md): "
+                   help="experimental (0.975-1.014x moequant's mean KLD at Q2_K..IQ3_XXS for more bytes; with "
+                        "--target-size at equal quantized bytes 0.883-1.194x, below 0.9x only at IQ2_M on one model; "
+                        "BENCHMARKS.md): "
                         "rotate each expert's down-projection input by a blockwise Hadamard that the patched llama.cpp "
                         "applies at run time (moeq2gguf runtime build)")
     _add_threads(p)
