@@ -13,10 +13,10 @@ import importlib
 import pkgutil
 
 from moeq2gguf.errors import Moeq2ggufError
-from moeq2gguf.methods.base import (REGISTRY, Method, QuantizedTensor, quantize_rows, quantize_tensor, register,
-                                    round_to_nearest)
+from moeq2gguf.methods.base import (REGISTRY, Method, QuantizedTensor, merge_infos, quantize_rows, quantize_tensor,
+                                    register, round_to_nearest)
 
-__all__ = ["Method", "QuantizedTensor", "get", "names", "quantize_rows", "quantize_tensor", "register",
+__all__ = ["Method", "QuantizedTensor", "get", "merge_infos", "names", "quantize_rows", "quantize_tensor", "register",
            "round_to_nearest"]
 
 _ORDER = ("rtn", "imatrix", "gptq", "moequant")   # how --help lists the built-in ones

@@ -91,13 +91,24 @@ def quantize_rows(method: Method, w: torch.Tensor, qtype: Q, stats: StatsCollect
     if w.dim() != 2 or w.shape[0] <= rows:
         q = quantize_tensor(method, w, qtype, stats, input_name, gptq)
         return q.data, q.info
-    data, info = [], {}
+    data, infos = [], []
     for start in range(0, w.shape[0], rows):
         q = quantize_tensor(method, w[start:start + rows], qtype, stats, input_name, gptq)
         data.append(q.data)
-        for key, value in q.info.items():
-            info[key] = info[key] + value if key.startswith("recon_error") and key in info else value
-    return np.concatenate(data, axis=0), info
+        infos.append(q.info)
+    return np.concatenate(data, axis=0), merge_infos(infos)
+
+
+def merge_infos(infos: list[dict]) -> dict:
+    """One tensor's report from the reports of its parts, in order (row blocks; expert groups; ranks' expert shares):
+    errors summed, the experts' coverage concatenated."""
+    out = dict(infos[0])
+    for key in ("recon_error", "recon_error_rtn"):
+        if key in out:
+            out[key] = sum(i[key] for i in infos)
+    if out.get("coverage") is not None:
+        out["coverage"] = {k: [v for i in infos for v in i["coverage"][k]] for k in out["coverage"]}
+    return out
 
 
 def round_to_nearest(w: torch.Tensor, qtype: Q, importance: torch.Tensor | None = None,

@@ -181,7 +181,7 @@ def _quantize_in_groups(grouping: expert_groups.ExpertGrouping, block, w: dict[s
             bar.set_postfix_str(f"{short_name(s.name)} experts {g0}-{experts.stop - 1}")
             bar.update(len(experts))
         del stats
-    return {name: (np.concatenate([p[0] for p in ps]), dequantized[name], _merge_infos([p[1] for p in ps]))
+    return {name: (np.concatenate([p[0] for p in ps]), dequantized[name], methods.merge_infos([p[1] for p in ps]))
             for name, ps in parts.items()}
 
 
@@ -189,17 +189,6 @@ def routed_stats_bytes(collector: StatsCollector) -> int:
     """Bytes of a layer's routed-input statistics (every expert's sums and the pooled ones)."""
     return sum(t.numel() * t.element_size() for s in collector.inputs.values() if s.routed
                for t in vars(s).values() if isinstance(t, torch.Tensor))
-
-
-def _merge_infos(infos: list[dict]) -> dict:
-    """One expert tensor's report from each rank's share (in expert order)."""
-    out = dict(infos[0])
-    for key in ("recon_error", "recon_error_rtn"):
-        if key in out:
-            out[key] = sum(i[key] for i in infos)
-    if out.get("coverage") is not None:
-        out["coverage"] = {k: [v for i in infos for v in i["coverage"][k]] for k in out["coverage"]}
-    return out
 
 
 def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: QuantConfig, report: QuantReport,
@@ -315,7 +304,7 @@ def quantized_stream(layers: Layers, spec: ModelSpec, types: list[Q], cfg: Quant
                 parts = parallel.gather_all((q.data, q.weights.cpu(), q.info), world)
                 encoded[s.name] = np.concatenate([p[0] for p in parts])
                 qweights[key] = torch.cat([p[1] for p in parts]).to(device)
-                infos[s.name] = _merge_infos([p[2] for p in parts])
+                infos[s.name] = methods.merge_infos([p[2] for p in parts])
             else:
                 with stage("quantize", bid):
                     q = methods.quantize_tensor(method, w[key], qtype, collector, input_of(s.name), cfg.gptq)

@@ -29,10 +29,6 @@ class ExpertTransforms:
         if self.smooth is not None and self.smooth not in SMOOTHING:
             raise Moeq2ggufError(f"--smooth {self.smooth} is unknown here; choose one of {', '.join(SMOOTHING)}")
 
-    @property
-    def active(self) -> bool:
-        return self.smooth is not None or self.hadamard
-
 
 @dataclass
 class PatchedModel:
